@@ -1,0 +1,246 @@
+//! `skiff-bench`: starts the release `skiff` server on a temporary data dir, deploys the
+//! examples and measures, in one run on one machine:
+//! - warm invoke latency through the gateway (keep-alive HTTP/1.1, sequential);
+//! - cold start through the gateway (`mode: ephemeral` gives every call a fresh sandbox);
+//! - raw floors: `unshare --pid --fork --mount --net --ipc --uts BIN` and a plain fork+exec.
+//!
+//! Usage: `bench/run.sh` (builds release and runs this). Prints a Markdown table.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Minimal keep-alive HTTP/1.1 client, so client overhead stays out of the figures.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Conn {
+    fn new(addr: &str) -> Conn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).unwrap();
+        Conn { stream: BufReader::new(s), host: addr.to_string() }
+    }
+
+    /// POSTs and returns (status, headers text, body).
+    fn post(&mut self, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let s = self.stream.get_mut();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line).unwrap();
+        let status: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut headers = String::new();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            headers.push_str(&line);
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).unwrap();
+        (status, headers, body)
+    }
+}
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+    n: usize,
+}
+
+fn stats(mut us: Vec<f64>) -> Stats {
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = us.len();
+    let pct = |p: f64| us[((n as f64 * p).ceil() as usize).clamp(1, n) - 1];
+    Stats { p50: pct(0.50), p99: pct(0.99), mean: us.iter().sum::<f64>() / n as f64, n }
+}
+
+fn time_command(n: usize, mut make: impl FnMut() -> Command) -> Stats {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = make();
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        let t = Instant::now();
+        let st = c.status().expect("spawn");
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(st.success(), "{c:?} failed");
+    }
+    stats(v)
+}
+
+fn start_server(skiff: &Path, data: &Path) -> (Child, String) {
+    let mut child = Command::new(skiff)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    (child, addr)
+}
+
+fn deploy(skiff: &Path, addr: &str, dir: &Path) {
+    let out = Command::new(skiff)
+        .args(["deploy"])
+        .arg(dir)
+        .env("SKIFF_SERVER", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "deploy {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Copies a function dir, rewriting `name:` and adding extra spec lines.
+fn variant(src: &Path, dst: &Path, name: &str, extra: &str) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() && e.file_name() != "function.yaml" {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    let yaml = std::fs::read_to_string(src.join("function.yaml")).unwrap();
+    let mut out: String = yaml
+        .lines()
+        .filter(|l| !l.starts_with("name:") && !l.starts_with("mode:") && !l.starts_with("network:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(&format!("name: {name}\n{extra}"));
+    std::fs::write(dst.join("function.yaml"), out).unwrap();
+}
+
+fn measure(conn: &mut Conn, name: &str, n: usize, expect_cold: bool) -> Stats {
+    let path = format!("/v1/functions/{name}/invoke");
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!("{{\"name\":\"bench-{i}\"}}");
+        let t = Instant::now();
+        let (status, headers, resp) = conn.post(&path, body.as_bytes());
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&resp));
+        let cold = headers.contains("x-skiff-cold-start: true");
+        assert_eq!(cold, expect_cold, "{name} call {i}: cold={cold}");
+    }
+    stats(v)
+}
+
+fn row(what: &str, s: &Stats) {
+    println!("| {what} | {} | {:.0} | {:.0} | {:.0} |", s.n, s.p50, s.p99, s.mean);
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let skiff = target.join("release/skiff");
+    let bootstrap = target.join("release/bootstrap");
+    assert!(skiff.exists() && bootstrap.exists(), "build first: cargo build --release -p skiff-cli -p provided-hello");
+    let warm_n = arg("--warm", 2000);
+    let cold_n = arg("--cold", 200);
+    let tmp = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    // Stage the compiled example.
+    let provided = tmp.join("provided");
+    std::fs::create_dir_all(&provided).unwrap();
+    std::fs::copy(&bootstrap, provided.join("bootstrap")).unwrap();
+    std::fs::copy(root.join("examples/provided-hello/function.yaml"), provided.join("function.yaml")).unwrap();
+    let python = root.join("examples/python-hello");
+    let fns = [
+        ("b-provided", &provided, "network: none\n", false),
+        ("b-provided-cold", &provided, "network: none\nmode: ephemeral\n", true),
+        ("b-python", &python, "network: none\n", false),
+        ("b-python-cold", &python, "network: none\nmode: ephemeral\n", true),
+        ("b-provided-net-cold", &provided, "network: outbound\nmode: ephemeral\n", true),
+    ];
+    let (mut server, addr) = start_server(&skiff, &tmp.join("data"));
+    for (name, src, extra, _) in &fns {
+        let dir = tmp.join(name);
+        variant(src, &dir, name, extra);
+        deploy(&skiff, &addr, &dir);
+    }
+    println!("| path | n | p50 µs | p99 µs | mean µs |");
+    println!("|---|---|---|---|---|");
+    // Raw floors, same binary the provided example uses (it exits at once with --exit).
+    let floor_fork = time_command(cold_n, || {
+        let mut c = Command::new(&bootstrap);
+        c.arg("--exit");
+        c
+    });
+    row("floor: fork+exec of the bootstrap binary", &floor_fork);
+    let floor_unshare = time_command(cold_n, || {
+        let mut c = Command::new("unshare");
+        c.args(["--pid", "--fork", "--mount", "--net", "--ipc", "--uts"]).arg(&bootstrap).arg("--exit");
+        c
+    });
+    row("floor: unshare --pid --fork --mount --net --ipc --uts bootstrap", &floor_unshare);
+    let mut conn = Conn::new(&addr);
+    let mut results = Vec::new();
+    for (name, _, _, cold) in &fns {
+        let n = if *cold { cold_n } else { warm_n };
+        if !cold {
+            // First call is the cold start; then warm up.
+            let _ = conn.post(&format!("/v1/functions/{name}/invoke"), b"{}");
+            for _ in 0..50 {
+                let _ = conn.post(&format!("/v1/functions/{name}/invoke"), b"{}");
+            }
+        }
+        let n = if name.contains("python-cold") { n.min(100) } else { n };
+        let s = measure(&mut conn, name, n, *cold);
+        let label = match *name {
+            "b-provided" => "warm invoke, provided (compiled) example",
+            "b-provided-cold" => "cold start, provided example (network none)",
+            "b-python" => "warm invoke, python example",
+            "b-python-cold" => "cold start, python example (network none)",
+            _ => "cold start, provided example (network outbound, slirp4netns)",
+        };
+        row(label, &s);
+        results.push((name.to_string(), s));
+        // Let ephemeral instances finish tearing down between series.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cold = &results.iter().find(|(n, _)| n == "b-provided-cold").unwrap().1;
+    println!();
+    println!(
+        "cold provided p50 / unshare floor p50 = {:.2}x; budget 1.5x floor + 10 ms = {:.0} µs → {}",
+        cold.p50 / floor_unshare.p50,
+        1.5 * floor_unshare.p50 + 10_000.0,
+        if cold.p50 <= 1.5 * floor_unshare.p50 + 10_000.0 { "met" } else { "NOT met" }
+    );
+    let warm = &results.iter().find(|(n, _)| n == "b-provided").unwrap().1;
+    println!("warm provided p50 = {:.0} µs (target ≤ 1000 µs) → {}", warm.p50, if warm.p50 <= 1000.0 { "met" } else { "NOT met" });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&tmp);
+}

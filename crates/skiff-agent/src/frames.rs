@@ -1,0 +1,38 @@
+//! Frame encoding and blocking I/O on the host channel (used before the async runtime starts).
+
+use skiff_core::protocol::{Frame, Kind};
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+
+/// Encodes one frame: `u32 LE len | kind | u32 LE header len | header | body`.
+pub(crate) fn encode(kind: Kind, header: &[u8], body: &[u8]) -> Vec<u8> {
+    let rest = 1 + 4 + header.len() + body.len();
+    let mut v = Vec::with_capacity(4 + rest);
+    v.extend_from_slice(&(rest as u32).to_le_bytes());
+    v.push(kind as u8);
+    v.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    v.extend_from_slice(header);
+    v.extend_from_slice(body);
+    v
+}
+
+/// Reads one frame; `None` on a clean EOF before the frame starts.
+pub(crate) fn read_blocking(chan: &mut UnixStream) -> io::Result<Option<Frame>> {
+    let mut prefix = [0u8; 4];
+    match chan.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = Frame::rest_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut rest = vec![0u8; n];
+    chan.read_exact(&mut rest)?;
+    Frame::decode_rest(rest)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Writes an encoded frame.
+pub(crate) fn write_blocking(chan: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
+    chan.write_all(bytes)
+}

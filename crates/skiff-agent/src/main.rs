@@ -1,0 +1,3 @@
+fn main() {
+    skiff_agent::main()
+}

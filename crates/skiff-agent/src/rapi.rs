@@ -1,0 +1,488 @@
+//! `runtime_api` mode: long-running worker processes polling the Lambda Runtime API
+//! (2018-06-01), served by the agent over HTTP/1.1 on `127.0.0.1:{port + i}` for worker `i`.
+
+use crate::serve::{decode_status, Agent, Mode};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use skiff_core::protocol::{Done, Exit, InitError, Invoke, Kind};
+use skiff_core::MAX_PAYLOAD_BYTES;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+
+const PREFIX: &str = "/2018-06-01/runtime/";
+const LOG_CHUNK: usize = 64 * 1024;
+
+struct Job {
+    inv: Invoke,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct WorkerState {
+    /// The invocation handed to this worker and not answered yet.
+    current: Option<String>,
+    /// A pending `GET next` waiting for work.
+    waiter: Option<oneshot::Sender<Job>>,
+}
+
+struct Worker {
+    /// Read end of the worker's combined stdout/stderr pipe (non-blocking).
+    log: AsyncFd<OwnedFd>,
+    state: RefCell<WorkerState>,
+}
+
+/// The runtime-API server and its workers.
+pub(crate) struct Rapi {
+    agent: Rc<Agent>,
+    workers: Vec<Worker>,
+    queue: RefCell<VecDeque<Job>>,
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: valid array for pipe2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Binds the listeners and starts the workers.
+pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
+    let cfg = &agent.cfg;
+    let n = cfg.workers.max(1) as usize;
+    let argv0 = cfg.argv.first().ok_or("no program to run (empty argv)")?;
+    let mut listeners = Vec::with_capacity(n);
+    let mut workers = Vec::with_capacity(n);
+    let mut write_ends = Vec::with_capacity(n);
+    for i in 0..n {
+        let port = cfg.runtime_api_port as usize + i;
+        let port =
+            u16::try_from(port).map_err(|_| format!("runtime API port {port} out of range"))?;
+        let l = std::net::TcpListener::bind(("127.0.0.1", port))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| format!("runtime API listener on 127.0.0.1:{port}: {e}"))?;
+        listeners.push(l);
+        let (r, w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        // SAFETY: fcntl on our fd.
+        unsafe {
+            let fl = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        // SAFETY: an OwnedFd keeps its fd open and unchanged for the AsyncFd's lifetime.
+        let log = unsafe { AsyncFd::register(r) }.map_err(|e| format!("log pipe: {e}"))?;
+        workers.push(Worker {
+            log,
+            state: RefCell::new(WorkerState::default()),
+        });
+        write_ends.push(w);
+    }
+    let rapi = Rc::new(Rapi {
+        agent: agent.clone(),
+        workers,
+        queue: RefCell::new(VecDeque::new()),
+    });
+    for (i, l) in listeners.into_iter().enumerate() {
+        tokio::task::spawn_local(accept_loop(rapi.clone(), i, l));
+    }
+    for (i, w) in write_ends.into_iter().enumerate() {
+        let api = format!("127.0.0.1:{}", cfg.runtime_api_port as usize + i);
+        let (child, exit) = {
+            let w2 = w.try_clone().map_err(|e| format!("dup: {e}"))?;
+            let mut cmd = Command::new(argv0);
+            cmd.args(&cfg.argv[1..])
+                .env_clear()
+                .envs(
+                    cfg.env
+                        .iter()
+                        .filter(|(k, _)| k != "AWS_LAMBDA_RUNTIME_API")
+                        .map(|(k, v)| (k, v)),
+                )
+                .env("AWS_LAMBDA_RUNTIME_API", &api)
+                .current_dir(&cfg.cwd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(w))
+                .stderr(Stdio::from(w2));
+            agent
+                .spawn(&mut cmd)
+                .map_err(|e| format!("cannot start the function: {argv0}: {e}"))?
+        };
+        drop(child);
+        tokio::task::spawn_local(log_pump(rapi.clone(), i));
+        tokio::task::spawn_local(monitor(rapi.clone(), i, exit));
+    }
+    Ok(rapi)
+}
+
+impl Mode for Rapi {
+    fn invoke(&self, inv: Invoke, payload: Vec<u8>) {
+        self.agent.started();
+        let mut job = Job {
+            inv,
+            payload: Bytes::from(payload),
+        };
+        for w in &self.workers {
+            let tx = {
+                let mut st = w.state.borrow_mut();
+                if st.current.is_some() {
+                    continue;
+                }
+                match st.waiter.take() {
+                    Some(tx) => tx,
+                    None => continue,
+                }
+            };
+            w.state.borrow_mut().current = Some(job.inv.id.clone());
+            match tx.send(job) {
+                Ok(()) => return,
+                Err(j) => {
+                    // That poll was abandoned (connection closed); try the next worker.
+                    w.state.borrow_mut().current = None;
+                    job = j;
+                }
+            }
+        }
+        self.queue.borrow_mut().push_back(job);
+    }
+}
+
+impl Rapi {
+    fn emit_log(&self, i: usize, data: &[u8]) {
+        let st = self.workers[i].state.borrow();
+        self.agent.out.log(st.current.as_deref(), data);
+    }
+
+    /// Sends whatever output of worker `i` is already readable.
+    fn drain(&self, i: usize) {
+        let fd = self.workers[i].log.get_ref().as_raw_fd();
+        let mut buf = [0u8; LOG_CHUNK];
+        loop {
+            // SAFETY: reading into a valid buffer from a non-blocking fd we own.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            self.emit_log(i, &buf[..n as usize]);
+        }
+    }
+
+    /// Answers worker `i`'s current invocation `id`. False if it is not its current one.
+    fn complete(&self, i: usize, id: &str, error_type: Option<String>, body: &[u8]) -> bool {
+        if self.workers[i].state.borrow().current.as_deref() != Some(id) {
+            return false;
+        }
+        // The invocation's output must reach the host before its Done.
+        self.drain(i);
+        self.workers[i].state.borrow_mut().current = None;
+        self.agent.out.json(
+            Kind::Done,
+            &Done {
+                id: id.to_string(),
+                error_type,
+            },
+            body,
+        );
+        self.agent.finished();
+        true
+    }
+
+    async fn handle(self: Rc<Self>, i: usize, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(rest) = req.uri().path().strip_prefix(PREFIX) else {
+            return not_found();
+        };
+        let is_post = req.method() == Method::POST;
+        if rest == "invocation/next" && req.method() == Method::GET {
+            return self.next(i).await;
+        }
+        if rest == "init/error" && is_post {
+            return self.init_error(i, req).await;
+        }
+        if let (true, Some(r)) = (is_post, rest.strip_prefix("invocation/")) {
+            if let Some(id) = r.strip_suffix("/response") {
+                let id = id.to_string();
+                return self.answer(i, id, req, false).await;
+            }
+            if let Some(id) = r.strip_suffix("/error") {
+                let id = id.to_string();
+                return self.answer(i, id, req, true).await;
+            }
+        }
+        not_found()
+    }
+
+    async fn next(&self, i: usize) -> Response<Full<Bytes>> {
+        let w = &self.workers[i];
+        let unanswered = w.state.borrow().current.clone();
+        if let Some(id) = unanswered {
+            let body = serde_json::json!({
+                "errorMessage": "The runtime asked for the next invocation without answering this one",
+                "errorType": "Runtime.InvalidStateTransition",
+            });
+            self.complete(
+                i,
+                &id,
+                Some("Runtime.InvalidStateTransition".into()),
+                body.to_string().as_bytes(),
+            );
+        }
+        let queued = self.queue.borrow_mut().pop_front();
+        let job = match queued {
+            Some(job) => {
+                w.state.borrow_mut().current = Some(job.inv.id.clone());
+                job
+            }
+            None => {
+                let (tx, rx) = oneshot::channel();
+                w.state.borrow_mut().waiter = Some(tx);
+                match rx.await {
+                    Ok(job) => job,
+                    Err(_) => {
+                        return error_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "ServiceException",
+                            "superseded",
+                        )
+                    }
+                }
+            }
+        };
+        next_response(job)
+    }
+
+    async fn answer(
+        &self,
+        i: usize,
+        id: String,
+        req: Request<Incoming>,
+        is_error: bool,
+    ) -> Response<Full<Bytes>> {
+        if self.workers[i].state.borrow().current.as_deref() != Some(id.as_str()) {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                &format!("invocation {id} is not in progress on this runtime"),
+            );
+        }
+        let header_type = error_type_header(&req);
+        let body = match Limited::new(req.into_body(), MAX_PAYLOAD_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                let msg = format!(
+                    "Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes)."
+                );
+                let body = serde_json::json!({"errorMessage": msg, "errorType": "Function.ResponseSizeTooLarge"});
+                self.complete(
+                    i,
+                    &id,
+                    Some("Function.ResponseSizeTooLarge".into()),
+                    body.to_string().as_bytes(),
+                );
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    &msg,
+                );
+            }
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e.to_string())
+            }
+        };
+        let ok = if is_error {
+            let (ty, body) = error_body(header_type, &body, "Unhandled");
+            self.complete(i, &id, Some(ty), &body)
+        } else {
+            self.complete(i, &id, None, &body)
+        };
+        if !ok {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                &format!("invocation {id} was already answered"),
+            );
+        }
+        accepted()
+    }
+
+    async fn init_error(&self, i: usize, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let header_type = error_type_header(&req);
+        let body = match Limited::new(req.into_body(), MAX_PAYLOAD_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e.to_string())
+            }
+        };
+        let (ty, body) = error_body(header_type, &body, "Runtime.InitError");
+        self.drain(i);
+        self.agent.out.json(
+            Kind::InitError,
+            &InitError {
+                error_type: Some(ty),
+            },
+            &body,
+        );
+        accepted()
+    }
+}
+
+fn error_type_header(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Error type (header, else the body's `errorType`, else `default`) and the error JSON body
+/// (passed through when it is a JSON object, wrapped otherwise).
+fn error_body(header_type: Option<String>, body: &[u8], default: &str) -> (String, Vec<u8>) {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body)
+        .ok()
+        .filter(|v: &serde_json::Value| v.is_object());
+    let ty = header_type
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .and_then(|v| v.get("errorType"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| default.to_string());
+    match parsed {
+        Some(_) => (ty, body.to_vec()),
+        None => {
+            let wrapped = serde_json::json!({
+                "errorMessage": String::from_utf8_lossy(body),
+                "errorType": default,
+            });
+            (ty, wrapped.to_string().into_bytes())
+        }
+    }
+}
+
+fn next_response(job: Job) -> Response<Full<Bytes>> {
+    let inv = &job.inv;
+    let mut resp = Response::new(Full::new(job.payload.clone()));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("lambda-runtime-aws-request-id", &inv.id);
+    put("lambda-runtime-deadline-ms", &inv.deadline_ms.to_string());
+    put("lambda-runtime-invoked-function-arn", &inv.function_arn);
+    put("lambda-runtime-trace-id", &inv.trace_id);
+    if let Some(cc) = &inv.client_context {
+        put("lambda-runtime-client-context", cc);
+    }
+    if let Some(ci) = &inv.cognito_identity {
+        put("lambda-runtime-cognito-identity", ci);
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn accepted() -> Response<Full<Bytes>> {
+    json_response(StatusCode::ACCEPTED, r#"{"status":"OK"}"#.to_string())
+}
+
+fn error_response(status: StatusCode, ty: &str, msg: &str) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        serde_json::json!({"errorMessage": msg, "errorType": ty}).to_string(),
+    )
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "unknown runtime API path",
+    )
+}
+
+async fn accept_loop(rapi: Rc<Rapi>, i: usize, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let r = rapi.clone();
+        tokio::task::spawn_local(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = r.clone();
+                async move { Ok::<_, Infallible>(r.handle(i, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Streams worker `i`'s output to the host as `Log` frames.
+async fn log_pump(rapi: Rc<Rapi>, i: usize) {
+    let mut buf = vec![0u8; LOG_CHUNK];
+    loop {
+        let Ok(mut guard) = rapi.workers[i].log.readable().await else {
+            return;
+        };
+        let res = guard.try_io(|fd| {
+            // SAFETY: reading into a valid buffer.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match res {
+            Ok(Ok(0)) => return,
+            Ok(Ok(n)) => rapi.emit_log(i, &buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return,
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// A worker exited: report it (with the invocation it was serving) and end the sandbox.
+async fn monitor(rapi: Rc<Rapi>, i: usize, exit: oneshot::Receiver<i32>) {
+    let Ok(status) = exit.await else { return };
+    rapi.drain(i);
+    if rapi.agent.terminating.get() {
+        return;
+    }
+    let (code, signal) = decode_status(status);
+    let id = rapi.workers[i].state.borrow().current.clone();
+    rapi.agent
+        .out
+        .json(Kind::Exit, &Exit { id, code, signal }, &[]);
+    rapi.agent.out.exit(1);
+}

@@ -1,0 +1,144 @@
+//! `skiff`: one binary for the server and the client. When exec'd as `skiff __agent` it is
+//! the agent (PID 1) inside a process sandbox.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+mod client;
+mod serve;
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "Skiff: run functions in locked-down sandboxes behind an HTTP gateway")]
+struct Cli {
+    /// Server URL for client commands.
+    #[arg(long, global = true, env = "SKIFF_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// API key for client commands (sent as `Authorization: Bearer`).
+    #[arg(long = "key", global = true, env = "SKIFF_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the Skiff server.
+    Serve(serve::ServeArgs),
+    /// Deploy a function directory (with function.yaml) as a new revision.
+    Deploy {
+        dir: PathBuf,
+        /// Create the revision without moving the `production` alias to it.
+        #[arg(long)]
+        no_promote: bool,
+    },
+    /// Invoke a function and print its result.
+    Invoke {
+        name: String,
+        /// JSON event, or @file to read it from a file.
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Alias or revision number (default: production).
+        #[arg(long, short)]
+        qualifier: Option<String>,
+        /// Print revision, cold start and timing to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// List functions.
+    Ls,
+    /// Print a function's logs.
+    Logs {
+        name: String,
+        /// Keep printing new lines as they arrive.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Delete a function, its revisions and instances.
+    Rm { name: String },
+    /// Manage API keys (written directly to the server's data dir).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[arg(long, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
+        data_dir: PathBuf,
+    },
+    /// Manage secrets exposed to functions as environment variables.
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
+    /// Check this host for what the sandbox tiers need.
+    Doctor,
+    /// Internal: run as the agent inside a sandbox.
+    #[command(name = "__agent", hide = true)]
+    Agent,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a key; it is printed once and stored only as a SHA-256 digest.
+    Create {
+        #[arg(long, default_value = "default")]
+        label: String,
+    },
+    /// List keys (labels and ids only).
+    Ls,
+    /// Revoke a key by id.
+    Revoke { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum SecretsCmd {
+    /// Set a secret value.
+    Set { name: String, value: String },
+    /// List secret names.
+    Ls,
+    /// Delete a secret.
+    Rm { name: String },
+}
+
+fn main() -> Result<()> {
+    // The agent must not pay for argument parsing or a multi-threaded runtime.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__agent") {
+        skiff_agent::main();
+    }
+    let cli = Cli::parse();
+    let c = || client::Client::new(&cli.server, cli.key.clone());
+    match cli.cmd {
+        Cmd::Serve(args) => serve::run(args),
+        Cmd::Deploy { dir, no_promote } => c()?.deploy(&dir, !no_promote),
+        Cmd::Invoke { name, data, qualifier, verbose } => c()?.invoke(&name, data.as_deref(), qualifier.as_deref(), verbose),
+        Cmd::Ls => c()?.ls(),
+        Cmd::Logs { name, follow } => c()?.logs(&name, follow),
+        Cmd::Rm { name } => c()?.rm(&name),
+        Cmd::Secrets { cmd } => match cmd {
+            SecretsCmd::Set { name, value } => c()?.secret_set(&name, &value),
+            SecretsCmd::Ls => c()?.secret_ls(),
+            SecretsCmd::Rm { name } => c()?.secret_rm(&name),
+        },
+        Cmd::Keys { cmd, data_dir } => {
+            let store = skiff_store::Store::open(&data_dir)?;
+            match cmd {
+                KeysCmd::Create { label } => {
+                    let (key, rec) = store.create_api_key(&label)?;
+                    eprintln!("created key {} ({}); it is shown only once:", rec.id, rec.label);
+                    println!("{key}");
+                }
+                KeysCmd::Ls => {
+                    for k in store.list_api_keys()? {
+                        println!("{}\t{}\t{}", k.id, k.label, k.created_at_ms);
+                    }
+                }
+                KeysCmd::Revoke { id } => {
+                    if !store.revoke_api_key(id)? {
+                        anyhow::bail!("no key with id {id}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Doctor => serve::doctor(),
+        Cmd::Agent => unreachable!("handled above"),
+    }
+}

@@ -1,0 +1,134 @@
+//! `skiff serve`: opens the store, prepares the sandbox tier and serves the gateway.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use skiff_gateway::{AppState, Auth};
+use skiff_sandbox::{NativeConfig, NativeSandbox};
+use skiff_scheduler::{Scheduler, SchedulerConfig};
+use skiff_store::Store;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Runtime bootstraps shipped inside the binary and mounted at `/var/runtime`.
+const RUNTIME_FILES: &[(&str, &str)] = &[
+    ("python/bootstrap.py", include_str!("../../../runtimes/python/bootstrap.py")),
+    ("node/bootstrap.js", include_str!("../../../runtimes/node/bootstrap.js")),
+];
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on. A non-loopback address requires API keys.
+    #[arg(long, env = "SKIFF_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where metadata (SQLite), packages and instance state live.
+    #[arg(long, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
+    data_dir: PathBuf,
+    /// API key accepted by the server (repeatable). Also `SKIFF_API_KEYS=k1,k2`.
+    #[arg(long = "api-key", env = "SKIFF_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Workspace name reported to functions.
+    #[arg(long, default_value = "default")]
+    workspace: String,
+    /// Maximum processes/threads per sandbox.
+    #[arg(long, default_value_t = 256)]
+    pids_max: u32,
+}
+
+fn write_runtimes(dir: &Path) -> Result<()> {
+    for (rel, text) in RUNTIME_FILES {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().expect("has parent"))?;
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "skiff=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let api_keys: Vec<String> = args.api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    let store = Store::open(&args.data_dir).with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
+    let keys_configured = !api_keys.is_empty() || store.has_api_keys()?;
+    if !args.listen.ip().is_loopback() && !keys_configured {
+        bail!(
+            "refusing to listen on {} without API keys: anyone who can reach it could run code. \
+             Pass --api-key (or SKIFF_API_KEYS), create one with `skiff keys create`, \
+             or listen on a loopback address such as 127.0.0.1",
+            args.listen
+        );
+    }
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let runtime_dir = data_dir.join("runtimes");
+    write_runtimes(&runtime_dir)?;
+    let exe = std::env::current_exe().context("locating the skiff binary")?;
+    let mut cfg = NativeConfig::new(exe, data_dir.join("run"), runtime_dir);
+    cfg.pids_max = args.pids_max;
+    let sandbox = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let scheduler = Scheduler::new(
+            Arc::new(sandbox),
+            SchedulerConfig { workspace: args.workspace, ..Default::default() },
+        );
+        let state = AppState::new(store.clone(), scheduler.clone(), Auth::new(&api_keys));
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let mode = if keys_configured { "API keys required" } else { "open (loopback, no API keys)" };
+        eprintln!("skiff listening on http://{addr} ({mode}); data in {}", data_dir.display());
+        axum::serve(listener, skiff_gateway::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        eprintln!("skiff shutting down: stopping instances");
+        scheduler.shutdown().await;
+        store.flush();
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `skiff doctor`: what this host offers the sandbox tiers.
+pub fn doctor() -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("skiff-doctor-{}", std::process::id()));
+    let exe = std::env::current_exe()?;
+    let cfg = NativeConfig::new(exe, tmp.join("run"), tmp.join("runtimes"));
+    let mut ok_all = true;
+    match NativeSandbox::new(cfg) {
+        Ok(sb) => {
+            for (name, ok, detail) in sb.diagnostics() {
+                ok_all &= ok;
+                println!("{} {name}: {detail}", if ok { "ok  " } else { "FAIL" });
+            }
+        }
+        Err(e) => {
+            ok_all = false;
+            println!("FAIL native sandbox: {e}");
+        }
+    }
+    for (bin, why) in [("/usr/bin/python3", "runtime python3"), ("/usr/bin/node", "runtime node")] {
+        let ok = Path::new(bin).exists();
+        println!("{} {why}: {bin}{}", if ok { "ok  " } else { "warn" }, if ok { "" } else { " not found" });
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !ok_all {
+        bail!("some checks failed");
+    }
+    Ok(())
+}

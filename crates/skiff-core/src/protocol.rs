@@ -1,0 +1,279 @@
+//! The framed channel between the host and the agent (PID 1 inside a process sandbox).
+//!
+//! Wire format of one frame: `u32 LE length-of-rest | u8 kind | u32 LE header-length |
+//! header (JSON) | body (raw bytes)`. Payloads travel in the raw body, never base64.
+//! The host sends [`AgentConfig`] first, then [`Invoke`]s; the agent answers with
+//! [`Done`] per invocation and streams [`Log`] chunks tagged with the invocation id.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest frame either side accepts (payload limit plus headroom).
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Host → agent, first frame: [`AgentConfig`].
+    Config = 1,
+    /// Host → agent: [`Invoke`] header, payload body.
+    Invoke = 2,
+    /// Host → agent: the network is configured; start the function processes.
+    NetReady = 3,
+    /// Host → agent: stop everything and exit.
+    Shutdown = 4,
+    /// Agent → host: sandbox set up ([`Ready`]).
+    Ready = 10,
+    /// Agent → host: [`Done`] header, response or error-JSON body.
+    Done = 11,
+    /// Agent → host: [`Log`] header, output bytes body.
+    Log = 12,
+    /// Agent → host: a function process exited unexpectedly ([`Exit`]).
+    Exit = 13,
+    /// Agent → host: the runtime reported an init error ([`InitError`]); body is error JSON.
+    InitError = 14,
+    /// Agent → host: the agent could not set up the sandbox; body is a message. Fatal.
+    SetupFailed = 15,
+}
+
+impl Kind {
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Config,
+            2 => Kind::Invoke,
+            3 => Kind::NetReady,
+            4 => Kind::Shutdown,
+            10 => Kind::Ready,
+            11 => Kind::Done,
+            12 => Kind::Log,
+            13 => Kind::Exit,
+            14 => Kind::InitError,
+            15 => Kind::SetupFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// How the agent runs the function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecMode {
+    /// Long-running runtime process(es) polling the Lambda Runtime API served by the agent.
+    RuntimeApi,
+    /// One process per invocation: payload on stdin, reply on stdout, logs on stderr.
+    Command,
+}
+
+/// A read-only bind mount into the sandbox root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// Host path.
+    pub src: String,
+    /// Path inside the sandbox.
+    pub dst: String,
+}
+
+/// Everything the agent needs to build the sandbox and start the function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConfig {
+    pub exec_mode: ExecMode,
+    /// Program and arguments, as paths inside the sandbox.
+    pub argv: Vec<String>,
+    /// The function's complete environment (nothing from the host leaks in).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (`/var/task`).
+    pub cwd: String,
+    /// Runtime-API worker processes (= the spec's concurrency). Worker `i` is served on
+    /// `127.0.0.1:{runtime_api_port + i}`.
+    pub workers: u32,
+    pub runtime_api_port: u16,
+    /// Unprivileged identity the function (and the agent after setup) runs as.
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    /// Host directory, empty, on which the agent mounts the new root (inside its own mount ns).
+    pub root_dir: String,
+    /// Read-only binds (host system dirs, code at /var/task, runtimes at /var/runtime).
+    pub binds: Vec<Bind>,
+    /// Files written into the new root's /etc (name → content), e.g. passwd, hosts, resolv.conf.
+    pub etc_files: Vec<(String, String)>,
+    /// Size of the writable tmpfs at /tmp, in bytes.
+    pub tmp_bytes: u64,
+    /// Wipe /tmp after every invocation (warm instances).
+    pub wipe_tmp: bool,
+    /// Wait for [`Kind::NetReady`] before starting the function (outbound networking).
+    pub wait_for_network: bool,
+    /// Install the seccomp filter.
+    pub seccomp: bool,
+}
+
+/// Host → agent: run one invocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Invoke {
+    pub id: String,
+    /// Deadline as Unix epoch milliseconds.
+    pub deadline_ms: u64,
+    pub function_arn: String,
+    pub trace_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_context: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cognito_identity: Option<String>,
+}
+
+/// Agent → host: the sandbox is built and the function processes started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ready {
+    /// Microseconds the agent spent on setup (mounts, privileges, seccomp).
+    pub setup_us: u64,
+}
+
+/// Agent → host: an invocation finished. Body: the response, or an error JSON
+/// `{errorMessage, errorType, stackTrace}` when `error_type` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+}
+
+/// Agent → host: function output. `id` is the invocation it belongs to, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Log {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Agent → host: a function process died outside of a clean reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Exit {
+    /// The invocation it was serving, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// Agent → host: `/runtime/init/error` was posted. Body: error JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitError {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+}
+
+/// A decoded frame: kind, JSON header bytes, raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub header: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+/// Protocol violations.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("bad frame header: {0}")]
+    Header(#[from] serde_json::Error),
+}
+
+impl Frame {
+    /// Builds a frame with a serialized header.
+    pub fn new<H: Serialize>(kind: Kind, header: &H, body: Vec<u8>) -> Frame {
+        Frame { kind, header: serde_json::to_vec(header).expect("header serializes"), body }
+    }
+
+    /// A frame with an empty header (`{}`).
+    pub fn bare(kind: Kind, body: Vec<u8>) -> Frame {
+        Frame { kind, header: b"{}".to_vec(), body }
+    }
+
+    /// Parses the JSON header.
+    pub fn header<H: for<'de> Deserialize<'de>>(&self) -> Result<H, ProtocolError> {
+        Ok(serde_json::from_slice(&self.header)?)
+    }
+
+    /// Encodes the frame onto the end of `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let rest = 1 + 4 + self.header.len() + self.body.len();
+        out.reserve(4 + rest);
+        out.extend_from_slice(&(rest as u32).to_le_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&(self.header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.body);
+    }
+
+    /// Encodes the frame into a new buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// Length of the rest of the frame from its 4-byte prefix, checked against [`MAX_FRAME`].
+    pub fn rest_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+        let n = u32::from_le_bytes(prefix) as usize;
+        if n > MAX_FRAME {
+            return Err(ProtocolError::TooLarge(n));
+        }
+        if n < 5 {
+            return Err(ProtocolError::Malformed("frame shorter than its fixed header"));
+        }
+        Ok(n)
+    }
+
+    /// Decodes the rest of a frame (everything after the 4-byte length prefix).
+    pub fn decode_rest(mut rest: Vec<u8>) -> Result<Frame, ProtocolError> {
+        if rest.len() < 5 {
+            return Err(ProtocolError::Malformed("frame shorter than its fixed header"));
+        }
+        let kind = Kind::from_u8(rest[0]).ok_or(ProtocolError::UnknownKind(rest[0]))?;
+        let hlen = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if 5 + hlen > rest.len() {
+            return Err(ProtocolError::Malformed("header length past end of frame"));
+        }
+        let body = rest.split_off(5 + hlen);
+        let header = rest[5..].to_vec();
+        Ok(Frame { kind, header, body })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let inv = Invoke {
+            id: "abc".into(),
+            deadline_ms: 42,
+            function_arn: "arn".into(),
+            trace_id: "t".into(),
+            client_context: None,
+            cognito_identity: None,
+        };
+        let f = Frame::new(Kind::Invoke, &inv, b"{\"x\":1}".to_vec());
+        let bytes = f.encode();
+        let n = Frame::rest_len(bytes[..4].try_into().unwrap()).unwrap();
+        assert_eq!(n, bytes.len() - 4);
+        let g = Frame::decode_rest(bytes[4..].to_vec()).unwrap();
+        assert_eq!(f, g);
+        let h: Invoke = g.header().unwrap();
+        assert_eq!(h.id, "abc");
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(Frame::rest_len((MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
+        assert!(Frame::decode_rest(vec![99, 0, 0, 0, 0]).is_err());
+        assert!(Frame::decode_rest(vec![2, 50, 0, 0, 0, b'{']).is_err());
+    }
+}

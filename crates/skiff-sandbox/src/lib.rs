@@ -1,0 +1,105 @@
+//! Process isolation tiers. This crate owns the [`Sandbox`] and [`Instance`] traits that the
+//! scheduler drives, and the `native` tier: Linux namespaces, cgroups (v1 or v2), an
+//! unprivileged uid, `no_new_privs`, seccomp, a read-only root and a tmpfs `/tmp`, with the
+//! Skiff agent as PID 1 talking to the host over one framed channel.
+
+use async_trait::async_trait;
+use skiff_core::protocol::{ExecMode, Invoke};
+use skiff_core::FunctionSpec;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod native;
+
+pub use native::{NativeConfig, NativeSandbox};
+
+/// Everything needed to start one instance of a revision.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Unique id of this instance (used for cgroup and directory names).
+    pub instance_id: String,
+    pub function: String,
+    pub revision: u32,
+    /// Limits and policy: memory, tmp, network, concurrency (= worker processes), mode.
+    pub spec: FunctionSpec,
+    /// Host directory holding the unpacked package; mounted read-only at `/var/task`.
+    pub code_dir: PathBuf,
+    /// The function's complete environment.
+    pub env: Vec<(String, String)>,
+    pub exec_mode: ExecMode,
+    /// Program and arguments, as paths inside the sandbox.
+    pub argv: Vec<String>,
+}
+
+/// One invocation sent to an instance.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    pub invoke: Invoke,
+    pub payload: Vec<u8>,
+}
+
+/// What the function answered.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeResult {
+    /// Response body, or error JSON `{errorMessage, errorType, stackTrace}` if `error_type`.
+    pub body: Vec<u8>,
+    /// Set when the function reported an error (handler raised, command failed, init error).
+    pub error_type: Option<String>,
+    /// Output (stdout and stderr) the function wrote during this invocation.
+    pub logs: Vec<u8>,
+}
+
+/// Errors of the sandbox tiers.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The sandbox could not be created (platform or configuration problem).
+    #[error("sandbox failed to start: {0}")]
+    Start(String),
+    /// The function was killed for exceeding its memory limit.
+    #[error("function exceeded its memory limit of {limit_mb} MiB and was killed")]
+    OutOfMemory { limit_mb: u64, log_tail: String },
+    /// The function process or the sandbox died without answering.
+    #[error("{message}")]
+    Crashed { message: String, log_tail: String },
+    /// The instance was already stopped.
+    #[error("instance is no longer running")]
+    Gone,
+    #[error("i/o error talking to the sandbox: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SandboxError {
+    /// The function's last output, when the error carries it.
+    pub fn log_tail(&self) -> &str {
+        match self {
+            SandboxError::OutOfMemory { log_tail, .. } | SandboxError::Crashed { log_tail, .. } => {
+                log_tail
+            }
+            _ => "",
+        }
+    }
+}
+
+/// A tier that can start instances.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Starts an instance: sandbox built, function process(es) launched. Initialisation of the
+    /// function itself may still be running when this returns; the first invoke waits for it.
+    async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError>;
+}
+
+/// A running sandbox serving invocations of one revision.
+#[async_trait]
+pub trait Instance: Send + Sync {
+    fn id(&self) -> &str;
+    /// Runs one invocation. Up to `spec.concurrency` may run at once. Cancel-safe: dropping
+    /// the future abandons the invocation (the caller then stops the instance).
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, SandboxError>;
+    /// Kills every process of the instance and removes its cgroups and directories.
+    /// Idempotent; when it returns nothing of the instance is left on the host.
+    async fn stop(&self);
+    /// False once the agent has exited or the instance was stopped.
+    fn is_alive(&self) -> bool;
+    /// Current memory use of the whole sandbox in bytes, when known.
+    fn memory_usage(&self) -> Option<u64>;
+}

@@ -1,0 +1,576 @@
+//! A running native sandbox: the agent process, its channel, cgroups and network helper.
+
+use super::cgroup::InstanceCgroup;
+use super::net::Slirp;
+use crate::{Instance, InvokeRequest, InvokeResult, SandboxError};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use skiff_core::protocol::{Done, Exit, Frame, InitError, Kind, Log, Ready};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Bytes of output kept for crash messages.
+const TAIL_BYTES: usize = 4096;
+/// Output not tagged with an invocation (runtime init) kept for the next invocation's logs.
+const UNATTRIBUTED_MAX: usize = 256 * 1024;
+const P_PIDFD: libc::idtype_t = 3;
+
+/// How the agent process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Go-style wording, as Lambda reports runtime exits.
+    fn describe(code: Option<i32>, signal: Option<i32>) -> String {
+        match (code, signal) {
+            (_, Some(sig)) => format!("signal: {}", signal_name(sig)),
+            (Some(c), None) => format!("exit status {c}"),
+            (None, None) => "unknown status".to_string(),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGKILL => "killed".into(),
+        libc::SIGSEGV => "segmentation fault".into(),
+        libc::SIGABRT => "aborted".into(),
+        libc::SIGTERM => "terminated".into(),
+        libc::SIGINT => "interrupt".into(),
+        libc::SIGBUS => "bus error".into(),
+        libc::SIGFPE => "floating point exception".into(),
+        libc::SIGILL => "illegal instruction".into(),
+        libc::SIGPIPE => "broken pipe".into(),
+        libc::SIGSYS => "bad system call".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// A byte ring keeping the last `TAIL_BYTES` of output.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= TAIL_BYTES {
+            self.0.clear();
+            self.0.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+            return;
+        }
+        self.0.extend_from_slice(data);
+        if self.0.len() > 2 * TAIL_BYTES {
+            let cut = self.0.len() - TAIL_BYTES;
+            self.0.drain(..cut);
+        }
+    }
+
+    fn text(&self) -> String {
+        let s = &self.0[self.0.len().saturating_sub(TAIL_BYTES)..];
+        String::from_utf8_lossy(s).into_owned()
+    }
+}
+
+struct Pending {
+    tx: oneshot::Sender<Result<InvokeResult, SandboxError>>,
+    logs: Vec<u8>,
+}
+
+/// Why the instance can no longer serve.
+enum Dead {
+    Stopped,
+    Oom,
+    Crashed(String),
+    Init {
+        body: Vec<u8>,
+        error_type: String,
+        logs: Vec<u8>,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<String, Pending>,
+    dead: Option<Dead>,
+    tail: Tail,
+    unattributed: Vec<u8>,
+    oom_seen: u64,
+}
+
+/// State shared between the instance handle and its background tasks.
+pub(crate) struct Shared {
+    id: String,
+    state: Mutex<State>,
+    alive: AtomicBool,
+    cgroup: Arc<InstanceCgroup>,
+    limit_mb: u64,
+    agent_stderr: Mutex<Tail>,
+}
+
+impl Shared {
+    fn dead_result(&self, dead: &Dead, st: &State) -> Result<InvokeResult, SandboxError> {
+        match dead {
+            Dead::Stopped => Err(SandboxError::Gone),
+            Dead::Oom => Err(SandboxError::OutOfMemory {
+                limit_mb: self.limit_mb,
+                log_tail: st.tail.text(),
+            }),
+            Dead::Crashed(m) => Err(SandboxError::Crashed {
+                message: m.clone(),
+                log_tail: st.tail.text(),
+            }),
+            Dead::Init {
+                body,
+                error_type,
+                logs,
+            } => Ok(InvokeResult {
+                body: body.clone(),
+                error_type: Some(error_type.clone()),
+                logs: logs.clone(),
+            }),
+        }
+    }
+
+    /// True (once per kill) if the OOM killer fired since we last looked.
+    fn oom_fired(&self, st: &mut State) -> bool {
+        let n = self.cgroup.oom_kills();
+        if n > st.oom_seen {
+            st.oom_seen = n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Marks the instance dead (first cause wins) and fails every pending invocation.
+    fn die(&self, dead: Dead) {
+        let mut st = self.state.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        self.alive.store(false, Ordering::Release);
+        let dead = match dead {
+            Dead::Crashed(_) if self.oom_fired(&mut st) => Dead::Oom,
+            d => d,
+        };
+        if let Dead::Crashed(m) = &dead {
+            tracing::debug!(instance = %self.id, "instance died: {m}");
+        }
+        let pending: Vec<Pending> = st.pending.drain().map(|(_, p)| p).collect();
+        for p in pending {
+            let _ = p.tx.send(self.dead_result(&dead, &st));
+        }
+        st.dead = Some(dead);
+    }
+
+    fn on_frame(&self, f: Frame) {
+        match f.kind {
+            Kind::Log => {
+                let Ok(h) = f.header::<Log>() else { return };
+                let mut st = self.state.lock();
+                st.tail.push(&f.body);
+                match h.id {
+                    Some(id) => {
+                        if let Some(p) = st.pending.get_mut(&id) {
+                            p.logs.extend_from_slice(&f.body);
+                        }
+                    }
+                    None => {
+                        if st.unattributed.len() + f.body.len() <= UNATTRIBUTED_MAX {
+                            st.unattributed.extend_from_slice(&f.body);
+                        }
+                    }
+                }
+            }
+            Kind::Done => {
+                let Ok(h) = f.header::<Done>() else { return };
+                let mut st = self.state.lock();
+                let Some(p) = st.pending.remove(&h.id) else {
+                    return;
+                };
+                let mut logs = std::mem::take(&mut st.unattributed);
+                if logs.is_empty() {
+                    logs = p.logs;
+                } else {
+                    logs.extend_from_slice(&p.logs);
+                }
+                let result = if h.error_type.is_some() && self.oom_fired(&mut st) {
+                    Err(SandboxError::OutOfMemory {
+                        limit_mb: self.limit_mb,
+                        log_tail: st.tail.text(),
+                    })
+                } else {
+                    Ok(InvokeResult {
+                        body: f.body,
+                        error_type: h.error_type,
+                        logs,
+                    })
+                };
+                let _ = p.tx.send(result);
+            }
+            Kind::Ready => {
+                if let Ok(r) = f.header::<Ready>() {
+                    tracing::debug!(instance = %self.id, setup_us = r.setup_us, "sandbox ready");
+                }
+            }
+            Kind::Exit => {
+                let h: Exit = f.header().unwrap_or(Exit {
+                    id: None,
+                    code: None,
+                    signal: None,
+                });
+                self.die(Dead::Crashed(format!(
+                    "Runtime exited with error: {}",
+                    ExitStatus::describe(h.code, h.signal)
+                )));
+            }
+            Kind::InitError => {
+                let h: InitError = f.header().unwrap_or(InitError { error_type: None });
+                let logs = std::mem::take(&mut self.state.lock().unattributed);
+                self.die(Dead::Init {
+                    body: f.body,
+                    error_type: h
+                        .error_type
+                        .unwrap_or_else(|| "Runtime.InitError".to_string()),
+                    logs,
+                });
+            }
+            Kind::SetupFailed => {
+                self.die(Dead::Crashed(String::from_utf8_lossy(&f.body).into_owned()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One running native sandbox.
+pub struct NativeInstance {
+    shared: Arc<Shared>,
+    pidfd: OwnedFd,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    exited: watch::Receiver<Option<ExitStatus>>,
+    slirp: Mutex<Option<Slirp>>,
+    /// Set once `stop` finished cleaning up.
+    stopped: tokio::sync::Mutex<bool>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Io(io::Error::other(e.to_string()))
+}
+
+/// Waits on a pidfd for the process to exit and reaps it.
+fn reap(pidfd: i32, nohang: bool) -> Option<ExitStatus> {
+    loop {
+        // SAFETY: zeroed siginfo is a valid out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | if nohang { libc::WNOHANG } else { 0 };
+        // SAFETY: waitid on a pidfd we own.
+        let rc = unsafe { libc::waitid(P_PIDFD, pidfd as libc::id_t, &mut info, flags) };
+        if rc < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return None;
+        }
+        // SAFETY: filled in by waitid for a child state change.
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return None; // WNOHANG and still running
+        }
+        return Some(if info.si_code == libc::CLD_EXITED {
+            ExitStatus::Code(status)
+        } else {
+            ExitStatus::Signal(status)
+        });
+    }
+}
+
+impl NativeInstance {
+    /// Wires up the tasks for a freshly cloned agent and sends its config.
+    pub(crate) fn launch(
+        id: String,
+        pidfd: OwnedFd,
+        chan: std::os::unix::net::UnixStream,
+        stderr: OwnedFd,
+        cgroup: Arc<InstanceCgroup>,
+        limit_mb: u64,
+        config_frame: Vec<u8>,
+    ) -> io::Result<NativeInstance> {
+        chan.set_nonblocking(true)?;
+        let (rd, wr) = tokio::net::UnixStream::from_std(chan)?.into_split();
+        let shared = Arc::new(Shared {
+            id,
+            state: Mutex::new(State::default()),
+            alive: AtomicBool::new(true),
+            cgroup,
+            limit_mb,
+            agent_stderr: Mutex::new(Tail::default()),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(config_frame);
+        tokio::spawn(writer(wr, rx));
+
+        let (exit_tx, exited) = watch::channel(None);
+        let watch_fd = pidfd.try_clone()?;
+        // SAFETY: the OwnedFd stays open and unchanged while registered.
+        let afd = unsafe { AsyncFd::register(watch_fd) }.map_err(|e| e.into_parts().1)?;
+        tokio::spawn(async move {
+            let _ = afd.readable().await;
+            let status = reap(afd.get_ref().as_raw_fd(), false);
+            let _ = exit_tx.send(status.or(Some(ExitStatus::Code(-1))));
+        });
+
+        let err_pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)?;
+        tokio::spawn(agent_stderr(shared.clone(), err_pipe));
+        tokio::spawn(reader(shared.clone(), rd, exited.clone()));
+
+        Ok(NativeInstance {
+            shared,
+            pidfd,
+            tx,
+            exited,
+            slirp: Mutex::new(None),
+            stopped: tokio::sync::Mutex::new(false),
+        })
+    }
+
+    pub(crate) fn set_slirp(&self, s: Slirp) {
+        *self.slirp.lock() = Some(s);
+    }
+
+    /// Sends a bare frame (e.g. `NetReady`).
+    pub(crate) fn send_bare(&self, kind: Kind) {
+        let _ = self.tx.send(Frame::bare(kind, Vec::new()).encode());
+    }
+
+    fn kill(&self) {
+        // SAFETY: pidfd_send_signal on our pidfd (no pid-reuse race).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            );
+        }
+    }
+
+    /// The cgroup directories of this instance.
+    pub fn cgroup_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.shared.cgroup.dirs().to_vec()
+    }
+}
+
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn agent_stderr(shared: Arc<Shared>, pipe: tokio::net::unix::pipe::Receiver) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::debug!(instance = %shared.id, "agent: {line}");
+        let mut t = shared.agent_stderr.lock();
+        t.push(line.as_bytes());
+        t.push(b"\n");
+    }
+}
+
+async fn read_frame(rd: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<Frame>> {
+    let mut prefix = [0u8; 4];
+    match rd.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = Frame::rest_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut rest = vec![0u8; n];
+    rd.read_exact(&mut rest).await?;
+    Frame::decode_rest(rest)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+async fn reader(
+    shared: Arc<Shared>,
+    rd: OwnedReadHalf,
+    mut exited: watch::Receiver<Option<ExitStatus>>,
+) {
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut heard = false;
+    loop {
+        match read_frame(&mut rd).await {
+            Ok(Some(f)) => {
+                heard = true;
+                shared.on_frame(f)
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(instance = %shared.id, "bad frame from agent: {e}");
+                break;
+            }
+        }
+    }
+    // The channel closed: the agent is gone or going. Report how it ended.
+    let status = tokio::time::timeout(Duration::from_secs(1), exited.wait_for(|s| s.is_some()))
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|s| *s));
+    let how = match status {
+        Some(ExitStatus::Code(c)) => ExitStatus::describe(Some(c), None),
+        Some(ExitStatus::Signal(s)) => ExitStatus::describe(None, Some(s)),
+        None => "no exit status".to_string(),
+    };
+    let stderr = shared.agent_stderr.lock().text();
+    // Exit codes of the clone child before the agent ran (see spawn.rs).
+    let early = match status {
+        Some(ExitStatus::Code(125)) if !heard => Some("could not set up its file descriptors"),
+        Some(ExitStatus::Code(126)) if !heard => Some("could not join its cgroups"),
+        Some(ExitStatus::Code(127)) if !heard => Some("could not exec the agent executable"),
+        _ => None,
+    };
+    let msg = if let Some(why) = early {
+        format!("sandbox agent failed to start: {why}")
+    } else if stderr.trim().is_empty() {
+        format!("Runtime exited with error: {how}")
+    } else {
+        format!("Runtime exited with error: {how}: {}", stderr.trim())
+    };
+    shared.die(Dead::Crashed(msg));
+}
+
+/// Removes a pending entry when the invoking future is dropped.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.state.lock().pending.remove(&self.id);
+    }
+}
+
+#[async_trait]
+impl Instance for NativeInstance {
+    fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, SandboxError> {
+        let InvokeRequest { invoke, payload } = req;
+        let header = serde_json::to_vec(&invoke).map_err(io_err)?;
+        let id = invoke.id;
+        let rx = {
+            let mut st = self.shared.state.lock();
+            if let Some(dead) = &st.dead {
+                return self.shared.dead_result(dead, &st);
+            }
+            if st.pending.contains_key(&id) {
+                return Err(SandboxError::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invocation {id} is already running on this instance"),
+                )));
+            }
+            let (tx, rx) = oneshot::channel();
+            st.pending.insert(
+                id.clone(),
+                Pending {
+                    tx,
+                    logs: Vec::new(),
+                },
+            );
+            rx
+        };
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            id,
+        };
+        let rest = 1 + 4 + header.len() + payload.len();
+        let mut buf = Vec::with_capacity(4 + rest);
+        buf.extend_from_slice(&(rest as u32).to_le_bytes());
+        buf.push(Kind::Invoke as u8);
+        buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(&payload);
+        drop(payload);
+        // If the writer is gone the reader fails the pending entry.
+        let _ = self.tx.send(buf);
+        rx.await.unwrap_or(Err(SandboxError::Gone))
+    }
+
+    async fn stop(&self) {
+        let mut stopped = self.stopped.lock().await;
+        if *stopped {
+            return;
+        }
+        self.shared.die(Dead::Stopped);
+        self.kill();
+        let mut exited = self.exited.clone();
+        if tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|s| s.is_some()))
+            .await
+            .is_err()
+        {
+            tracing::warn!(instance = %self.shared.id, "agent did not exit within 5 s of SIGKILL");
+        }
+        let slirp = self.slirp.lock().take();
+        if let Some(s) = slirp {
+            s.stop().await;
+        }
+        self.shared.cgroup.remove().await;
+        *stopped = true;
+    }
+
+    fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    fn memory_usage(&self) -> Option<u64> {
+        self.shared.cgroup.memory_usage()
+    }
+}
+
+impl Drop for NativeInstance {
+    fn drop(&mut self) {
+        if *self.stopped.get_mut() {
+            return;
+        }
+        self.shared.die(Dead::Stopped);
+        self.kill();
+        // Dropping the Child kills slirp4netns (kill_on_drop); tokio reaps it.
+        drop(self.slirp.lock().take());
+        let cgroup = self.shared.cgroup.clone();
+        let exited = self.exited.clone();
+        let pidfd = self.pidfd.try_clone().ok();
+        let _ = std::thread::Builder::new()
+            .name("skiff-sandbox-cleanup".into())
+            .spawn(move || {
+                for _ in 0..400 {
+                    if exited.borrow().is_some() {
+                        break;
+                    }
+                    match &pidfd {
+                        Some(fd) if reap(fd.as_raw_fd(), true).is_none() => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        _ => break,
+                    }
+                }
+                cgroup.remove_blocking(Duration::from_secs(2));
+            });
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time host set-up for Skiff on Debian/Ubuntu: the packages the sandbox tiers and the
+# runtimes use. Idempotent; installs only what is missing. Needs root (the native sandbox
+# itself needs root today).
+set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/setup.sh: run as root (the native sandbox needs root for namespaces and cgroups)" >&2
+  exit 1
+fi
+need=()
+command -v slirp4netns >/dev/null || need+=(slirp4netns)   # network: outbound (userspace NAT)
+command -v ip >/dev/null || need+=(iproute2)                # test hosts in network namespaces
+[ -x /usr/bin/python3 ] || need+=(python3)                  # runtime python3
+[ -x /usr/bin/node ] || need+=(nodejs)                      # runtime node
+command -v cc >/dev/null || need+=(build-essential)         # bundled SQLite, zstd
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+  echo "installed: ${need[*]}"
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test: host set-up, the runtime bootstrap tests, then the Rust workspace tests
+# (unit tests, the sandbox suite and the black-box e2e suite against the real binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+python3 runtimes/tests/test_bootstraps.py
+cargo test --workspace --all-targets -- --test-threads=2
