@@ -60,7 +60,7 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
-        #[arg(long, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
+        #[arg(long, global = true, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
         data_dir: PathBuf,
     },
     /// Manage secrets exposed to functions as environment variables.

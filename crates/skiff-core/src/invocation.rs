@@ -20,8 +20,12 @@ pub struct Invocation {
 /// error JSON `{errorMessage, errorType, stackTrace}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionError {
+    /// The error's type as the function reported it (`errorType`, e.g. `ValueError`).
     pub error_type: String,
     pub message: String,
+    /// How the runtime classified it (`Lambda-Runtime-Function-Error-Type`: `Unhandled`,
+    /// `Handled`, `Runtime.ImportModuleError`, …).
+    pub reported_as: String,
 }
 
 /// A finished invocation.

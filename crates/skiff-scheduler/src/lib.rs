@@ -347,7 +347,10 @@ impl Scheduler {
             }
             Ok(Ok(r)) => {
                 pool.release(&lease.inst, false);
-                let function_error = r.error_type.map(|t| FunctionError { message: error_message(&r.body), error_type: t });
+                let function_error = r.error_type.map(|reported_as| {
+                    let (error_type, message) = error_details(&r.body);
+                    FunctionError { error_type: error_type.unwrap_or_else(|| reported_as.clone()), message, reported_as }
+                });
                 Ok(InvokeOutput {
                     body: r.body,
                     function_error,
@@ -421,15 +424,19 @@ impl Scheduler {
     }
 }
 
-/// Pulls `errorMessage` out of an error JSON body, falling back to the raw text.
-fn error_message(body: &[u8]) -> String {
+/// Pulls `errorType` and `errorMessage` out of an error JSON body; the message falls back to
+/// the raw text.
+fn error_details(body: &[u8]) -> (Option<String>, String) {
     #[derive(serde::Deserialize)]
     struct E {
+        #[serde(rename = "errorType")]
+        error_type: Option<String>,
         #[serde(rename = "errorMessage")]
         error_message: Option<String>,
     }
     match serde_json::from_slice::<E>(body) {
-        Ok(E { error_message: Some(m) }) => m,
-        _ => String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+        Ok(E { error_type, error_message: Some(m) }) => (error_type, m),
+        Ok(E { error_type, .. }) => (error_type, String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()),
+        Err(_) => (None, String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()),
     }
 }
