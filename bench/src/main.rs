@@ -31,7 +31,10 @@ impl Conn {
     fn new(addr: &str) -> Conn {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_nodelay(true).unwrap();
-        Conn { stream: BufReader::new(s), host: addr.to_string() }
+        Conn {
+            stream: BufReader::new(s),
+            host: addr.to_string(),
+        }
     }
 
     /// POSTs and returns (status, headers text, body).
@@ -46,7 +49,11 @@ impl Conn {
         s.write_all(body).unwrap();
         let mut status_line = String::new();
         self.stream.read_line(&mut status_line).unwrap();
-        let status: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         let mut headers = String::new();
         let mut len = 0usize;
         loop {
@@ -77,7 +84,12 @@ fn stats(mut us: Vec<f64>) -> Stats {
     us.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = us.len();
     let pct = |p: f64| us[((n as f64 * p).ceil() as usize).clamp(1, n) - 1];
-    Stats { p50: pct(0.50), p99: pct(0.99), mean: us.iter().sum::<f64>() / n as f64, n }
+    Stats {
+        p50: pct(0.50),
+        p99: pct(0.99),
+        mean: us.iter().sum::<f64>() / n as f64,
+        n,
+    }
 }
 
 fn time_command(n: usize, mut make: impl FnMut() -> Command) -> Stats {
@@ -119,7 +131,12 @@ fn deploy(skiff: &Path, addr: &str, dir: &Path) {
         .env("SKIFF_SERVER", format!("http://{addr}"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "deploy {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "deploy {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Copies a function dir, rewriting `name:` and adding extra spec lines.
@@ -133,7 +150,9 @@ fn variant(src: &Path, dst: &Path, name: &str, extra: &str) {
     let yaml = std::fs::read_to_string(src.join("function.yaml")).unwrap();
     let mut out: String = yaml
         .lines()
-        .filter(|l| !l.starts_with("name:") && !l.starts_with("mode:") && !l.starts_with("network:"))
+        .filter(|l| {
+            !l.starts_with("name:") && !l.starts_with("mode:") && !l.starts_with("network:")
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     out.push_str(&format!("name: {name}\n{extra}"));
@@ -156,15 +175,26 @@ fn measure(conn: &mut Conn, name: &str, n: usize, expect_cold: bool) -> Stats {
 }
 
 fn row(what: &str, s: &Stats) {
-    println!("| {what} | {} | {:.0} | {:.0} | {:.0} |", s.n, s.p50, s.p99, s.mean);
+    println!(
+        "| {what} | {} | {:.0} | {:.0} | {:.0} |",
+        s.n, s.p50, s.p99, s.mean
+    );
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("target"));
     let skiff = target.join("release/skiff");
     let bootstrap = target.join("release/bootstrap");
-    assert!(skiff.exists() && bootstrap.exists(), "build first: cargo build --release -p skiff-cli -p provided-hello");
+    assert!(
+        skiff.exists() && bootstrap.exists(),
+        "build first: cargo build --release -p skiff-cli -p provided-hello"
+    );
     let warm_n = arg("--warm", 2000);
     let cold_n = arg("--cold", 200);
     let tmp = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
@@ -175,14 +205,33 @@ fn main() {
     let provided = tmp.join("provided");
     std::fs::create_dir_all(&provided).unwrap();
     std::fs::copy(&bootstrap, provided.join("bootstrap")).unwrap();
-    std::fs::copy(root.join("examples/provided-hello/function.yaml"), provided.join("function.yaml")).unwrap();
+    std::fs::copy(
+        root.join("examples/provided-hello/function.yaml"),
+        provided.join("function.yaml"),
+    )
+    .unwrap();
     let python = root.join("examples/python-hello");
     let fns = [
         ("b-provided", &provided, "network: none\n", false),
-        ("b-provided-cold", &provided, "network: none\nmode: ephemeral\n", true),
+        (
+            "b-provided-cold",
+            &provided,
+            "network: none\nmode: ephemeral\n",
+            true,
+        ),
         ("b-python", &python, "network: none\n", false),
-        ("b-python-cold", &python, "network: none\nmode: ephemeral\n", true),
-        ("b-provided-net-cold", &provided, "network: outbound\nmode: ephemeral\n", true),
+        (
+            "b-python-cold",
+            &python,
+            "network: none\nmode: ephemeral\n",
+            true,
+        ),
+        (
+            "b-provided-net-cold",
+            &provided,
+            "network: outbound\nmode: ephemeral\n",
+            true,
+        ),
     ];
     let (mut server, addr) = start_server(&skiff, &tmp.join("data"));
     for (name, src, extra, _) in &fns {
@@ -201,10 +250,15 @@ fn main() {
     row("floor: fork+exec of the bootstrap binary", &floor_fork);
     let floor_unshare = time_command(cold_n, || {
         let mut c = Command::new("unshare");
-        c.args(["--pid", "--fork", "--mount", "--net", "--ipc", "--uts"]).arg(&bootstrap).arg("--exit");
+        c.args(["--pid", "--fork", "--mount", "--net", "--ipc", "--uts"])
+            .arg(&bootstrap)
+            .arg("--exit");
         c
     });
-    row("floor: unshare --pid --fork --mount --net --ipc --uts bootstrap", &floor_unshare);
+    row(
+        "floor: unshare --pid --fork --mount --net --ipc --uts bootstrap",
+        &floor_unshare,
+    );
     let mut conn = Conn::new(&addr);
     let mut results = Vec::new();
     for (name, _, _, cold) in &fns {
@@ -216,7 +270,11 @@ fn main() {
                 let _ = conn.post(&format!("/v1/functions/{name}/invoke"), b"{}");
             }
         }
-        let n = if name.contains("python-cold") { n.min(100) } else { n };
+        let n = if name.contains("python-cold") {
+            n.min(100)
+        } else {
+            n
+        };
         let s = measure(&mut conn, name, n, *cold);
         let label = match *name {
             "b-provided" => "warm invoke, provided (compiled) example",
@@ -230,16 +288,28 @@ fn main() {
         // Let ephemeral instances finish tearing down between series.
         std::thread::sleep(Duration::from_millis(300));
     }
-    let cold = &results.iter().find(|(n, _)| n == "b-provided-cold").unwrap().1;
+    let cold = &results
+        .iter()
+        .find(|(n, _)| n == "b-provided-cold")
+        .unwrap()
+        .1;
     println!();
     println!(
         "cold provided p50 / unshare floor p50 = {:.2}x; budget 1.5x floor + 10 ms = {:.0} µs → {}",
         cold.p50 / floor_unshare.p50,
         1.5 * floor_unshare.p50 + 10_000.0,
-        if cold.p50 <= 1.5 * floor_unshare.p50 + 10_000.0 { "met" } else { "NOT met" }
+        if cold.p50 <= 1.5 * floor_unshare.p50 + 10_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     let warm = &results.iter().find(|(n, _)| n == "b-provided").unwrap().1;
-    println!("warm provided p50 = {:.0} µs (target ≤ 1000 µs) → {}", warm.p50, if warm.p50 <= 1000.0 { "met" } else { "NOT met" });
+    println!(
+        "warm provided p50 = {:.0} µs (target ≤ 1000 µs) → {}",
+        warm.p50,
+        if warm.p50 <= 1000.0 { "met" } else { "NOT met" }
+    );
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&tmp);

@@ -42,11 +42,19 @@ impl<R: Read> Read for Progress<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.done += n as u64;
-        if self.tty && (self.last.elapsed() > Duration::from_millis(80) || n == 0 || self.done == self.total) {
+        if self.tty
+            && (self.last.elapsed() > Duration::from_millis(80)
+                || n == 0
+                || self.done == self.total)
+        {
             self.last = Instant::now();
-            let pct = if self.total == 0 { 100 } else { self.done * 100 / self.total };
+            let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
             let bar = "#".repeat((pct / 4) as usize);
-            eprint!("\r  uploading [{bar:<25}] {pct:>3}% {}/{} KiB", self.done / 1024, self.total / 1024);
+            eprint!(
+                "\r  uploading [{bar:<25}] {pct:>3}% {}/{} KiB",
+                self.done / 1024,
+                self.total / 1024
+            );
             let _ = std::io::stderr().flush();
         }
         Ok(n)
@@ -56,7 +64,11 @@ impl<R: Read> Read for Progress<R> {
 impl Client {
     pub fn new(base: &str, key: Option<String>) -> Result<Client> {
         let http = Http::builder().timeout(Duration::from_secs(960)).build()?;
-        Ok(Client { base: base.trim_end_matches('/').to_string(), key, http })
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            http,
+        })
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
@@ -68,13 +80,18 @@ impl Client {
     }
 
     fn send(&self, r: RequestBuilder) -> Result<Response> {
-        check(r.send().with_context(|| format!("cannot reach the Skiff server at {}", self.base))?)
+        check(
+            r.send()
+                .with_context(|| format!("cannot reach the Skiff server at {}", self.base))?,
+        )
     }
 
     pub fn deploy(&self, dir: &Path, promote: bool) -> Result<()> {
         let yaml_path = dir.join("function.yaml");
-        let yaml = std::fs::read_to_string(&yaml_path).with_context(|| format!("reading {}", yaml_path.display()))?;
-        let spec = FunctionSpec::from_yaml(&yaml).map_err(|e| anyhow!("{}: {e}", yaml_path.display()))?;
+        let yaml = std::fs::read_to_string(&yaml_path)
+            .with_context(|| format!("reading {}", yaml_path.display()))?;
+        let spec =
+            FunctionSpec::from_yaml(&yaml).map_err(|e| anyhow!("{}: {e}", yaml_path.display()))?;
         let t0 = Instant::now();
         let tty = std::io::stderr().is_terminal();
         if tty {
@@ -82,11 +99,20 @@ impl Client {
         }
         let package = Store::pack_dir(dir, |_| {})?;
         let total = package.len() as u64;
-        let reader = Progress { inner: std::io::Cursor::new(package), done: 0, total, last: Instant::now(), tty };
+        let reader = Progress {
+            inner: std::io::Cursor::new(package),
+            done: 0,
+            total,
+            last: Instant::now(),
+            tty,
+        };
         let resp = self.send(
-            self.req(reqwest::Method::POST, &format!("/v1/functions/{}/revisions?promote={promote}", spec.name))
-                .header("content-type", "application/zstd")
-                .body(Body::sized(reader, total)),
+            self.req(
+                reqwest::Method::POST,
+                &format!("/v1/functions/{}/revisions?promote={promote}", spec.name),
+            )
+            .header("content-type", "application/zstd")
+            .body(Body::sized(reader, total)),
         );
         if tty {
             eprintln!();
@@ -97,16 +123,31 @@ impl Client {
             spec.name,
             rev["number"],
             total,
-            rev["package_sha256"].as_str().map(|s| &s[..12.min(s.len())]).unwrap_or("?"),
+            rev["package_sha256"]
+                .as_str()
+                .map(|s| &s[..12.min(s.len())])
+                .unwrap_or("?"),
             t0.elapsed().as_millis(),
-            if promote { "; production now points at it" } else { "" }
+            if promote {
+                "; production now points at it"
+            } else {
+                ""
+            }
         );
         Ok(())
     }
 
-    pub fn invoke(&self, name: &str, data: Option<&str>, qualifier: Option<&str>, verbose: bool) -> Result<()> {
+    pub fn invoke(
+        &self,
+        name: &str,
+        data: Option<&str>,
+        qualifier: Option<&str>,
+        verbose: bool,
+    ) -> Result<()> {
         let body = match data {
-            Some(d) if d.starts_with('@') => std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?,
+            Some(d) if d.starts_with('@') => {
+                std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
+            }
             Some(d) => d.as_bytes().to_vec(),
             None => b"{}".to_vec(),
         };
@@ -121,7 +162,13 @@ impl Client {
             .body(body)
             .send()
             .with_context(|| format!("cannot reach the Skiff server at {}", self.base))?;
-        let h = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        let h = |k: &str| {
+            resp.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
         if verbose {
             eprintln!(
                 "revision {} · cold start {} · function {} ms · round trip {} ms · request {}",
@@ -139,7 +186,9 @@ impl Client {
     }
 
     pub fn ls(&self) -> Result<()> {
-        let v: Value = self.send(self.req(reqwest::Method::GET, "/v1/functions"))?.json()?;
+        let v: Value = self
+            .send(self.req(reqwest::Method::GET, "/v1/functions"))?
+            .json()?;
         let rows: Vec<[String; 5]> = v["functions"]
             .as_array()
             .map(|a| {
@@ -150,12 +199,21 @@ impl Client {
                             Value::String(s) => s.clone(),
                             other => other.to_string(),
                         };
-                        [s("name"), s("runtime"), s("latest_revision"), s("production_revision"), age(f["updated_at_ms"].as_i64())]
+                        [
+                            s("name"),
+                            s("runtime"),
+                            s("latest_revision"),
+                            s("production_revision"),
+                            age(f["updated_at_ms"].as_i64()),
+                        ]
                     })
                     .collect()
             })
             .unwrap_or_default();
-        print_table(&["NAME", "RUNTIME", "LATEST", "PRODUCTION", "UPDATED"], &rows);
+        print_table(
+            &["NAME", "RUNTIME", "LATEST", "PRODUCTION", "UPDATED"],
+            &rows,
+        );
         Ok(())
     }
 
@@ -163,15 +221,24 @@ impl Client {
         let mut after = 0i64;
         loop {
             let v: Value = self
-                .send(self.req(reqwest::Method::GET, &format!("/v1/functions/{name}/logs?after={after}&limit=1000")))?
+                .send(self.req(
+                    reqwest::Method::GET,
+                    &format!("/v1/functions/{name}/logs?after={after}&limit=1000"),
+                ))?
                 .json()?;
             let lines = v["lines"].as_array().cloned().unwrap_or_default();
             for l in &lines {
                 println!(
                     "{} r{} {} {}",
-                    l["ts_ms"].as_i64().map(|t| t.to_string()).unwrap_or_default(),
+                    l["ts_ms"]
+                        .as_i64()
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
                     l["revision"],
-                    l["request_id"].as_str().map(|s| &s[..8.min(s.len())]).unwrap_or(""),
+                    l["request_id"]
+                        .as_str()
+                        .map(|s| &s[..8.min(s.len())])
+                        .unwrap_or(""),
                     l["line"].as_str().unwrap_or("")
                 );
             }
@@ -203,7 +270,9 @@ impl Client {
     }
 
     pub fn secret_ls(&self) -> Result<()> {
-        let v: Value = self.send(self.req(reqwest::Method::GET, "/v1/secrets"))?.json()?;
+        let v: Value = self
+            .send(self.req(reqwest::Method::GET, "/v1/secrets"))?
+            .json()?;
         for n in v["secrets"].as_array().into_iter().flatten() {
             println!("{}", n.as_str().unwrap_or_default());
         }
@@ -219,7 +288,10 @@ impl Client {
 
 fn age(ms: Option<i64>) -> String {
     let Some(ms) = ms else { return "-".into() };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64;
     let s = (now - ms).max(0) / 1000;
     match s {
         0..=59 => format!("{s}s ago"),
@@ -237,7 +309,11 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.to_vec());

@@ -9,13 +9,27 @@ mod client;
 mod serve;
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "Skiff: run functions in locked-down sandboxes behind an HTTP gateway")]
+#[command(
+    name = "skiff",
+    version,
+    about = "Skiff: run functions in locked-down sandboxes behind an HTTP gateway"
+)]
 struct Cli {
     /// Server URL for client commands.
-    #[arg(long, global = true, env = "SKIFF_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     /// API key for client commands (sent as `Authorization: Bearer`).
-    #[arg(long = "key", global = true, env = "SKIFF_API_KEY", hide_env_values = true)]
+    #[arg(
+        long = "key",
+        global = true,
+        env = "SKIFF_API_KEY",
+        hide_env_values = true
+    )]
     key: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -108,7 +122,12 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => serve::run(args),
         Cmd::Deploy { dir, no_promote } => c()?.deploy(&dir, !no_promote),
-        Cmd::Invoke { name, data, qualifier, verbose } => c()?.invoke(&name, data.as_deref(), qualifier.as_deref(), verbose),
+        Cmd::Invoke {
+            name,
+            data,
+            qualifier,
+            verbose,
+        } => c()?.invoke(&name, data.as_deref(), qualifier.as_deref(), verbose),
         Cmd::Ls => c()?.ls(),
         Cmd::Logs { name, follow } => c()?.logs(&name, follow),
         Cmd::Rm { name } => c()?.rm(&name),
@@ -122,7 +141,10 @@ fn main() -> Result<()> {
             match cmd {
                 KeysCmd::Create { label } => {
                     let (key, rec) = store.create_api_key(&label)?;
-                    eprintln!("created key {} ({}); it is shown only once:", rec.id, rec.label);
+                    eprintln!(
+                        "created key {} ({}); it is shown only once:",
+                        rec.id, rec.label
+                    );
                     println!("{key}");
                 }
                 KeysCmd::Ls => {

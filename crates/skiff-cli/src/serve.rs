@@ -12,8 +12,14 @@ use std::sync::Arc;
 
 /// Runtime bootstraps shipped inside the binary and mounted at `/var/runtime`.
 const RUNTIME_FILES: &[(&str, &str)] = &[
-    ("python/bootstrap.py", include_str!("../../../runtimes/python/bootstrap.py")),
-    ("node/bootstrap.js", include_str!("../../../runtimes/node/bootstrap.js")),
+    (
+        "python/bootstrap.py",
+        include_str!("../../../runtimes/python/bootstrap.py"),
+    ),
+    (
+        "node/bootstrap.js",
+        include_str!("../../../runtimes/node/bootstrap.js"),
+    ),
 ];
 
 #[derive(Args)]
@@ -25,7 +31,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
     data_dir: PathBuf,
     /// API key accepted by the server (repeatable). Also `SKIFF_API_KEYS=k1,k2`.
-    #[arg(long = "api-key", env = "SKIFF_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "SKIFF_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_keys: Vec<String>,
     /// Workspace name reported to functions.
     #[arg(long, default_value = "default")]
@@ -51,12 +62,19 @@ fn write_runtimes(dir: &Path) -> Result<()> {
 pub fn run(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "skiff=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "skiff=info,warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let api_keys: Vec<String> = args.api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
-    let store = Store::open(&args.data_dir).with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
+    let api_keys: Vec<String> = args
+        .api_keys
+        .into_iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    let store = Store::open(&args.data_dir)
+        .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
     let keys_configured = !api_keys.is_empty() || store.has_api_keys()?;
     if !args.listen.ip().is_loopback() && !keys_configured {
         bail!(
@@ -74,17 +92,31 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.pids_max = args.pids_max;
     let sandbox = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let scheduler = Scheduler::new(
             Arc::new(sandbox),
-            SchedulerConfig { workspace: args.workspace, ..Default::default() },
+            SchedulerConfig {
+                workspace: args.workspace,
+                ..Default::default()
+            },
         );
         let state = AppState::new(store.clone(), scheduler.clone(), Auth::new(&api_keys));
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let mode = if keys_configured { "API keys required" } else { "open (loopback, no API keys)" };
-        eprintln!("skiff listening on http://{addr} ({mode}); data in {}", data_dir.display());
+        let mode = if keys_configured {
+            "API keys required"
+        } else {
+            "open (loopback, no API keys)"
+        };
+        eprintln!(
+            "skiff listening on http://{addr} ({mode}); data in {}",
+            data_dir.display()
+        );
         axum::serve(listener, skiff_gateway::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
@@ -122,9 +154,16 @@ pub fn doctor() -> Result<()> {
             println!("FAIL native sandbox: {e}");
         }
     }
-    for (bin, why) in [("/usr/bin/python3", "runtime python3"), ("/usr/bin/node", "runtime node")] {
+    for (bin, why) in [
+        ("/usr/bin/python3", "runtime python3"),
+        ("/usr/bin/node", "runtime node"),
+    ] {
         let ok = Path::new(bin).exists();
-        println!("{} {why}: {bin}{}", if ok { "ok  " } else { "warn" }, if ok { "" } else { " not found" });
+        println!(
+            "{} {why}: {bin}{}",
+            if ok { "ok  " } else { "warn" },
+            if ok { "" } else { " not found" }
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
     if !ok_all {

@@ -20,22 +20,40 @@ pub fn program(spec: &FunctionSpec) -> (ExecMode, Vec<String>) {
         Runtime::Python3 => (
             ExecMode::RuntimeApi,
             // -S: no site-packages scan (≈20 ms of cold start); code and deps come from /var/task.
-            vec![s("/usr/bin/python3"), s("-S"), s("-u"), format!("{RUNTIME_DIR}/python/bootstrap.py")],
+            vec![
+                s("/usr/bin/python3"),
+                s("-S"),
+                s("-u"),
+                format!("{RUNTIME_DIR}/python/bootstrap.py"),
+            ],
         ),
         Runtime::Node => (
             ExecMode::RuntimeApi,
-            vec![s("/usr/bin/node"), format!("{RUNTIME_DIR}/node/bootstrap.js")],
+            vec![
+                s("/usr/bin/node"),
+                format!("{RUNTIME_DIR}/node/bootstrap.js"),
+            ],
         ),
         Runtime::Provided => (ExecMode::RuntimeApi, vec![task_path(&spec.handler)]),
         // command, and anything else handled by a process: the handler is the executable.
-        _ => (ExecMode::Command, shell_words(&spec.handler).into_iter().enumerate()
-            .map(|(i, w)| if i == 0 { task_path(&w) } else { w }).collect()),
+        _ => (
+            ExecMode::Command,
+            shell_words(&spec.handler)
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| if i == 0 { task_path(&w) } else { w })
+                .collect(),
+        ),
     }
 }
 
 /// Resolves a handler path relative to the task root (absolute paths are kept).
 fn task_path(p: &str) -> String {
-    if p.starts_with('/') { p.to_string() } else { format!("{TASK_ROOT}/{}", p.trim_start_matches("./")) }
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{TASK_ROOT}/{}", p.trim_start_matches("./"))
+    }
 }
 
 /// Splits a handler like `./run.sh --fast` on whitespace (no shell: the words are argv).
@@ -65,16 +83,31 @@ pub fn environment(info: &LaunchInfo<'_>) -> Vec<(String, String)> {
         (s("HOME"), s("/tmp")),
         (s("LAMBDA_TASK_ROOT"), s(TASK_ROOT)),
         (s("LAMBDA_RUNTIME_DIR"), s(RUNTIME_DIR)),
-        (s("AWS_LAMBDA_RUNTIME_API"), format!("127.0.0.1:{RUNTIME_API_PORT}")),
+        (
+            s("AWS_LAMBDA_RUNTIME_API"),
+            format!("127.0.0.1:{RUNTIME_API_PORT}"),
+        ),
         (s("AWS_LAMBDA_FUNCTION_NAME"), spec.name.clone()),
         (s("AWS_LAMBDA_FUNCTION_VERSION"), info.revision.to_string()),
-        (s("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), spec.memory_mb().to_string()),
-        (s("AWS_LAMBDA_LOG_GROUP_NAME"), format!("/aws/lambda/{}", spec.name)),
-        (s("AWS_LAMBDA_LOG_STREAM_NAME"), format!("skiff/{}/{}", spec.name, info.revision)),
+        (
+            s("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+            spec.memory_mb().to_string(),
+        ),
+        (
+            s("AWS_LAMBDA_LOG_GROUP_NAME"),
+            format!("/aws/lambda/{}", spec.name),
+        ),
+        (
+            s("AWS_LAMBDA_LOG_STREAM_NAME"),
+            format!("skiff/{}/{}", spec.name, info.revision),
+        ),
         (s("AWS_LAMBDA_INITIALIZATION_TYPE"), s("on-demand")),
         (s("AWS_REGION"), s(REGION)),
         (s("AWS_DEFAULT_REGION"), s(REGION)),
-        (s("AWS_EXECUTION_ENV"), format!("AWS_Lambda_{}", spec.runtime)),
+        (
+            s("AWS_EXECUTION_ENV"),
+            format!("AWS_Lambda_{}", spec.runtime),
+        ),
         (s("_HANDLER"), spec.handler.clone()),
         (s("SKIFF_FUNCTION_NAME"), spec.name.clone()),
         (s("SKIFF_FUNCTION_VERSION"), info.revision.to_string()),
@@ -88,7 +121,10 @@ pub fn environment(info: &LaunchInfo<'_>) -> Vec<(String, String)> {
         env.push((s("PYTHONDONTWRITEBYTECODE"), s("1")));
     }
     if spec.runtime == crate::Runtime::Node {
-        env.push((s("NODE_PATH"), format!("{TASK_ROOT}/node_modules:{TASK_ROOT}")));
+        env.push((
+            s("NODE_PATH"),
+            format!("{TASK_ROOT}/node_modules:{TASK_ROOT}"),
+        ));
     }
     for (k, v) in &spec.env {
         upsert(&mut env, k, v);
@@ -120,13 +156,26 @@ mod tests {
 
     #[test]
     fn programs_and_env() {
-        let spec = FunctionSpec::from_yaml("name: f\nruntime: command\nhandler: ./run.sh -x\nenv: {A: b}\nsecrets: [db-pass]\n").unwrap();
+        let spec = FunctionSpec::from_yaml(
+            "name: f\nruntime: command\nhandler: ./run.sh -x\nenv: {A: b}\nsecrets: [db-pass]\n",
+        )
+        .unwrap();
         let (mode, argv) = program(&spec);
         assert_eq!(mode, ExecMode::Command);
         assert_eq!(argv, ["/var/task/run.sh", "-x"]);
         let secrets = vec![("db-pass".to_string(), "s3cret".to_string())];
-        let env = environment(&LaunchInfo { spec: &spec, revision: 3, workspace: "default", secrets: &secrets, otel_endpoint: None });
-        let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let env = environment(&LaunchInfo {
+            spec: &spec,
+            revision: 3,
+            workspace: "default",
+            secrets: &secrets,
+            otel_endpoint: None,
+        });
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(get("A"), Some("b"));
         assert_eq!(get("DB_PASS"), Some("s3cret"));
         assert_eq!(get("AWS_LAMBDA_FUNCTION_VERSION"), Some("3"));

@@ -10,7 +10,7 @@ pub mod units;
 
 pub use invocation::{ErrorKind, FunctionError, Invocation, InvokeOutput, Outcome};
 pub use spec::{FunctionSpec, Mode, Network, Runtime, SandboxKind, Scale, SpecError};
-pub use units::{parse_duration, parse_size, format_size};
+pub use units::{format_size, parse_duration, parse_size};
 
 /// Largest synchronous invocation payload (request or response), as on AWS Lambda.
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
@@ -21,6 +21,7 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 63
         && !name.starts_with('-')
         && !name.ends_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
-

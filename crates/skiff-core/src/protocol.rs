@@ -187,12 +187,20 @@ pub enum ProtocolError {
 impl Frame {
     /// Builds a frame with a serialized header.
     pub fn new<H: Serialize>(kind: Kind, header: &H, body: Vec<u8>) -> Frame {
-        Frame { kind, header: serde_json::to_vec(header).expect("header serializes"), body }
+        Frame {
+            kind,
+            header: serde_json::to_vec(header).expect("header serializes"),
+            body,
+        }
     }
 
     /// A frame with an empty header (`{}`).
     pub fn bare(kind: Kind, body: Vec<u8>) -> Frame {
-        Frame { kind, header: b"{}".to_vec(), body }
+        Frame {
+            kind,
+            header: b"{}".to_vec(),
+            body,
+        }
     }
 
     /// Parses the JSON header.
@@ -225,7 +233,9 @@ impl Frame {
             return Err(ProtocolError::TooLarge(n));
         }
         if n < 5 {
-            return Err(ProtocolError::Malformed("frame shorter than its fixed header"));
+            return Err(ProtocolError::Malformed(
+                "frame shorter than its fixed header",
+            ));
         }
         Ok(n)
     }
@@ -233,7 +243,9 @@ impl Frame {
     /// Decodes the rest of a frame (everything after the 4-byte length prefix).
     pub fn decode_rest(mut rest: Vec<u8>) -> Result<Frame, ProtocolError> {
         if rest.len() < 5 {
-            return Err(ProtocolError::Malformed("frame shorter than its fixed header"));
+            return Err(ProtocolError::Malformed(
+                "frame shorter than its fixed header",
+            ));
         }
         let kind = Kind::from_u8(rest[0]).ok_or(ProtocolError::UnknownKind(rest[0]))?;
         let hlen = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;

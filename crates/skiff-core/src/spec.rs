@@ -34,7 +34,10 @@ pub struct SpecError {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError { field: field.into(), message: message.into() }
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 macro_rules! string_enum {
@@ -87,7 +90,11 @@ pub struct Scale {
 
 impl Default for Scale {
     fn default() -> Self {
-        Scale { min: 0, max: 100, idle: Duration::from_secs(600) }
+        Scale {
+            min: 0,
+            max: 100,
+            idle: Duration::from_secs(600),
+        }
     }
 }
 
@@ -118,7 +125,7 @@ fn ser_size<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
     let ms = v.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         s.serialize_str(&format!("{}s", ms / 1000))
     } else {
         s.serialize_str(&format!("{ms}ms"))
@@ -126,14 +133,31 @@ fn ser_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Er
 }
 
 const TOP_KEYS: &[&str] = &[
-    "name", "runtime", "handler", "sandbox", "memory", "timeout", "concurrency", "scale", "env",
-    "secrets", "network", "tmp", "mode",
+    "name",
+    "runtime",
+    "handler",
+    "sandbox",
+    "memory",
+    "timeout",
+    "concurrency",
+    "scale",
+    "env",
+    "secrets",
+    "network",
+    "tmp",
+    "mode",
 ];
 
 /// Environment variables Skiff sets itself; a spec may not override them.
 const RESERVED_ENV: &[&str] = &[
-    "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV",
-    "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "TZ",
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EXECUTION_ENV",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+    "TZ",
 ];
 
 impl FunctionSpec {
@@ -151,15 +175,26 @@ impl FunctionSpec {
             .ok_or_else(|| err("function.yaml", "must be a mapping of fields"))?;
         for key in map.keys() {
             if !TOP_KEYS.contains(&key.as_str()) {
-                return Err(err(key, format!("unknown field (allowed: {})", TOP_KEYS.join(", "))));
+                return Err(err(
+                    key,
+                    format!("unknown field (allowed: {})", TOP_KEYS.join(", ")),
+                ));
             }
         }
         let name = req_str(map, "name")?;
         if !crate::valid_name(&name) {
-            return Err(err("name", "must match [a-z0-9-]{1,63} and not start or end with '-'"));
+            return Err(err(
+                "name",
+                "must match [a-z0-9-]{1,63} and not start or end with '-'",
+            ));
         }
-        let runtime = enum_field(map, "runtime", Runtime::parse, Runtime::ALL)?
-            .ok_or_else(|| err("runtime", format!("is required (one of {})", Runtime::ALL.join(", "))))?;
+        let runtime =
+            enum_field(map, "runtime", Runtime::parse, Runtime::ALL)?.ok_or_else(|| {
+                err(
+                    "runtime",
+                    format!("is required (one of {})", Runtime::ALL.join(", ")),
+                )
+            })?;
         let handler = match opt_str(map, "handler")? {
             Some(h) => h,
             None => match runtime {
@@ -172,25 +207,44 @@ impl FunctionSpec {
         if handler.is_empty() || handler.len() > 256 || handler.contains('\0') {
             return Err(err("handler", "must be 1..256 characters"));
         }
-        if matches!(runtime, Runtime::Python3 | Runtime::Node)
-            && !handler.contains('.')
-        {
-            return Err(err("handler", "must be module.function (e.g. main.handler)"));
+        if matches!(runtime, Runtime::Python3 | Runtime::Node) && !handler.contains('.') {
+            return Err(err(
+                "handler",
+                "must be module.function (e.g. main.handler)",
+            ));
         }
         let sandbox = enum_field(map, "sandbox", SandboxKind::parse, SandboxKind::ALL)?
             .unwrap_or(SandboxKind::Native);
         let memory = size_field(map, "memory", MEMORY_DEFAULT, MEMORY_MIN, MEMORY_MAX)?;
-        let timeout = duration_field(map, "timeout", TIMEOUT_DEFAULT, Duration::from_millis(1), TIMEOUT_MAX)?;
+        let timeout = duration_field(
+            map,
+            "timeout",
+            TIMEOUT_DEFAULT,
+            Duration::from_millis(1),
+            TIMEOUT_MAX,
+        )?;
         let concurrency = int_field(map, "concurrency", 1, 1, CONCURRENCY_MAX)?;
         let scale = parse_scale(map.get("scale"))?;
         let env = parse_env(map.get("env"))?;
         let secrets = parse_secrets(map.get("secrets"))?;
-        let network = enum_field(map, "network", Network::parse, Network::ALL)?.unwrap_or(Network::Outbound);
+        let network =
+            enum_field(map, "network", Network::parse, Network::ALL)?.unwrap_or(Network::Outbound);
         let tmp = size_field(map, "tmp", TMP_DEFAULT, TMP_MIN, TMP_MAX)?;
         let mode = enum_field(map, "mode", Mode::parse, Mode::ALL)?.unwrap_or(Mode::Warm);
         Ok(FunctionSpec {
-            name, runtime, handler, sandbox, memory, timeout, concurrency, scale, env, secrets,
-            network, tmp, mode,
+            name,
+            runtime,
+            handler,
+            sandbox,
+            memory,
+            timeout,
+            concurrency,
+            scale,
+            env,
+            secrets,
+            network,
+            tmp,
+            mode,
         })
     }
 
@@ -207,7 +261,16 @@ impl FunctionSpec {
 
 /// The environment variable a secret is exposed as: `db-password` → `DB_PASSWORD`.
 pub fn secret_env_name(secret: &str) -> String {
-    secret.chars().map(|c| if c == '-' || c == '.' { '_' } else { c.to_ascii_uppercase() }).collect()
+    secret
+        .chars()
+        .map(|c| {
+            if c == '-' || c == '.' {
+                '_'
+            } else {
+                c.to_ascii_uppercase()
+            }
+        })
+        .collect()
 }
 
 fn opt_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, SpecError> {
@@ -256,11 +319,21 @@ fn scalar_text(v: &Value) -> Option<String> {
     }
 }
 
-fn size_field(map: &Map<String, Value>, key: &str, default: u64, min: u64, max: u64) -> Result<u64, SpecError> {
-    let Some(v) = map.get(key).filter(|v| !v.is_null()) else { return Ok(default) };
+fn size_field(
+    map: &Map<String, Value>,
+    key: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, SpecError> {
+    let Some(v) = map.get(key).filter(|v| !v.is_null()) else {
+        return Ok(default);
+    };
     let range = format!("allowed {}..{}", format_size(min), format_size(max));
-    let text = scalar_text(v).ok_or_else(|| err(key, format!("must be a size like 128Mi ({range})")))?;
-    let bytes = parse_size(&text).ok_or_else(|| err(key, format!("`{text}` is not a size like 128Mi ({range})")))?;
+    let text =
+        scalar_text(v).ok_or_else(|| err(key, format!("must be a size like 128Mi ({range})")))?;
+    let bytes = parse_size(&text)
+        .ok_or_else(|| err(key, format!("`{text}` is not a size like 128Mi ({range})")))?;
     if bytes < min || bytes > max {
         return Err(err(key, format!("{text} is out of range ({range})")));
     }
@@ -277,45 +350,91 @@ fn duration_field(
     duration_value(map.get(key), key, default, min, max)
 }
 
-fn duration_value(v: Option<&Value>, key: &str, default: Duration, min: Duration, max: Duration) -> Result<Duration, SpecError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(default) };
+fn duration_value(
+    v: Option<&Value>,
+    key: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, SpecError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(default);
+    };
     let range = format!("allowed {}ms..{}s", min.as_millis(), max.as_secs());
-    let text = scalar_text(v).ok_or_else(|| err(key, format!("must be a duration like 30s ({range})")))?;
-    let d = parse_duration(&text)
-        .ok_or_else(|| err(key, format!("`{text}` is not a duration like 30s or 500ms ({range})")))?;
+    let text =
+        scalar_text(v).ok_or_else(|| err(key, format!("must be a duration like 30s ({range})")))?;
+    let d = parse_duration(&text).ok_or_else(|| {
+        err(
+            key,
+            format!("`{text}` is not a duration like 30s or 500ms ({range})"),
+        )
+    })?;
     if d < min || d > max {
         return Err(err(key, format!("{text} is out of range ({range})")));
     }
     Ok(d)
 }
 
-fn int_value(v: Option<&Value>, key: &str, default: u32, min: u32, max: u32) -> Result<u32, SpecError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(default) };
-    let n = v
-        .as_u64()
-        .ok_or_else(|| err(key, format!("must be a whole number (allowed {min}..{max})")))?;
+fn int_value(
+    v: Option<&Value>,
+    key: &str,
+    default: u32,
+    min: u32,
+    max: u32,
+) -> Result<u32, SpecError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(default);
+    };
+    let n = v.as_u64().ok_or_else(|| {
+        err(
+            key,
+            format!("must be a whole number (allowed {min}..{max})"),
+        )
+    })?;
     if n < min as u64 || n > max as u64 {
-        return Err(err(key, format!("{n} is out of range (allowed {min}..{max})")));
+        return Err(err(
+            key,
+            format!("{n} is out of range (allowed {min}..{max})"),
+        ));
     }
     Ok(n as u32)
 }
 
-fn int_field(map: &Map<String, Value>, key: &str, default: u32, min: u32, max: u32) -> Result<u32, SpecError> {
+fn int_field(
+    map: &Map<String, Value>,
+    key: &str,
+    default: u32,
+    min: u32,
+    max: u32,
+) -> Result<u32, SpecError> {
     int_value(map.get(key), key, default, min, max)
 }
 
 fn parse_scale(v: Option<&Value>) -> Result<Scale, SpecError> {
     let mut scale = Scale::default();
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(scale) };
-    let map = v.as_object().ok_or_else(|| err("scale", "must be a mapping {min, max, idle}"))?;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(scale);
+    };
+    let map = v
+        .as_object()
+        .ok_or_else(|| err("scale", "must be a mapping {min, max, idle}"))?;
     for key in map.keys() {
         if !["min", "max", "idle"].contains(&key.as_str()) {
-            return Err(err(format!("scale.{key}"), "unknown field (allowed: min, max, idle)"));
+            return Err(err(
+                format!("scale.{key}"),
+                "unknown field (allowed: min, max, idle)",
+            ));
         }
     }
     scale.max = int_value(map.get("max"), "scale.max", scale.max, 1, SCALE_MAX)?;
     scale.min = int_value(map.get("min"), "scale.min", scale.min, 0, scale.max)?;
-    scale.idle = duration_value(map.get("idle"), "scale.idle", scale.idle, Duration::from_millis(100), Duration::from_secs(86_400))?;
+    scale.idle = duration_value(
+        map.get("idle"),
+        "scale.idle",
+        scale.idle,
+        Duration::from_millis(100),
+        Duration::from_secs(86_400),
+    )?;
     Ok(scale)
 }
 
@@ -327,18 +446,29 @@ fn valid_env_key(k: &str) -> bool {
 
 fn parse_env(v: Option<&Value>) -> Result<BTreeMap<String, String>, SpecError> {
     let mut env = BTreeMap::new();
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(env) };
-    let map = v.as_object().ok_or_else(|| err("env", "must be a mapping of NAME: value"))?;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(env);
+    };
+    let map = v
+        .as_object()
+        .ok_or_else(|| err("env", "must be a mapping of NAME: value"))?;
     let mut total = 0;
     for (k, v) in map {
         let field = format!("env.{k}");
         if !valid_env_key(k) {
-            return Err(err(field, "is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+            return Err(err(
+                field,
+                "is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            ));
         }
-        if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("AWS_LAMBDA_") || k.starts_with("SKIFF_") {
+        if RESERVED_ENV.contains(&k.as_str())
+            || k.starts_with("AWS_LAMBDA_")
+            || k.starts_with("SKIFF_")
+        {
             return Err(err(field, "is reserved: Skiff sets it"));
         }
-        let val = scalar_text(v).ok_or_else(|| err(&field, "must be a string, number or boolean"))?;
+        let val =
+            scalar_text(v).ok_or_else(|| err(&field, "must be a string, number or boolean"))?;
         if val.contains('\0') {
             return Err(err(field, "must not contain NUL"));
         }
@@ -346,17 +476,26 @@ fn parse_env(v: Option<&Value>) -> Result<BTreeMap<String, String>, SpecError> {
         env.insert(k.clone(), val);
     }
     if total > ENV_MAX_BYTES {
-        return Err(err("env", format!("is {total} bytes; at most {ENV_MAX_BYTES} allowed")));
+        return Err(err(
+            "env",
+            format!("is {total} bytes; at most {ENV_MAX_BYTES} allowed"),
+        ));
     }
     Ok(env)
 }
 
 fn parse_secrets(v: Option<&Value>) -> Result<Vec<String>, SpecError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
-    let list = v.as_array().ok_or_else(|| err("secrets", "must be a list of secret names"))?;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| err("secrets", "must be a list of secret names"))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, item) in list.iter().enumerate() {
-        let s = item.as_str().ok_or_else(|| err(format!("secrets[{i}]"), "must be a string"))?;
+        let s = item
+            .as_str()
+            .ok_or_else(|| err(format!("secrets[{i}]"), "must be a string"))?;
         if !valid_secret_name(s) {
             return Err(err(format!("secrets[{i}]"), "must match [a-z0-9_-]{1,63}"));
         }
@@ -367,7 +506,10 @@ fn parse_secrets(v: Option<&Value>) -> Result<Vec<String>, SpecError> {
 
 /// Secret names: `[a-z0-9_-]{1,63}`.
 pub fn valid_secret_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -404,18 +546,39 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("name: a\nruntime: python3\nhandler: m.h\nbogus: 1\n", "bogus"),
-            ("name: a\nruntime: python3\nhandler: m.h\nmemory: 4Gi\n", "memory"),
-            ("name: a\nruntime: python3\nhandler: m.h\nmemory: lots\n", "memory"),
-            ("name: a\nruntime: python3\nhandler: m.h\ntimeout: 901s\n", "timeout"),
+            (
+                "name: a\nruntime: python3\nhandler: m.h\nbogus: 1\n",
+                "bogus",
+            ),
+            (
+                "name: a\nruntime: python3\nhandler: m.h\nmemory: 4Gi\n",
+                "memory",
+            ),
+            (
+                "name: a\nruntime: python3\nhandler: m.h\nmemory: lots\n",
+                "memory",
+            ),
+            (
+                "name: a\nruntime: python3\nhandler: m.h\ntimeout: 901s\n",
+                "timeout",
+            ),
             ("name: a\nruntime: cobol\n", "runtime"),
             ("name: A_b\nruntime: python3\n", "name"),
             ("runtime: python3\n", "name"),
             ("name: a\nruntime: python3\nscale: {max: 0}\n", "scale.max"),
-            ("name: a\nruntime: python3\nscale: {speed: 1}\n", "scale.speed"),
-            ("name: a\nruntime: python3\nenv: {AWS_LAMBDA_X: 1}\n", "env.AWS_LAMBDA_X"),
+            (
+                "name: a\nruntime: python3\nscale: {speed: 1}\n",
+                "scale.speed",
+            ),
+            (
+                "name: a\nruntime: python3\nenv: {AWS_LAMBDA_X: 1}\n",
+                "env.AWS_LAMBDA_X",
+            ),
             ("name: a\nruntime: python3\nenv: {\"1x\": 1}\n", "env.1x"),
-            ("name: a\nruntime: python3\nsecrets: [Bad Name]\n", "secrets[0]"),
+            (
+                "name: a\nruntime: python3\nsecrets: [Bad Name]\n",
+                "secrets[0]",
+            ),
             ("name: a\nruntime: python3\nconcurrency: 0\n", "concurrency"),
             ("name: a\nruntime: command\n", "handler"),
             ("name: a\nruntime: python3\nnetwork: lan\n", "network"),

@@ -25,7 +25,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// Formats bytes in the largest binary unit that divides them exactly (`128Mi`).
 pub fn format_size(bytes: u64) -> String {
     for (unit, mul) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if bytes >= mul && bytes % mul == 0 {
+        if bytes >= mul && bytes.is_multiple_of(mul) {
             return format!("{}{unit}", bytes / mul);
         }
     }
@@ -35,7 +35,9 @@ pub fn format_size(bytes: u64) -> String {
 /// Parses a duration such as `30s`, `1.5s`, `500ms`, `10m`, `1h`; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     if !n.is_finite() || n < 0.0 {

@@ -30,13 +30,19 @@ fn digest(key: &str) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 impl Auth {
     /// `keys` are plaintext keys from `--api-key` / `SKIFF_API_KEYS`; only digests are kept.
     pub fn new(keys: &[String]) -> Auth {
-        Auth { static_digests: keys.iter().map(|k| digest(k)).collect(), ..Default::default() }
+        Auth {
+            static_digests: keys.iter().map(|k| digest(k)).collect(),
+            ..Default::default()
+        }
     }
 
     /// Whether any key is configured (re-checks the store at most once a second, so keys
@@ -70,7 +76,11 @@ impl Auth {
 }
 
 /// Middleware: rejects requests without a valid key when keys are configured.
-pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_key(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if !state.auth.required(&state) {
         return Ok(next.run(req).await);
     }
@@ -78,12 +88,19 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match key {
         Some(k) if state.auth.valid(&state, k) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the API key is not valid")
-            .header("www-authenticate", "Bearer".into())),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the API key is not valid",
+        )
+        .header("www-authenticate", "Bearer".into())),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -30,7 +30,10 @@ fn check_supported(spec: &FunctionSpec) -> ApiResult<()> {
         ))
         .with("field", "sandbox"));
     }
-    if !matches!(spec.mode, skiff_core::Mode::Warm | skiff_core::Mode::Ephemeral) {
+    if !matches!(
+        spec.mode,
+        skiff_core::Mode::Warm | skiff_core::Mode::Ephemeral
+    ) {
         return Err(ApiError::bad_request(format!(
             "mode: `{}` is not supported by this server yet (supported: warm, ephemeral)",
             spec.mode
@@ -44,27 +47,47 @@ fn check_name(name: &str) -> ApiResult<()> {
     if skiff_core::valid_name(name) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("name: `{name}` must match [a-z0-9-]{{1,63}}")).with("field", "name"))
+        Err(
+            ApiError::bad_request(format!("name: `{name}` must match [a-z0-9-]{{1,63}}"))
+                .with("field", "name"),
+        )
     }
 }
 
 pub async fn health() -> impl IntoResponse {
-    Json(json!({ "status": "healthy", "timestamp": rfc3339_now(), "version": env!("CARGO_PKG_VERSION") }))
+    Json(
+        json!({ "status": "healthy", "timestamp": rfc3339_now(), "version": env!("CARGO_PKG_VERSION") }),
+    )
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.scheduler.metrics.render(state.scheduler.instance_count()),
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state
+            .scheduler
+            .metrics
+            .render(state.scheduler.instance_count()),
     )
 }
 
 /// `POST /v1/functions` with a JSON spec (same fields as function.yaml): registers the
 /// function. Code arrives with `POST /v1/functions/{name}/revisions`.
-pub async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<impl IntoResponse> {
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
     let bytes = read_body(&headers, body, 1 << 20).await?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
     let spec = FunctionSpec::from_value(&value)?;
     check_supported(&spec)?;
     let st = state.clone();
@@ -79,10 +102,15 @@ pub async fn list(State(state): State<Arc<AppState>>) -> ApiResult<impl IntoResp
 }
 
 fn require_function(store: &Store, name: &str) -> ApiResult<skiff_store::FunctionRecord> {
-    store.get_function(name)?.ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))
+    store
+        .get_function(name)?
+        .ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))
 }
 
-pub async fn get(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let (f, aliases) = blocking(move || {
         let f = require_function(&st.store, &name)?;
@@ -91,10 +119,15 @@ pub async fn get(State(state): State<Arc<AppState>>, Path(name): Path<String>) -
     })
     .await?;
     let instances = state.scheduler.instances(&f.name);
-    Ok(Json(json!({ "function": f, "aliases": aliases, "instances": instances })))
+    Ok(Json(
+        json!({ "function": f, "aliases": aliases, "instances": instances }),
+    ))
 }
 
-pub async fn delete(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let n = name.clone();
     let existed = blocking(move || Ok(st.store.delete_function(&n)?)).await?;
@@ -137,14 +170,19 @@ pub async fn upload_revision(
         check_supported(&spec)?;
         let sha = st.store.put_package(&package)?;
         st.store.unpack(&sha)?;
-        Ok(st.store.create_revision(&spec, &sha, package.len() as u64, promote)?)
+        Ok(st
+            .store
+            .create_revision(&spec, &sha, package.len() as u64, promote)?)
     })
     .await?;
     state.revisions.invalidate(&name);
     Ok((StatusCode::CREATED, Json(json!(rev))))
 }
 
-pub async fn list_revisions(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn list_revisions(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let revs = blocking(move || {
         require_function(&st.store, &name)?;
@@ -154,12 +192,13 @@ pub async fn list_revisions(State(state): State<Arc<AppState>>, Path(name): Path
     Ok(Json(json!({ "revisions": revs })))
 }
 
-pub async fn get_revision(State(state): State<Arc<AppState>>, Path((name, number)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
-    let number: u32 = number
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::bad_request("revision: must be a positive whole number").with("field", "revision"))?;
+pub async fn get_revision(
+    State(state): State<Arc<AppState>>,
+    Path((name, number)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let number: u32 = number.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request("revision: must be a positive whole number").with("field", "revision")
+    })?;
     let st = state.clone();
     let rev = blocking(move || {
         require_function(&st.store, &name)?;
@@ -171,7 +210,10 @@ pub async fn get_revision(State(state): State<Arc<AppState>>, Path((name, number
     Ok(Json(json!(rev)))
 }
 
-pub async fn list_aliases(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn list_aliases(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let aliases = blocking(move || {
         require_function(&st.store, &name)?;
@@ -181,7 +223,10 @@ pub async fn list_aliases(State(state): State<Arc<AppState>>, Path(name): Path<S
     Ok(Json(json!({ "aliases": aliases })))
 }
 
-pub async fn get_alias(State(state): State<Arc<AppState>>, Path((name, alias)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+pub async fn get_alias(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let a = blocking(move || {
         require_function(&st.store, &name)?;
@@ -204,13 +249,25 @@ pub async fn put_alias(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    check_name(&alias).map_err(|_| ApiError::bad_request("alias: must match [a-z0-9-]{1,63}").with("field", "alias"))?;
+    check_name(&alias).map_err(|_| {
+        ApiError::bad_request("alias: must match [a-z0-9-]{1,63}").with("field", "alias")
+    })?;
     let bytes = read_body(&headers, body, 64 << 10).await?;
-    let b: AliasBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let b: AliasBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
     let revision = match b.revision {
         Some(n) if n > 0 && n <= u32::MAX as i64 => n as u32,
-        _ => return Err(ApiError::bad_request("revision: must be a positive whole number").with("field", "revision")),
+        _ => {
+            return Err(
+                ApiError::bad_request("revision: must be a positive whole number")
+                    .with("field", "revision"),
+            )
+        }
     };
     let st = state.clone();
     let n = name.clone();
@@ -223,9 +280,14 @@ pub async fn put_alias(
     Ok(Json(json!(a)))
 }
 
-pub async fn delete_alias(State(state): State<Arc<AppState>>, Path((name, alias)): Path<(String, String)>) -> ApiResult<impl IntoResponse> {
+pub async fn delete_alias(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
     if alias == "production" {
-        return Err(ApiError::bad_request("alias: `production` cannot be deleted").with("field", "alias"));
+        return Err(
+            ApiError::bad_request("alias: `production` cannot be deleted").with("field", "alias"),
+        );
     }
     let st = state.clone();
     let n = name.clone();
@@ -248,34 +310,53 @@ pub struct LogQuery {
     limit: Option<u32>,
 }
 
-pub async fn logs(State(state): State<Arc<AppState>>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> ApiResult<impl IntoResponse> {
+pub async fn logs(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let lines = blocking(move || {
         require_function(&st.store, &name)?;
         st.store.flush();
-        Ok(st.store.logs(&name, q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))?)
+        Ok(st.store.logs(
+            &name,
+            q.after.unwrap_or(0),
+            q.limit.unwrap_or(1000).min(10_000),
+        )?)
     })
     .await?;
     let next = lines.last().map(|l| l.id);
     Ok(Json(json!({ "lines": lines, "next": next })))
 }
 
-pub async fn invocations(State(state): State<Arc<AppState>>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> ApiResult<impl IntoResponse> {
+pub async fn invocations(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let recs = blocking(move || {
         require_function(&st.store, &name)?;
         st.store.flush();
-        Ok(st.store.list_invocations(&name, q.limit.unwrap_or(100).min(10_000))?)
+        Ok(st
+            .store
+            .list_invocations(&name, q.limit.unwrap_or(100).min(10_000))?)
     })
     .await?;
     Ok(Json(json!({ "invocations": recs })))
 }
 
-pub async fn runtime(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn runtime(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let n = name.clone();
     blocking(move || require_function(&st.store, &n).map(|_| ())).await?;
-    Ok(Json(json!({ "function": name, "instances": state.scheduler.instances(&name) })))
+    Ok(Json(
+        json!({ "function": name, "instances": state.scheduler.instances(&name) }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -290,12 +371,22 @@ pub async fn put_secret(
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
     if !skiff_core::spec::valid_secret_name(&name) {
-        return Err(ApiError::bad_request("name: secret names must match [a-z0-9_-]{1,63}").with("field", "name"));
+        return Err(
+            ApiError::bad_request("name: secret names must match [a-z0-9_-]{1,63}")
+                .with("field", "name"),
+        );
     }
     let bytes = read_body(&headers, body, 64 << 10).await?;
-    let b: SecretBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")))?;
-    let value = b.value.ok_or_else(|| ApiError::bad_request("value: is required").with("field", "value"))?;
+    let b: SecretBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let value = b
+        .value
+        .ok_or_else(|| ApiError::bad_request("value: is required").with("field", "value"))?;
     let st = state.clone();
     blocking(move || Ok(st.store.set_secret(&name, &value)?)).await?;
     state.revisions.clear();
@@ -308,7 +399,10 @@ pub async fn list_secrets(State(state): State<Arc<AppState>>) -> ApiResult<impl 
     Ok(Json(json!({ "secrets": names })))
 }
 
-pub async fn delete_secret(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn delete_secret(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let removed = blocking(move || Ok(st.store.delete_secret(&name)?)).await?;
     state.revisions.clear();
@@ -321,7 +415,9 @@ pub async fn delete_secret(State(state): State<Arc<AppState>>, Path(name): Path<
 
 /// Current UTC time as RFC 3339 with milliseconds.
 fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).

@@ -21,7 +21,10 @@ pub struct InvokeQuery {
 
 /// Reads a request body up to `limit` bytes; larger bodies are a 413.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
-    if let Some(len) = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+    if let Some(len) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(ApiError::too_large(limit));
         }
@@ -29,12 +32,17 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResu
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read request body: {e}"
+        ))),
     }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
 }
 
 fn header(v: impl ToString) -> HeaderValue {
@@ -54,7 +62,11 @@ pub async fn invoke(
         b"{}".to_vec()
     } else {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("request body is not valid JSON: {e}"),
+            ));
         }
         payload.into()
     };
@@ -69,30 +81,53 @@ pub async fn invoke(
     };
     let started_at_ms = now_ms();
     let result = state.scheduler.invoke(&rev, inv).await;
-    let record = |status: &str, error: Option<String>, cold: bool, duration: Duration, logs: Vec<u8>| InvocationRecord {
-        request_id: request_id.clone(),
-        function: rev.function.clone(),
-        revision: rev.number,
-        started_at_ms,
-        duration_us: duration.as_micros() as u64,
-        status: status.to_string(),
-        cold,
-        error,
-        logs,
-    };
+    let record =
+        |status: &str, error: Option<String>, cold: bool, duration: Duration, logs: Vec<u8>| {
+            InvocationRecord {
+                request_id: request_id.clone(),
+                function: rev.function.clone(),
+                revision: rev.number,
+                started_at_ms,
+                duration_us: duration.as_micros() as u64,
+                status: status.to_string(),
+                cold,
+                error,
+                logs,
+            }
+        };
     match result {
         Ok(out) => {
-            let InvokeOutput { body, function_error, revision, instance_id, cold, duration, logs, .. } = out;
-            let status = if function_error.is_some() { "function_error" } else { "ok" };
+            let InvokeOutput {
+                body,
+                function_error,
+                revision,
+                instance_id,
+                cold,
+                duration,
+                logs,
+                ..
+            } = out;
+            let status = if function_error.is_some() {
+                "function_error"
+            } else {
+                "ok"
+            };
             let err_msg = function_error.as_ref().map(|e| e.message.clone());
-            state.store.record_invocation(record(status, err_msg, cold, duration, logs));
+            state
+                .store
+                .record_invocation(record(status, err_msg, cold, duration, logs));
             let mut resp = match function_error {
                 None => (StatusCode::OK, body).into_response(),
                 Some(fe) => {
-                    let details: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-                    let mut e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "function_error", fe.message)
-                        .with("type", fe.error_type.clone())
-                        .header("x-skiff-function-error", fe.error_type);
+                    let details: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                    let mut e = ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "function_error",
+                        fe.message,
+                    )
+                    .with("type", fe.error_type.clone())
+                    .header("x-skiff-function-error", fe.error_type);
                     if let Some(st) = details.get("stackTrace") {
                         e = e.with("stack_trace", st.clone());
                     }
@@ -100,12 +135,21 @@ pub async fn invoke(
                 }
             };
             let h = resp.headers_mut();
-            h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             h.insert("x-skiff-request-id", header(&request_id));
             h.insert("x-skiff-revision", header(revision));
-            h.insert("x-skiff-cold-start", HeaderValue::from_static(if cold { "true" } else { "false" }));
+            h.insert(
+                "x-skiff-cold-start",
+                HeaderValue::from_static(if cold { "true" } else { "false" }),
+            );
             h.insert("x-skiff-instance", header(instance_id));
-            h.insert("x-skiff-duration-ms", header(format!("{:.3}", duration.as_secs_f64() * 1e3)));
+            h.insert(
+                "x-skiff-duration-ms",
+                header(format!("{:.3}", duration.as_secs_f64() * 1e3)),
+            );
             Ok(resp)
         }
         Err(outcome) => {

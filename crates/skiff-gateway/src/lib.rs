@@ -33,7 +33,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(store: Store, scheduler: Arc<Scheduler>, auth: Auth) -> Arc<AppState> {
-        Arc::new(AppState { store, scheduler, auth, revisions: RevisionCache::default() })
+        Arc::new(AppState {
+            store,
+            scheduler,
+            auth,
+            revisions: RevisionCache::default(),
+        })
     }
 }
 
@@ -41,33 +46,55 @@ impl AppState {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
 }
 
 /// The complete router.
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
-        .route("/v1/functions", post(functions::create).get(functions::list))
-        .route("/v1/functions/{name}", get(functions::get).delete(functions::delete))
+        .route(
+            "/v1/functions",
+            post(functions::create).get(functions::list),
+        )
+        .route(
+            "/v1/functions/{name}",
+            get(functions::get).delete(functions::delete),
+        )
         .route(
             "/v1/functions/{name}/revisions",
             post(functions::upload_revision).get(functions::list_revisions),
         )
-        .route("/v1/functions/{name}/revisions/{number}", get(functions::get_revision))
+        .route(
+            "/v1/functions/{name}/revisions/{number}",
+            get(functions::get_revision),
+        )
         .route("/v1/functions/{name}/aliases", get(functions::list_aliases))
         .route(
             "/v1/functions/{name}/aliases/{alias}",
-            put(functions::put_alias).get(functions::get_alias).delete(functions::delete_alias),
+            put(functions::put_alias)
+                .get(functions::get_alias)
+                .delete(functions::delete_alias),
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
-        .route("/v1/functions/{name}/invocations", get(functions::invocations))
+        .route(
+            "/v1/functions/{name}/invocations",
+            get(functions::invocations),
+        )
         .route("/v1/functions/{name}/runtime", get(functions::runtime))
         .route("/v1/secrets", get(functions::list_secrets))
-        .route("/v1/secrets/{name}", put(functions::put_secret).delete(functions::delete_secret))
+        .route(
+            "/v1/secrets/{name}",
+            put(functions::put_secret).delete(functions::delete_secret),
+        )
         .route("/metrics", get(functions::metrics))
         .layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
     Router::new()
         .route("/health", get(functions::health))
         .merge(api)

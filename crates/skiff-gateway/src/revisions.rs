@@ -32,7 +32,11 @@ impl RevisionCache {
 }
 
 /// Resolves a qualifier (alias, revision number, `$LATEST`; none = `production`).
-pub async fn resolve(state: &Arc<AppState>, function: &str, qualifier: Option<&str>) -> Result<Arc<Revision>, ApiError> {
+pub async fn resolve(
+    state: &Arc<AppState>,
+    function: &str,
+    qualifier: Option<&str>,
+) -> Result<Arc<Revision>, ApiError> {
     let q = qualifier.unwrap_or("");
     if let Some(rev) = state.revisions.get(function, q) {
         return Ok(rev);
@@ -54,9 +58,21 @@ pub async fn resolve(state: &Arc<AppState>, function: &str, qualifier: Option<&s
             })?;
             secrets.push((name.clone(), value));
         }
-        Ok(Arc::new(Revision::new(rec.number, rec.spec, code_dir, &secrets, st.scheduler.workspace())))
+        Ok(Arc::new(Revision::new(
+            rec.number,
+            rec.spec,
+            code_dir,
+            &secrets,
+            st.scheduler.workspace(),
+        )))
     })
     .await?;
-    state.revisions.map.write().entry(function.to_string()).or_default().insert(q.to_string(), rev.clone());
+    state
+        .revisions
+        .map
+        .write()
+        .entry(function.to_string())
+        .or_default()
+        .insert(q.to_string(), rev.clone());
     Ok(rev)
 }

@@ -33,10 +33,30 @@ pub struct Revision {
 
 impl Revision {
     /// Prepares a revision: computes its program and complete environment once.
-    pub fn new(number: u32, spec: FunctionSpec, code_dir: PathBuf, secrets: &[(String, String)], workspace: &str) -> Revision {
+    pub fn new(
+        number: u32,
+        spec: FunctionSpec,
+        code_dir: PathBuf,
+        secrets: &[(String, String)],
+        workspace: &str,
+    ) -> Revision {
         let (exec_mode, argv) = launch::program(&spec);
-        let env = launch::environment(&LaunchInfo { spec: &spec, revision: number, workspace, secrets, otel_endpoint: None });
-        Revision { function: spec.name.clone(), number, spec, code_dir, exec_mode, argv, env }
+        let env = launch::environment(&LaunchInfo {
+            spec: &spec,
+            revision: number,
+            workspace,
+            secrets,
+            otel_endpoint: None,
+        });
+        Revision {
+            function: spec.name.clone(),
+            number,
+            spec,
+            code_dir,
+            exec_mode,
+            argv,
+            env,
+        }
     }
 }
 
@@ -85,7 +105,11 @@ impl Pool {
     /// In-flight invocations one instance may take; 0 for ephemeral revisions, whose
     /// instances serve exactly the invocation that started them.
     fn capacity_per_instance(&self) -> u32 {
-        if self.ephemeral() { 0 } else { self.rev.spec.concurrency }
+        if self.ephemeral() {
+            0
+        } else {
+            self.rev.spec.concurrency
+        }
     }
 
     fn ephemeral(&self) -> bool {
@@ -110,7 +134,11 @@ impl Pool {
                 {
                     slot.in_flight += 1;
                     slot.served += 1;
-                    return Ok(Lease { inst: slot.inst.clone(), cold: false, init: None });
+                    return Ok(Lease {
+                        inst: slot.inst.clone(),
+                        cold: false,
+                        init: None,
+                    });
                 }
                 if (st.slots.len() as u32 + st.starting) < self.rev.spec.scale.max {
                     st.starting += 1;
@@ -127,21 +155,43 @@ impl Pool {
                 return match started {
                     Ok(inst) => {
                         let now = Instant::now();
-                        st.slots.push(Slot { inst: inst.clone(), in_flight: 1, served: 1, created: now, last_used: now });
-                        Ok(Lease { inst, cold: true, init: Some(t0.elapsed()) })
+                        st.slots.push(Slot {
+                            inst: inst.clone(),
+                            in_flight: 1,
+                            served: 1,
+                            created: now,
+                            last_used: now,
+                        });
+                        Ok(Lease {
+                            inst,
+                            cold: true,
+                            init: Some(t0.elapsed()),
+                        })
                     }
                     Err(e) => {
                         drop(st);
                         self.freed.notify_one();
-                        Err(outcome(&self.rev, ErrorKind::StartFailed, e.to_string(), String::new(), true))
+                        Err(outcome(
+                            &self.rev,
+                            ErrorKind::StartFailed,
+                            e.to_string(),
+                            String::new(),
+                            true,
+                        ))
                     }
                 };
             }
-            if tokio::time::timeout_at(deadline.into(), freed).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), freed)
+                .await
+                .is_err()
+            {
                 return Err(outcome(
                     &self.rev,
                     ErrorKind::Throttled,
-                    format!("all {} instances of {} are busy (scale.max reached)", self.rev.spec.scale.max, self.rev.function),
+                    format!(
+                        "all {} instances of {} are busy (scale.max reached)",
+                        self.rev.spec.scale.max, self.rev.function
+                    ),
                     String::new(),
                     false,
                 ));
@@ -153,7 +203,9 @@ impl Pool {
     fn release(&self, inst: &Arc<dyn Instance>, broken: bool) {
         let removed = {
             let mut st = self.state.lock();
-            let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(&s.inst, inst)) else { return };
+            let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(&s.inst, inst)) else {
+                return;
+            };
             if broken || self.ephemeral() || !st.slots[i].inst.is_alive() {
                 Some(st.slots.swap_remove(i).inst)
             } else {
@@ -179,7 +231,8 @@ impl Pool {
         while i < st.slots.len() {
             let s = &st.slots[i];
             let dead = !s.inst.is_alive() && s.in_flight == 0;
-            let expired = s.in_flight == 0 && now.duration_since(s.last_used) >= idle && st.slots.len() > min;
+            let expired =
+                s.in_flight == 0 && now.duration_since(s.last_used) >= idle && st.slots.len() > min;
             if dead || expired {
                 out.push(st.slots.swap_remove(i).inst);
             } else {
@@ -201,19 +254,41 @@ impl Pool {
             .map(|s| InstanceInfo {
                 id: s.inst.id().to_string(),
                 revision: self.rev.number,
-                state: if !s.inst.is_alive() { "dead" } else if s.in_flight > 0 { "busy" } else { "idle" },
+                state: if !s.inst.is_alive() {
+                    "dead"
+                } else if s.in_flight > 0 {
+                    "busy"
+                } else {
+                    "idle"
+                },
                 in_flight: s.in_flight,
                 invocations: s.served,
                 age_ms: now.duration_since(s.created).as_millis() as u64,
-                idle_ms: if s.in_flight > 0 { 0 } else { now.duration_since(s.last_used).as_millis() as u64 },
+                idle_ms: if s.in_flight > 0 {
+                    0
+                } else {
+                    now.duration_since(s.last_used).as_millis() as u64
+                },
                 memory_bytes: s.inst.memory_usage(),
             })
             .collect()
     }
 }
 
-fn outcome(rev: &Revision, kind: ErrorKind, message: String, log_tail: String, cold: bool) -> Outcome {
-    Outcome { kind, message, log_tail, revision: rev.number, cold }
+fn outcome(
+    rev: &Revision,
+    kind: ErrorKind,
+    message: String,
+    log_tail: String,
+    cold: bool,
+) -> Outcome {
+    Outcome {
+        kind,
+        message,
+        log_tail,
+        revision: rev.number,
+        cold,
+    }
 }
 
 /// Scheduler settings.
@@ -227,7 +302,10 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { workspace: "default".into(), reap_interval: Duration::from_millis(250) }
+        SchedulerConfig {
+            workspace: "default".into(),
+            reap_interval: Duration::from_millis(250),
+        }
     }
 }
 
@@ -244,7 +322,10 @@ pub struct Scheduler {
 impl Scheduler {
     /// Creates the scheduler and starts its idle reaper on the current tokio runtime.
     pub fn new(sandbox: Arc<dyn Sandbox>, config: SchedulerConfig) -> Arc<Scheduler> {
-        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         let s = Arc::new(Scheduler {
             sandbox,
             pools: Mutex::new(HashMap::new()),
@@ -285,7 +366,9 @@ impl Scheduler {
             argv: rev.argv.clone(),
         };
         let inst = self.sandbox.start(spec).await?;
-        self.metrics.instances_started.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .instances_started
+            .fetch_add(1, Ordering::Relaxed);
         Ok(inst)
     }
 
@@ -294,29 +377,47 @@ impl Scheduler {
         let key = (rev.function.clone(), rev.number);
         pools
             .entry(key)
-            .or_insert_with(|| Arc::new(Pool { rev: rev.clone(), state: Mutex::default(), freed: Notify::new() }))
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    rev: rev.clone(),
+                    state: Mutex::default(),
+                    freed: Notify::new(),
+                })
+            })
             .clone()
     }
 
     /// Runs one invocation of `rev`. `Err` is a platform outcome (timeout, OOM, crash,
     /// throttled); a function's own error is `Ok` with `function_error` set.
-    pub async fn invoke(&self, rev: &Arc<Revision>, inv: Invocation) -> Result<InvokeOutput, Outcome> {
+    pub async fn invoke(
+        &self,
+        rev: &Arc<Revision>,
+        inv: Invocation,
+    ) -> Result<InvokeOutput, Outcome> {
         let t0 = Instant::now();
         let timeout = rev.spec.timeout;
         let pool = self.pool(rev);
         // Waiting for capacity is bounded by the function's timeout.
-        let lease = pool.acquire(self, t0 + timeout).await.inspect_err(|o| self.metrics.count_outcome(o))?;
+        let lease = pool
+            .acquire(self, t0 + timeout)
+            .await
+            .inspect_err(|o| self.metrics.count_outcome(o))?;
         if lease.cold {
             self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
         }
         let started = Instant::now();
         let deadline = started + timeout;
-        let deadline_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+        let deadline_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
             + timeout.as_millis() as u64;
         let req = InvokeRequest {
             invoke: Invoke {
                 function_arn: launch::function_arn(&rev.function, inv.qualifier.as_deref()),
-                trace_id: inv.trace_id.unwrap_or_else(|| format!("Root=1-{:08x}-{}", deadline_ms / 1000, &inv.request_id)),
+                trace_id: inv.trace_id.unwrap_or_else(|| {
+                    format!("Root=1-{:08x}-{}", deadline_ms / 1000, &inv.request_id)
+                }),
                 id: inv.request_id,
                 deadline_ms,
                 client_context: inv.client_context,
@@ -343,13 +444,23 @@ impl Scheduler {
                     SandboxError::OutOfMemory { .. } => ErrorKind::OutOfMemory,
                     _ => ErrorKind::Crashed,
                 };
-                Err(outcome(rev, kind, e.to_string(), e.log_tail().to_string(), lease.cold))
+                Err(outcome(
+                    rev,
+                    kind,
+                    e.to_string(),
+                    e.log_tail().to_string(),
+                    lease.cold,
+                ))
             }
             Ok(Ok(r)) => {
                 pool.release(&lease.inst, false);
                 let function_error = r.error_type.map(|reported_as| {
                     let (error_type, message) = error_details(&r.body);
-                    FunctionError { error_type: error_type.unwrap_or_else(|| reported_as.clone()), message, reported_as }
+                    FunctionError {
+                        error_type: error_type.unwrap_or_else(|| reported_as.clone()),
+                        message,
+                        reported_as,
+                    }
                 });
                 Ok(InvokeOutput {
                     body: r.body,
@@ -414,13 +525,23 @@ impl Scheduler {
     /// Instances of a function, all revisions.
     pub fn instances(&self, name: &str) -> Vec<InstanceInfo> {
         let now = Instant::now();
-        let pools: Vec<Arc<Pool>> = self.pools.lock().iter().filter(|((f, _), _)| f == name).map(|(_, p)| p.clone()).collect();
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .iter()
+            .filter(|((f, _), _)| f == name)
+            .map(|(_, p)| p.clone())
+            .collect();
         pools.iter().flat_map(|p| p.infos(now)).collect()
     }
 
     /// Number of live instances across all functions.
     pub fn instance_count(&self) -> usize {
-        self.pools.lock().values().map(|p| p.state.lock().slots.len()).sum()
+        self.pools
+            .lock()
+            .values()
+            .map(|p| p.state.lock().slots.len())
+            .sum()
     }
 }
 
@@ -435,8 +556,17 @@ fn error_details(body: &[u8]) -> (Option<String>, String) {
         error_message: Option<String>,
     }
     match serde_json::from_slice::<E>(body) {
-        Ok(E { error_type, error_message: Some(m) }) => (error_type, m),
-        Ok(E { error_type, .. }) => (error_type, String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()),
-        Err(_) => (None, String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned()),
+        Ok(E {
+            error_type,
+            error_message: Some(m),
+        }) => (error_type, m),
+        Ok(E { error_type, .. }) => (
+            error_type,
+            String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+        ),
+        Err(_) => (
+            None,
+            String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+        ),
     }
 }

@@ -22,9 +22,14 @@ pub struct Metrics {
 
 impl Metrics {
     pub(crate) fn count_ok(&self, function_error: bool, d: Duration) {
-        let c = if function_error { &self.invocations_function_error } else { &self.invocations_ok };
+        let c = if function_error {
+            &self.invocations_function_error
+        } else {
+            &self.invocations_ok
+        };
         c.fetch_add(1, Ordering::Relaxed);
-        self.duration_us_total.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.duration_us_total
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn count_outcome(&self, o: &Outcome) {
@@ -51,11 +56,26 @@ impl Metrics {
             ("throttled", &self.invocations_throttled),
             ("start_failed", &self.invocations_start_failed),
         ] {
-            let _ = writeln!(out, "skiff_invocations_total{{status=\"{status}\"}} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "skiff_invocations_total{{status=\"{status}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
-        let _ = writeln!(out, "# TYPE skiff_cold_starts_total counter\nskiff_cold_starts_total {}", self.cold_starts.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE skiff_instances_started_total counter\nskiff_instances_started_total {}", self.instances_started.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE skiff_instances gauge\nskiff_instances {instances}");
+        let _ = writeln!(
+            out,
+            "# TYPE skiff_cold_starts_total counter\nskiff_cold_starts_total {}",
+            self.cold_starts.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE skiff_instances_started_total counter\nskiff_instances_started_total {}",
+            self.instances_started.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE skiff_instances gauge\nskiff_instances {instances}"
+        );
         let _ = writeln!(
             out,
             "# TYPE skiff_invocation_duration_seconds_sum counter\nskiff_invocation_duration_seconds_sum {:.6}",

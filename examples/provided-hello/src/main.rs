@@ -33,7 +33,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let Some(request_id) = next.header("lambda-runtime-aws-request-id").map(str::to_string) else {
+        let Some(request_id) = next
+            .header("lambda-runtime-aws-request-id")
+            .map(str::to_string)
+        else {
             eprintln!("bootstrap: invocation without a request id");
             return ExitCode::FAILURE;
         };
@@ -43,7 +46,12 @@ fn main() -> ExitCode {
             json_escape(&name)
         );
         let path = format!("{API}/invocation/{request_id}/response");
-        match client.request("POST", &path, &[("Content-Type", "application/json")], reply.as_bytes()) {
+        match client.request(
+            "POST",
+            &path,
+            &[("Content-Type", "application/json")],
+            reply.as_bytes(),
+        ) {
             Ok(r) if r.status < 300 => {}
             Ok(r) => eprintln!("bootstrap: posting response: HTTP {}", r.status),
             Err(e) => {
@@ -70,19 +78,31 @@ struct Response {
 
 impl Response {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 impl Client {
-    fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Response> {
         let mut attempt = 0;
         loop {
             let reused = self.conn.is_some();
             let result = self.try_request(method, path, headers, body);
             match result {
                 Ok(resp) => {
-                    if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                    if resp
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
                         self.conn = None;
                     }
                     return Ok(resp);
@@ -99,14 +119,24 @@ impl Client {
         }
     }
 
-    fn try_request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Response> {
         if self.conn.is_none() {
             let stream = TcpStream::connect(&self.addr)?;
             stream.set_nodelay(true)?;
             self.conn = Some(BufReader::new(stream));
         }
         let conn = self.conn.as_mut().expect("connected");
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n", self.addr, body.len());
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -121,7 +151,10 @@ impl Client {
 fn read_line(r: &mut BufReader<TcpStream>) -> io::Result<String> {
     let mut line = Vec::new();
     if r.read_until(b'\n', &mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     while matches!(line.last(), Some(b'\n' | b'\r')) {
         line.pop();
@@ -138,7 +171,10 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
         let status_line = read_line(r)?;
         let mut parts = status_line.split_whitespace();
         let version = parts.next().unwrap_or("");
-        let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
         if !version.starts_with("HTTP/") {
             return Err(bad(format!("bad status line {status_line:?}")));
         }
@@ -156,13 +192,19 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
             break (status, headers); // 1xx: an interim response; the real one follows
         }
     };
-    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().ends_with("chunked")) {
         loop {
             let size_line = read_line(r)?;
             let size_hex = size_line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16).map_err(|_| bad(format!("bad chunk size {size_line:?}")))?;
+            let size = usize::from_str_radix(size_hex, 16)
+                .map_err(|_| bad(format!("bad chunk size {size_line:?}")))?;
             if size == 0 {
                 while !read_line(r)?.is_empty() {} // trailers
                 break;
@@ -173,13 +215,19 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
             read_line(r)?; // CRLF after the chunk
         }
     } else if let Some(len) = get("content-length") {
-        let len: usize = len.parse().map_err(|_| bad(format!("bad content-length {len:?}")))?;
+        let len: usize = len
+            .parse()
+            .map_err(|_| bad(format!("bad content-length {len:?}")))?;
         body.resize(len, 0);
         r.read_exact(&mut body)?;
     } else if status != 204 && status != 304 {
         r.read_to_end(&mut body)?; // no framing: the body runs to the end of the connection
     }
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -271,7 +319,9 @@ impl Parser<'_> {
                         b't' => '\t',
                         b'u' => {
                             let hi = self.hex4()?;
-                            let code = if (0xD800..0xDC00).contains(&hi) && self.s.get(self.i..self.i + 2) == Some(b"\\u") {
+                            let code = if (0xD800..0xDC00).contains(&hi)
+                                && self.s.get(self.i..self.i + 2) == Some(b"\\u")
+                            {
                                 self.i += 2;
                                 let lo = self.hex4()?;
                                 0x10000 + ((hi - 0xD800) << 10) + (lo.wrapping_sub(0xDC00) & 0x3FF)
@@ -324,7 +374,8 @@ impl Parser<'_> {
             _ => {
                 // number, true, false, null
                 let start = self.i;
-                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')) {
+                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.'))
+                {
                     self.i += 1;
                 }
                 (self.i > start).then_some(())
@@ -355,7 +406,10 @@ mod tests {
 
     #[test]
     fn finds_top_level_name() {
-        assert_eq!(top_level_string(br#"{"name":"Ada"}"#, "name").as_deref(), Some("Ada"));
+        assert_eq!(
+            top_level_string(br#"{"name":"Ada"}"#, "name").as_deref(),
+            Some("Ada")
+        );
         assert_eq!(
             top_level_string(br#" { "x": {"name": "no"}, "l": [1, "a", {"b": null}], "n": -1.5e3, "name" : "Bo\"b\u00e9\ud83d\ude00" } "#, "name").as_deref(),
             Some("Bo\"b\u{e9}\u{1F600}")

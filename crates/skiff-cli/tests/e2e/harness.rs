@@ -14,7 +14,10 @@ pub fn skiff_bin() -> &'static str {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -33,7 +36,8 @@ pub fn provided_example() -> PathBuf {
         let bootstrap = profile_dir.join("bootstrap");
         if !bootstrap.exists() {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "-p", "provided-hello"]).current_dir(repo_root());
+            cmd.args(["build", "-p", "provided-hello"])
+                .current_dir(repo_root());
             if profile_dir.ends_with("release") {
                 cmd.arg("--release");
             }
@@ -43,7 +47,11 @@ pub fn provided_example() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("skiff-provided-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&bootstrap, dir.join("bootstrap")).unwrap();
-        std::fs::copy(example("provided-hello/function.yaml"), dir.join("function.yaml")).unwrap();
+        std::fs::copy(
+            example("provided-hello/function.yaml"),
+            dir.join("function.yaml"),
+        )
+        .unwrap();
         dir
     })
     .clone()
@@ -90,15 +98,28 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         let url = loop {
             assert!(Instant::now() < deadline, "server did not start");
-            let line = lines.next().expect("server exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
             if let Some(rest) = line.split("listening on ").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        let http = Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        Server { child: Some(child), url, data_dir: data_dir.to_path_buf(), _tmp: None, http, key: None }
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Server {
+            child: Some(child),
+            url,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            http,
+            key: None,
+        }
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -118,7 +139,10 @@ impl Server {
     }
 
     pub fn invoke(&self, name: &str, event: &Value) -> Response {
-        self.post(&format!("/v1/functions/{name}/invoke"), serde_json::to_vec(event).unwrap())
+        self.post(
+            &format!("/v1/functions/{name}/invoke"),
+            serde_json::to_vec(event).unwrap(),
+        )
     }
 
     /// Invokes and expects 200; returns the JSON result and the response headers.
@@ -128,13 +152,18 @@ impl Server {
         let headers = r.headers().clone();
         let text = r.text().unwrap();
         assert_eq!(status, 200, "invoke {name} failed: {text}");
-        (serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)), headers)
+        (
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
+        )
     }
 
     /// Runs the `skiff` CLI against this server.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(skiff_bin());
-        cmd.args(args).env("SKIFF_SERVER", &self.url).env_remove("SKIFF_API_KEY");
+        cmd.args(args)
+            .env("SKIFF_SERVER", &self.url)
+            .env_remove("SKIFF_API_KEY");
         if let Some(k) = &self.key {
             cmd.env("SKIFF_API_KEY", k);
         }
@@ -154,7 +183,11 @@ impl Server {
     }
 
     pub fn healthy(&self) -> bool {
-        self.http.get(format!("{}/health", self.url)).send().map(|r| r.status() == 200).unwrap_or(false)
+        self.http
+            .get(format!("{}/health", self.url))
+            .send()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
     }
 
     /// SIGKILLs the server (no graceful shutdown).
@@ -185,7 +218,10 @@ impl Drop for Server {
 
 /// Header value as a string.
 pub fn hdr(h: &reqwest::header::HeaderMap, k: &str) -> String {
-    h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    h.get(k)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The `error` object of a JSON error response, with the status.
@@ -199,7 +235,9 @@ pub fn error_of(r: Response) -> (u16, Value) {
 pub fn processes_in_cgroup(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
             if cg.contains(needle) {
                 out.push(pid);

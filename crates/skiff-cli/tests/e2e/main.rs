@@ -21,11 +21,23 @@ fn examples_deploy_invoke_warm_reuse() {
         s.deploy(dir);
         let (v1, h1) = s.invoke_ok(name, &json!({"name": "Skiff"}));
         assert!(v1.to_string().contains("Skiff"), "{name}: {v1}");
-        assert_eq!(hdr(&h1, "x-skiff-cold-start"), "true", "{name} first call is cold");
+        assert_eq!(
+            hdr(&h1, "x-skiff-cold-start"),
+            "true",
+            "{name} first call is cold"
+        );
         assert_eq!(hdr(&h1, "x-skiff-revision"), "1");
         let (_, h2) = s.invoke_ok(name, &json!({"name": "again"}));
-        assert_eq!(hdr(&h2, "x-skiff-cold-start"), "false", "{name} second call is warm");
-        assert_eq!(hdr(&h1, "x-skiff-instance"), hdr(&h2, "x-skiff-instance"), "{name} reuses its instance");
+        assert_eq!(
+            hdr(&h2, "x-skiff-cold-start"),
+            "false",
+            "{name} second call is warm"
+        );
+        assert_eq!(
+            hdr(&h1, "x-skiff-instance"),
+            hdr(&h2, "x-skiff-instance"),
+            "{name} reuses its instance"
+        );
     }
     // The CLI lists them in a table and invokes them.
     let out = s.cli(&["ls"]);
@@ -35,7 +47,10 @@ fn examples_deploy_invoke_warm_reuse() {
         assert!(table.contains(name), "{table}");
     }
     let out = s.cli(&["invoke", "python-hello", "--data", r#"{"name":"cli"}"#]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, cli!"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello, cli!"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -46,11 +61,18 @@ fn idle_instances_expire_and_next_call_is_cold() {
     let (b, h2) = s.invoke_ok("fx-echo", &json!({"n": 2}));
     assert_eq!(hdr(&h1, "x-skiff-cold-start"), "true");
     assert_eq!(hdr(&h2, "x-skiff-cold-start"), "false");
-    assert_eq!(a["instance"], b["instance"], "same process state across warm calls");
+    assert_eq!(
+        a["instance"], b["instance"],
+        "same process state across warm calls"
+    );
     // fx-echo has scale.idle = 2s.
     std::thread::sleep(Duration::from_millis(3200));
     let rt: Value = s.get("/v1/functions/fx-echo/runtime").json().unwrap();
-    assert_eq!(rt["instances"].as_array().unwrap().len(), 0, "scaled to zero: {rt}");
+    assert_eq!(
+        rt["instances"].as_array().unwrap().len(),
+        0,
+        "scaled to zero: {rt}"
+    );
     let (c, h3) = s.invoke_ok("fx-echo", &json!({"n": 3}));
     assert_eq!(hdr(&h3, "x-skiff-cold-start"), "true");
     assert_ne!(a["instance"], c["instance"]);
@@ -69,7 +91,10 @@ fn environment_is_the_functions_own() {
     assert_eq!(env["AWS_LAMBDA_FUNCTION_VERSION"], "1");
     assert_eq!(env["LAMBDA_TASK_ROOT"], "/var/task");
     let remaining = v["remaining_ms"].as_i64().unwrap();
-    assert!(remaining > 1000 && remaining <= 30_000, "remaining {remaining}");
+    assert!(
+        remaining > 1000 && remaining <= 30_000,
+        "remaining {remaining}"
+    );
     // Nothing from the host environment leaks in.
     assert!(env.get("CARGO").is_none_or(Value::is_null), "{env}");
     assert!(env.get("RUST_LOG").is_none_or(Value::is_null), "{env}");
@@ -79,18 +104,28 @@ fn environment_is_the_functions_own() {
 fn bad_requests_get_clear_errors() {
     let s = Server::start();
     // Invalid spec via the API: 400 naming the field and range.
-    let r = s.post("/v1/functions", r#"{"name":"x","runtime":"python3","memory":"4Gi"}"#);
+    let r = s.post(
+        "/v1/functions",
+        r#"{"name":"x","runtime":"python3","memory":"4Gi"}"#,
+    );
     let (st, e) = error_of(r);
     assert_eq!(st, 400);
     assert_eq!(e["field"], "memory");
     assert!(e["message"].as_str().unwrap().contains("2Gi"), "{e}");
-    let (st, e) = error_of(s.post("/v1/functions", r#"{"name":"x","runtime":"python3","colour":"red"}"#));
+    let (st, e) = error_of(s.post(
+        "/v1/functions",
+        r#"{"name":"x","runtime":"python3","colour":"red"}"#,
+    ));
     assert_eq!((st, e["field"].as_str()), (400, Some("colour")));
     let (st, _) = error_of(s.post("/v1/functions", "{not json"));
     assert_eq!(st, 400);
     // Invalid function.yaml inside an uploaded package.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("function.yaml"), "name: badspec\nruntime: python3\ntimeout: 2h\n").unwrap();
+    std::fs::write(
+        dir.path().join("function.yaml"),
+        "name: badspec\nruntime: python3\ntimeout: 2h\n",
+    )
+    .unwrap();
     let pkg = skiff_store::Store::pack_dir(dir.path(), |_| {}).unwrap();
     let (st, e) = error_of(s.post("/v1/functions/badspec/revisions", pkg));
     assert_eq!(st, 400);
@@ -98,7 +133,10 @@ fn bad_requests_get_clear_errors() {
     // The CLI refuses it too, naming the field.
     let out = s.cli(&["deploy", dir.path().to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timeout"),
+        "{out:?}"
+    );
     // Garbage package.
     let (st, _) = error_of(s.post("/v1/functions/garbage/revisions", "not a tarball"));
     assert_eq!(st, 400);
@@ -130,7 +168,10 @@ fn handler_errors_are_surfaced() {
     assert_eq!(st, 500);
     assert_eq!(e["code"], "function_error");
     assert_eq!(e["type"], "ValueError");
-    assert!(e["message"].as_str().unwrap().contains("boom: bad input"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("boom: bad input"),
+        "{e}"
+    );
     // The traceback went to the function's logs.
     let logs: Value = s.get("/v1/functions/fx-error/logs").json().unwrap();
     assert!(logs.to_string().contains("boom: bad input"), "{logs}");
@@ -186,13 +227,28 @@ fn sandbox_confines_the_function() {
     // A marker file on the host, outside anything the sandbox mounts.
     let marker = std::path::Path::new("/root").join(format!("skiff-marker-{}", std::process::id()));
     std::fs::write(&marker, "host secret").unwrap();
-    let v = probe(&s, "fx-probe", json!({"check": "read", "path": marker.to_str().unwrap()}));
-    assert!(!v.to_string().contains("host secret"), "read host file: {v}");
-    let v = probe(&s, "fx-probe", json!({"check": "read", "path": "/etc/shadow"}));
+    let v = probe(
+        &s,
+        "fx-probe",
+        json!({"check": "read", "path": marker.to_str().unwrap()}),
+    );
+    assert!(
+        !v.to_string().contains("host secret"),
+        "read host file: {v}"
+    );
+    let v = probe(
+        &s,
+        "fx-probe",
+        json!({"check": "read", "path": "/etc/shadow"}),
+    );
     assert!(!v["ok"].as_bool().unwrap_or(false), "{v}");
     std::fs::remove_file(&marker).unwrap();
     // Code is read-only.
-    let v = probe(&s, "fx-probe", json!({"check": "write", "path": "/var/task/evil.py"}));
+    let v = probe(
+        &s,
+        "fx-probe",
+        json!({"check": "write", "path": "/var/task/evil.py"}),
+    );
     assert_eq!(v["ok"], false, "{v}");
     // /tmp is limited (fx-probe has tmp: 16Mi) and wiped between invocations.
     let v = probe(&s, "fx-probe", json!({"check": "tmpfill", "mb": 64}));
@@ -236,13 +292,19 @@ impl NetnsHost {
         let name = format!("skiff-e2e-{}-{tag}", std::process::id());
         let veth = format!("ske{}{tag}", std::process::id() % 10000);
         let sh = |c: &str| {
-            let st = std::process::Command::new("sh").arg("-c").arg(c).status().unwrap();
+            let st = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(c)
+                .status()
+                .unwrap();
             assert!(st.success(), "{c}");
         };
         sh(&format!("ip netns add {name}"));
         sh(&format!("ip link add {veth}a type veth peer name {veth}b"));
         sh(&format!("ip link set {veth}b netns {name}"));
-        sh(&format!("ip addr add 10.214.{tag}.1/30 dev {veth}a && ip link set {veth}a up"));
+        sh(&format!(
+            "ip addr add 10.214.{tag}.1/30 dev {veth}a && ip link set {veth}a up"
+        ));
         sh(&format!(
             "ip netns exec {name} sh -c 'ip addr add 10.214.{tag}.2/30 dev {veth}b && ip link set {veth}b up && ip link set lo up'"
         ));
@@ -260,7 +322,9 @@ impl Drop for NetnsHost {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -273,17 +337,40 @@ fn network_policy_is_enforced() {
     // A TCP server on the host's loopback (the gateway itself).
     let port: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();
     // network: none → nothing is reachable.
-    let v = probe(&s, "fx-probe", json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 2}));
+    let v = probe(
+        &s,
+        "fx-probe",
+        json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 2}),
+    );
     assert_eq!(v["ok"], false, "network none reached the test host: {v}");
-    let v = probe(&s, "fx-probe", json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}));
-    assert_eq!(v["ok"], false, "network none reached the host loopback: {v}");
+    let v = probe(
+        &s,
+        "fx-probe",
+        json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}),
+    );
+    assert_eq!(
+        v["ok"], false,
+        "network none reached the host loopback: {v}"
+    );
     // network: outbound → the test host is reachable...
-    let v = probe(&s, "fx-probe-net", json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 5}));
+    let v = probe(
+        &s,
+        "fx-probe-net",
+        json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 5}),
+    );
     assert_eq!(v["ok"], true, "outbound could not reach the test host: {v}");
     // ...but the host's own loopback services are not (neither directly nor via the NAT gateway).
-    let v = probe(&s, "fx-probe-net", json!({"check": "connect", "host": "10.0.2.2", "port": port, "timeout": 2}));
+    let v = probe(
+        &s,
+        "fx-probe-net",
+        json!({"check": "connect", "host": "10.0.2.2", "port": port, "timeout": 2}),
+    );
     assert_eq!(v["ok"], false, "outbound reached the host loopback: {v}");
-    let v = probe(&s, "fx-probe-net", json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}));
+    let v = probe(
+        &s,
+        "fx-probe-net",
+        json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}),
+    );
     assert_eq!(v["ok"], false, "{v}");
     drop(host);
 }
@@ -327,7 +414,10 @@ fn api_keys_are_enforced() {
     let db = std::fs::read(s.data_dir.join("skiff.db")).unwrap();
     let wal = std::fs::read(s.data_dir.join("skiff.db-wal")).unwrap_or_default();
     for bytes in [&db, &wal] {
-        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "plaintext key stored");
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "plaintext key stored"
+        );
     }
     // The deploy CLI sends the key.
     s.deploy(&fixture("fx-echo"));
@@ -395,9 +485,18 @@ fn node_and_command_fixtures() {
     assert!(r.text().unwrap().contains("HELLO"));
     let (st, e) = error_of(s.invoke("fx-cmd-echo", &json!({"say": "fail"})));
     assert_eq!(st, 500, "{e}");
-    assert!(e["message"].as_str().unwrap().contains("non-zero status: 3"), "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("non-zero status: 3"),
+        "{e}"
+    );
     let logs: Value = s.get("/v1/functions/fx-cmd-echo/logs").json().unwrap();
-    assert!(!logs["lines"].as_array().unwrap().is_empty(), "stderr is captured: {logs}");
+    assert!(
+        !logs["lines"].as_array().unwrap().is_empty(),
+        "stderr is captured: {logs}"
+    );
 }
 
 #[test]
@@ -406,11 +505,17 @@ fn delete_removes_function_and_instances() {
     s.deploy(&fixture("fx-echo"));
     let (_, h) = s.invoke_ok("fx-echo", &json!({}));
     let instance = hdr(&h, "x-skiff-instance");
-    assert!(!processes_in_cgroup(&instance).is_empty(), "instance {instance} has processes in its cgroup");
+    assert!(
+        !processes_in_cgroup(&instance).is_empty(),
+        "instance {instance} has processes in its cgroup"
+    );
     let out = s.cli(&["rm", "fx-echo"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(s.invoke("fx-echo", &json!({})).status(), 404);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(processes_in_cgroup(&instance).is_empty(), "instance {instance} left processes behind");
+    assert!(
+        processes_in_cgroup(&instance).is_empty(),
+        "instance {instance} left processes behind"
+    );
     assert!(s.get("/v1/functions/fx-echo").status() == 404);
 }
