@@ -519,3 +519,107 @@ fn delete_removes_function_and_instances() {
     );
     assert!(s.get("/v1/functions/fx-echo").status() == 404);
 }
+
+/// Writes a throwaway python function into a temp dir.
+fn python_function(name: &str, extra_yaml: &str, code: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("function.yaml"),
+        format!("name: {name}\nruntime: python3\nhandler: main.handler\n{extra_yaml}"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("main.py"), code).unwrap();
+    dir
+}
+
+#[test]
+fn crashed_runtime_gives_502_with_its_logs() {
+    let s = Server::start();
+    let f = python_function(
+        "crasher",
+        "",
+        "import os, sys\ndef handler(event, context):\n    print('about to die', flush=True)\n    os._exit(3)\n",
+    );
+    s.deploy(f.path());
+    let (st, e) = error_of(s.invoke("crasher", &json!({})));
+    assert_eq!(st, 502, "{e}");
+    assert_eq!(e["code"], "function_crashed");
+    assert!(
+        e["message"].as_str().unwrap().contains("exit status 3"),
+        "{e}"
+    );
+    assert!(
+        e["logs"].as_str().unwrap_or("").contains("about to die"),
+        "{e}"
+    );
+    // The broken instance is replaced by a fresh one on the next call.
+    let (st, _) = error_of(s.invoke("crasher", &json!({})));
+    assert_eq!(st, 502);
+    assert!(s.healthy());
+}
+
+#[test]
+fn secrets_reach_the_function_but_not_the_api() {
+    let s = Server::start();
+    let f = python_function(
+        "secretive",
+        "secrets: [db-password]\n",
+        "import os\ndef handler(event, context):\n    return {'pw': os.environ.get('DB_PASSWORD')}\n",
+    );
+    s.deploy(f.path());
+    // Not set yet: a clear error naming the secret.
+    let (st, e) = error_of(s.invoke("secretive", &json!({})));
+    assert_eq!(st, 424, "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("db-password"),
+        "{e}"
+    );
+    let out = s.cli(&["secrets", "set", "db-password", "hunter2"]);
+    assert!(out.status.success(), "{out:?}");
+    let (v, _) = s.invoke_ok("secretive", &json!({}));
+    assert_eq!(v["pw"], "hunter2");
+    let listed: Value = s.get("/v1/secrets").json().unwrap();
+    assert_eq!(listed["secrets"], json!(["db-password"]));
+    assert!(!listed.to_string().contains("hunter2"));
+}
+
+#[test]
+fn revisions_and_qualifiers() {
+    let s = Server::start();
+    let v1 = python_function("versioned", "", "def handler(e, c):\n    return {'v': 1}\n");
+    let v2 = python_function("versioned", "", "def handler(e, c):\n    return {'v': 2}\n");
+    s.deploy(v1.path());
+    s.deploy(v2.path());
+    assert_eq!(s.invoke_ok("versioned", &json!({})).0["v"], 2);
+    let r = s.post("/v1/functions/versioned/invoke?qualifier=1", "{}");
+    assert_eq!(r.json::<Value>().unwrap()["v"], 1);
+    // Move production back (rollback) and the next call runs revision 1.
+    let r = s
+        .http
+        .put(format!(
+            "{}/v1/functions/versioned/aliases/production",
+            s.url
+        ))
+        .body(r#"{"revision": 1}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (v, h) = s.invoke_ok("versioned", &json!({}));
+    assert_eq!(
+        (v["v"].as_i64(), hdr(&h, "x-skiff-revision").as_str()),
+        (Some(1), "1")
+    );
+    let (st, e) = error_of(s.post("/v1/functions/versioned/invoke?qualifier=9", "{}"));
+    assert_eq!(st, 404, "{e}");
+    let (st, e) = error_of(
+        s.http
+            .put(format!(
+                "{}/v1/functions/versioned/aliases/production",
+                s.url
+            ))
+            .body(r#"{"revision": 0}"#)
+            .send()
+            .unwrap(),
+    );
+    assert_eq!((st, e["field"].as_str()), (400, Some("revision")));
+}
