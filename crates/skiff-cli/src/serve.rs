@@ -111,7 +111,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let mode = if keys_configured {
             "API keys required"
         } else {
-            "open (loopback, no API keys)"
+            "open: loopback, no API keys"
         };
         eprintln!(
             "skiff listening on http://{addr} ({mode}); data in {}",

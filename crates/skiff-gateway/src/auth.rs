@@ -12,7 +12,6 @@ use parking_lot::RwLock;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Known key digests: those given on the command line plus those found in the store.
 #[derive(Default)]
@@ -27,13 +26,6 @@ use skiff_store::Store;
 
 fn digest(key: &str) -> String {
     Store::key_digest(key)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 impl Auth {
@@ -51,7 +43,7 @@ impl Auth {
         if !self.static_digests.is_empty() || self.store_has_keys.load(Ordering::Relaxed) {
             return true;
         }
-        let now = now_ms();
+        let now = skiff_core::units::now_ms() as u64;
         if now.saturating_sub(self.checked_at_ms.load(Ordering::Relaxed)) >= 1000 {
             self.checked_at_ms.store(now, Ordering::Relaxed);
             if state.store.has_api_keys().unwrap_or(true) {

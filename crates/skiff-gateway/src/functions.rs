@@ -56,7 +56,7 @@ fn check_name(name: &str) -> ApiResult<()> {
 
 pub async fn health() -> impl IntoResponse {
     Json(
-        json!({ "status": "healthy", "timestamp": rfc3339_now(), "version": env!("CARGO_PKG_VERSION") }),
+        json!({ "status": "healthy", "timestamp": skiff_core::units::rfc3339_ms(skiff_core::units::now_ms()), "version": env!("CARGO_PKG_VERSION") }),
     )
 }
 
@@ -411,30 +411,4 @@ pub async fn delete_secret(
     } else {
         Err(ApiError::not_found("secret not found"))
     }
-}
-
-/// Current UTC time as RFC 3339 with milliseconds.
-fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use skiff_core::{Invocation, InvokeOutput, MAX_PAYLOAD_BYTES};
 use skiff_store::InvocationRecord;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Deserialize)]
 pub struct InvokeQuery {
@@ -36,13 +36,6 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResu
             "could not read request body: {e}"
         ))),
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
 }
 
 fn header(v: impl ToString) -> HeaderValue {
@@ -79,7 +72,7 @@ pub async fn invoke(
         client_context: None,
         trace_id: None,
     };
-    let started_at_ms = now_ms();
+    let started_at_ms = skiff_core::units::now_ms();
     let result = state.scheduler.invoke(&rev, inv).await;
     let record =
         |status: &str, error: Option<String>, cold: bool, duration: Duration, logs: Vec<u8>| {

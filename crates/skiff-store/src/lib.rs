@@ -32,7 +32,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The alias `resolve` uses when no qualifier is given, and the one `promote` moves.
 pub const PRODUCTION: &str = "production";
@@ -186,13 +186,7 @@ impl fmt::Debug for Store {
     }
 }
 
-/// Current time as Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use skiff_core::units::now_ms;
 
 fn function_nf(name: &str) -> StoreError {
     StoreError::not_found(format!("function `{name}`"))
