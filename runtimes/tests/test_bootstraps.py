@@ -776,7 +776,7 @@ def run_command(directory, payload, env=None):
 def specs_are_well_formed():
     names = set()
     dirs = function_dirs()
-    assert len(dirs) >= 12, dirs
+    assert len(dirs) >= 11, dirs
     for d in dirs:
         spec = read_spec(d)
         unknown = set(spec) - TOP_KEYS
@@ -794,14 +794,13 @@ def specs_are_well_formed():
             exe = os.path.join(d, spec["handler"].split()[0])
             assert os.access(exe, os.X_OK), exe + " not executable"
     expected = {"python-hello", "node-hello", "provided-hello", "command-hello", "fx-echo", "fx-error", "fx-sleep",
-                "fx-memhog", "fx-probe", "fx-probe-net", "fx-node-echo", "fx-cmd-echo"}
+                "fx-memhog", "fx-probe", "fx-node-echo", "fx-cmd-echo"}
     assert expected <= names, expected - names
     want = {
         "fx-echo": {"scale": {"idle": "2s"}, "env": {"GREETING": "hi"}},
         "fx-sleep": {"timeout": "1s"},
         "fx-memhog": {"memory": "128Mi"},
         "fx-probe": {"memory": "128Mi", "tmp": "16Mi", "network": "none", "timeout": "10s"},
-        "fx-probe-net": {"memory": "128Mi", "tmp": "16Mi", "network": "outbound", "timeout": "10s"},
         "provided-hello": {"runtime": "provided", "handler": "bootstrap"},
     }
     for name, fields in want.items():
@@ -809,8 +808,6 @@ def specs_are_well_formed():
         spec = read_spec(d)
         for k, v in fields.items():
             eq(spec.get(k), v, "%s %s" % (name, k))
-    with open(os.path.join(fixture("fx-probe"), "main.py")) as a, open(os.path.join(fixture("fx-probe-net"), "main.py")) as b:
-        assert a.read() == b.read(), "fx-probe-net/main.py must be a copy of fx-probe/main.py"
 
 
 @test
@@ -920,7 +917,7 @@ def fixture_fx_memhog():
 def fixture_fx_probe():
     tmp = tempfile.mkdtemp(prefix="skiff-probe-")
     try:
-        for name in ("fx-probe", "fx-probe-net"):
+        for name in ("fx-probe",):
             with fn_session(fixture(name)) as s:
                 w = s.ok(event={"check": "whoami"})
                 eq((w["ok"], w["check"], w["uid"]), (True, "whoami", os.getuid()), "whoami")

@@ -15,8 +15,8 @@ use std::process::{Child, Command};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -235,7 +235,7 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
     }
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     loop {
-        match read_frame(&mut rd).await {
+        match skiff_core::protocol::read_frame(&mut rd).await {
             Ok(Some(f)) => {
                 if !dispatch(&*mode, &out, f) {
                     break;
@@ -270,21 +270,6 @@ fn dispatch(mode: &dyn Mode, out: &Out, f: Frame) -> bool {
         _ => {}
     }
     true
-}
-
-async fn read_frame(rd: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<Frame>> {
-    let mut prefix = [0u8; 4];
-    match rd.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = Frame::rest_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut rest = vec![0u8; n];
-    rd.read_exact(&mut rest).await?;
-    Frame::decode_rest(rest)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<OutMsg>) {

@@ -258,6 +258,27 @@ impl Frame {
     }
 }
 
+/// Reads one frame from an async stream; `Ok(None)` on a clean end of stream.
+#[cfg(feature = "io")]
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+) -> std::io::Result<Option<Frame>> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::AsyncReadExt;
+    let mut prefix = [0u8; 4];
+    match rd.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = Frame::rest_len(prefix).map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+    let mut rest = vec![0u8; n];
+    rd.read_exact(&mut rest).await?;
+    Frame::decode_rest(rest)
+        .map(Some)
+        .map_err(|e| Error::new(ErrorKind::InvalidData, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

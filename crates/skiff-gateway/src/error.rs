@@ -42,6 +42,13 @@ impl ApiError {
             format!("request body exceeds the {} byte limit", limit),
         )
     }
+    pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    }
     /// Adds a field to the error object.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
         self.extra.insert(key.to_string(), value.into());

@@ -1,7 +1,7 @@
 //! Management API handlers: functions, revisions, aliases, logs, secrets, health, metrics.
 
 use crate::error::{ApiError, ApiResult};
-use crate::invoke::read_body;
+use crate::invoke::{read_body, read_json};
 use crate::{blocking, AppState, MAX_PACKAGE_BYTES};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -80,14 +80,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    let bytes = read_body(&headers, body, 1 << 20).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = read_json(&headers, body, 1 << 20).await?;
     let spec = FunctionSpec::from_value(&value)?;
     check_supported(&spec)?;
     let st = state.clone();
@@ -252,14 +245,7 @@ pub async fn put_alias(
     check_name(&alias).map_err(|_| {
         ApiError::bad_request("alias: must match [a-z0-9-]{1,63}").with("field", "alias")
     })?;
-    let bytes = read_body(&headers, body, 64 << 10).await?;
-    let b: AliasBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let b: AliasBody = read_json(&headers, body, 64 << 10).await?;
     let revision = match b.revision {
         Some(n) if n > 0 && n <= u32::MAX as i64 => n as u32,
         _ => {
@@ -376,14 +362,7 @@ pub async fn put_secret(
                 .with("field", "name"),
         );
     }
-    let bytes = read_body(&headers, body, 64 << 10).await?;
-    let b: SecretBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let b: SecretBody = read_json(&headers, body, 64 << 10).await?;
     let value = b
         .value
         .ok_or_else(|| ApiError::bad_request("value: is required").with("field", "value"))?;

@@ -42,6 +42,16 @@ fn header(v: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
 }
 
+/// Reads a JSON request body of at most `limit` bytes into `T`.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> ApiResult<T> {
+    let bytes = read_body(headers, body, limit).await?;
+    serde_json::from_slice(&bytes).map_err(ApiError::invalid_json)
+}
+
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -55,11 +65,7 @@ pub async fn invoke(
         b"{}".to_vec()
     } else {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("request body is not valid JSON: {e}"),
-            ));
+            return Err(ApiError::invalid_json(e));
         }
         payload.into()
     };

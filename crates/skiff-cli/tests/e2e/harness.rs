@@ -246,3 +246,23 @@ pub fn processes_in_cgroup(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// A private copy of a fixture with some `function.yaml` top-level fields replaced or added,
+/// e.g. `&[("name", "fx-probe-net"), ("network", "outbound")]`.
+pub fn fixture_variant(name: &str, fields: &[(&str, &str)]) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+        }
+    }
+    let yaml = std::fs::read_to_string(tmp.path().join("function.yaml")).unwrap();
+    let mut lines: Vec<String> = yaml
+        .lines()
+        .filter(|l| !fields.iter().any(|(k, _)| l.starts_with(&format!("{k}:"))))
+        .map(str::to_string)
+        .collect();
+    lines.extend(fields.iter().map(|(k, v)| format!("{k}: {v}")));
+    std::fs::write(tmp.path().join("function.yaml"), lines.join("\n") + "\n").unwrap();
+    tmp
+}

@@ -332,7 +332,11 @@ impl Drop for NetnsHost {
 fn network_policy_is_enforced() {
     let s = Server::start();
     s.deploy(&fixture("fx-probe"));
-    s.deploy(&fixture("fx-probe-net"));
+    let outbound = fixture_variant(
+        "fx-probe",
+        &[("name", "fx-probe-net"), ("network", "outbound")],
+    );
+    s.deploy(outbound.path());
     let host = NetnsHost::start(7);
     // A TCP server on the host's loopback (the gateway itself).
     let port: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();

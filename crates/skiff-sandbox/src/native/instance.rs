@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -390,21 +390,6 @@ async fn agent_stderr(shared: Arc<Shared>, pipe: tokio::net::unix::pipe::Receive
     }
 }
 
-async fn read_frame(rd: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<Frame>> {
-    let mut prefix = [0u8; 4];
-    match rd.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = Frame::rest_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut rest = vec![0u8; n];
-    rd.read_exact(&mut rest).await?;
-    Frame::decode_rest(rest)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
 async fn reader(
     shared: Arc<Shared>,
     rd: OwnedReadHalf,
@@ -413,7 +398,7 @@ async fn reader(
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut heard = false;
     loop {
-        match read_frame(&mut rd).await {
+        match skiff_core::protocol::read_frame(&mut rd).await {
             Ok(Some(f)) => {
                 heard = true;
                 shared.on_frame(f)
