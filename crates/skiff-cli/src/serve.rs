@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Maximum processes/threads per sandbox.
     #[arg(long, default_value_t = 256)]
     pids_max: u32,
+    /// Sandboxes kept pre-spawned (namespaces and cgroups ready) to cut cold starts.
+    #[arg(long, default_value_t = 2)]
+    prewarm: usize,
 }
 
 fn write_runtimes(dir: &Path) -> Result<()> {
@@ -90,6 +93,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the skiff binary")?;
     let mut cfg = NativeConfig::new(exe, data_dir.join("run"), runtime_dir);
     cfg.pids_max = args.pids_max;
+    cfg.prewarm = args.prewarm;
     let sandbox = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -140,7 +144,8 @@ async fn shutdown_signal() {
 pub fn doctor() -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("skiff-doctor-{}", std::process::id()));
     let exe = std::env::current_exe()?;
-    let cfg = NativeConfig::new(exe, tmp.join("run"), tmp.join("runtimes"));
+    let mut cfg = NativeConfig::new(exe, tmp.join("run"), tmp.join("runtimes"));
+    cfg.prewarm = 0;
     let mut ok_all = true;
     match NativeSandbox::new(cfg) {
         Ok(sb) => {

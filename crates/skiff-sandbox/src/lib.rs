@@ -86,6 +86,9 @@ pub trait Sandbox: Send + Sync {
     /// Starts an instance: sandbox built, function process(es) launched. Initialisation of the
     /// function itself may still be running when this returns; the first invoke waits for it.
     async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError>;
+
+    /// Releases what the tier holds besides instances (e.g. pre-spawned sandboxes).
+    async fn shutdown(&self) {}
 }
 
 /// A running sandbox serving invocations of one revision.

@@ -92,6 +92,37 @@ struct Pool {
     rev: Arc<Revision>,
     state: Mutex<PoolState>,
     freed: Notify,
+    stops: Arc<Stops>,
+}
+
+/// Instance stops running in the background, so shutdown can wait for them.
+#[derive(Default)]
+struct Stops {
+    running: AtomicU64,
+    idle: Notify,
+}
+
+impl Stops {
+    fn spawn(self: &Arc<Self>, inst: Arc<dyn Instance>) {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        let me = self.clone();
+        tokio::spawn(async move {
+            inst.stop().await;
+            if me.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                me.idle.notify_waiters();
+            }
+        });
+    }
+
+    async fn wait(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 /// A lease on an instance for one invocation.
@@ -216,7 +247,7 @@ impl Pool {
             }
         };
         if let Some(inst) = removed {
-            tokio::spawn(async move { inst.stop().await });
+            self.stops.spawn(inst);
         }
         self.freed.notify_one();
     }
@@ -313,6 +344,7 @@ impl Default for SchedulerConfig {
 pub struct Scheduler {
     sandbox: Arc<dyn Sandbox>,
     pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
+    stops: Arc<Stops>,
     next_instance: AtomicU64,
     epoch: u64,
     pub metrics: Metrics,
@@ -329,6 +361,7 @@ impl Scheduler {
         let s = Arc::new(Scheduler {
             sandbox,
             pools: Mutex::new(HashMap::new()),
+            stops: Arc::default(),
             next_instance: AtomicU64::new(1),
             epoch,
             metrics: Metrics::default(),
@@ -382,6 +415,7 @@ impl Scheduler {
                     rev: rev.clone(),
                     state: Mutex::default(),
                     freed: Notify::new(),
+                    stops: self.stops.clone(),
                 })
             })
             .clone()
@@ -512,7 +546,7 @@ impl Scheduler {
         }
     }
 
-    /// Stops every instance (server shutdown).
+    /// Stops every instance and releases what the tier holds (server shutdown).
     pub async fn shutdown(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().drain().map(|(_, p)| p).collect();
         for p in pools {
@@ -520,6 +554,8 @@ impl Scheduler {
                 inst.stop().await;
             }
         }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.stops.wait()).await;
+        self.sandbox.shutdown().await;
     }
 
     /// Instances of a function, all revisions.

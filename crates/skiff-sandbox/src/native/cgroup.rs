@@ -108,6 +108,12 @@ fn mkdir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates an instance cgroup; it must not exist yet (two instances never share one).
+fn mkdir_new(path: &Path) -> io::Result<()> {
+    fs::create_dir(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))
+}
+
 fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
     let p = dir.join("cgroup.procs");
     let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
@@ -122,6 +128,11 @@ fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
     }
     // SAFETY: fresh fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// This server's directory under `skiff/` in each hierarchy.
+fn server_dir_name() -> String {
+    format!("s{}", std::process::id())
 }
 
 /// CPU weight proportional to memory: 1769 MiB = one full CPU (as on Lambda).
@@ -151,7 +162,7 @@ impl CgroupRoot {
             let m = mounts
                 .iter()
                 .find(|m| m.fstype == "cgroup" && m.superopts.split(',').any(|o| o == ctrl))?;
-            Some(join_mount(m, &path).join("skiff"))
+            Some(join_mount(m, &path).join("skiff").join(server_dir_name()))
         };
         if let Some(memory) = v1_dir("memory") {
             let pids =
@@ -189,7 +200,10 @@ impl CgroupRoot {
             "+memory +pids"
         };
         enable_subtree(&own_dir, ctrls)?;
-        let base = own_dir.join("skiff");
+        let skiff = own_dir.join("skiff");
+        mkdir(&skiff).map_err(|e| e.to_string())?;
+        write(&skiff.join("cgroup.subtree_control"), ctrls).map_err(|e| e.to_string())?;
+        let base = skiff.join(server_dir_name());
         mkdir(&base).map_err(|e| e.to_string())?;
         write(&base.join("cgroup.subtree_control"), ctrls).map_err(|e| e.to_string())?;
         Ok(CgroupRoot::V2 { base, cpu })
@@ -229,15 +243,52 @@ impl CgroupRoot {
         self.parents().into_iter().map(|p| p.join(id)).collect()
     }
 
-    /// Removes empty instance cgroups left by a previous run (their agents exit when the host
-    /// channel closes).
+    /// Removes what servers that are no longer running left behind: each server keeps its
+    /// instances under `skiff/s<pid>`, so a live server's cgroups are never touched. Agents of a
+    /// dead server exit when their channel closes; their cgroups are then empty.
     pub(crate) fn cleanup_stale(&self) {
-        for p in self.parents() {
-            let Ok(rd) = fs::read_dir(p) else { continue };
+        for server_dir in self.parents() {
+            let Some(skiff) = server_dir.parent() else {
+                continue;
+            };
+            let Ok(rd) = fs::read_dir(skiff) else {
+                continue;
+            };
             for e in rd.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let Some(pid) = name.strip_prefix('s').and_then(|p| p.parse::<u32>().ok()) else {
+                    // Not a server directory (an older layout): removed only if empty.
                     let _ = fs::remove_dir(e.path());
+                    continue;
+                };
+                if Path::new(&format!("/proc/{pid}")).exists() || !e.path().is_dir() {
+                    continue;
                 }
+                if let Ok(children) = fs::read_dir(e.path()) {
+                    for c in children.flatten().filter(|c| c.path().is_dir()) {
+                        let _ = fs::remove_dir(c.path());
+                    }
+                }
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+
+    /// Removes this server's own (by then empty) cgroup directories, at shutdown.
+    pub(crate) fn remove_server_dirs(&self) {
+        for d in self.parents() {
+            if let Err(e) = fs::remove_dir(d) {
+                let left: Vec<_> = fs::read_dir(d)
+                    .map(|rd| {
+                        rd.flatten()
+                            .filter(|e| e.path().is_dir())
+                            .map(|e| e.file_name())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                // Other sandboxes of this process may still use it.
+                tracing::debug!("keeping {}: {e} (in use: {left:?})", d.display());
             }
         }
     }
@@ -279,7 +330,7 @@ impl CgroupRoot {
                 cpu,
             } => {
                 let d = mroot.join(id);
-                mkdir(&d)?;
+                mkdir_new(&d)?;
                 cg.dirs.push(d.clone());
                 write(&d.join("memory.limit_in_bytes"), &mem)?;
                 // memsw after the plain limit (it may never be below it); absent without swap
@@ -290,19 +341,19 @@ impl CgroupRoot {
                 }
                 let _ = fs::write(d.join("memory.swappiness"), "0");
                 let p = pids.join(id);
-                mkdir(&p)?;
+                mkdir_new(&p)?;
                 cg.dirs.push(p.clone());
                 write(&p.join("pids.max"), &pids_max.to_string())?;
                 if let Some(cpu) = cpu {
                     let c = cpu.join(id);
-                    mkdir(&c)?;
+                    mkdir_new(&c)?;
                     cg.dirs.push(c.clone());
                     let _ = fs::write(c.join("cpu.shares"), cpu_shares(memory).to_string());
                 }
             }
             CgroupRoot::V2 { base, cpu } => {
                 let d = base.join(id);
-                mkdir(&d)?;
+                mkdir_new(&d)?;
                 cg.dirs.push(d.clone());
                 write(&d.join("memory.max"), &mem)?;
                 let _ = fs::write(d.join("memory.swap.max"), "0");
@@ -378,6 +429,53 @@ impl InstanceCgroup {
 
     pub(crate) fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+
+    /// Renames the cgroups (a pre-spawned agent's `pool-N` becomes the instance id). cgroup v1
+    /// allows renaming within the same parent; where that fails (v2) the old name is kept.
+    pub(crate) fn rename(&mut self, id: &str) {
+        for d in &mut self.dirs {
+            let to = d.with_file_name(id);
+            match fs::rename(&*d, &to) {
+                Ok(()) => *d = to,
+                Err(e) => tracing::debug!("keeping cgroup name {}: {e}", d.display()),
+            }
+        }
+    }
+
+    /// Sets the memory limit (and the CPU weight that follows it) of a live cgroup.
+    pub(crate) fn set_memory(&self, memory: u64) -> io::Result<()> {
+        let mem = memory.to_string();
+        let dir = self.memory_dir();
+        if self.v2 {
+            write(&dir.join("memory.max"), &mem)?;
+            if let Some(cpu_dir) = self.dirs.first().filter(|d| d.join("cpu.weight").exists()) {
+                let w = ((memory >> 20) * 100 / 1769).clamp(1, 10_000);
+                let _ = fs::write(cpu_dir.join("cpu.weight"), w.to_string());
+            }
+            return Ok(());
+        }
+        // v1 keeps memsw >= limit at all times: raise memsw first when growing.
+        let limit = dir.join("memory.limit_in_bytes");
+        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        let current: u64 = fs::read_to_string(&limit)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let order: [&Path; 2] = if memory > current {
+            [&memsw, &limit]
+        } else {
+            [&limit, &memsw]
+        };
+        for f in order {
+            if f.exists() {
+                write(f, &mem)?;
+            }
+        }
+        if let Some(cpu) = self.dirs.iter().find(|d| d.join("cpu.shares").exists()) {
+            let _ = fs::write(cpu.join("cpu.shares"), cpu_shares(memory).to_string());
+        }
+        Ok(())
     }
 
     /// Removes the directories, retrying `EBUSY` while the kernel finishes killing tasks.

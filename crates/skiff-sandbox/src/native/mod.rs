@@ -16,7 +16,7 @@ pub use instance::NativeInstance;
 
 use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
 use async_trait::async_trait;
-use cgroup::CgroupRoot;
+use cgroup::{CgroupRoot, InstanceCgroup};
 use skiff_core::launch::{RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
 use skiff_core::protocol::{AgentConfig, Bind, Frame, Kind};
 use skiff_core::{Mode, Network};
@@ -64,6 +64,10 @@ pub struct NativeConfig {
     pub pids_max: u32,
     /// Install the seccomp filter.
     pub seccomp: bool,
+    /// Agents kept cloned, attached to their cgroups and exec'd ahead of demand, so a cold
+    /// start does not wait for the cgroup migration (on cgroup v1 that waits for an RCU grace
+    /// period: ~20 ms on an idle host). 0 disables the pool.
+    pub prewarm: usize,
     /// slirp4netns binary for `network: outbound`; `None` disables outbound networking.
     pub slirp4netns: Option<PathBuf>,
 }
@@ -86,6 +90,7 @@ impl NativeConfig {
             pids_max: 256,
             seccomp: true,
             slirp4netns: net::find_in_path("slirp4netns"),
+            prewarm: 2,
         }
     }
 }
@@ -93,11 +98,51 @@ impl NativeConfig {
 /// The native sandbox tier.
 pub struct NativeSandbox {
     cfg: NativeConfig,
-    cgroups: CgroupRoot,
     root_dir: String,
-    exec: spawn::AgentExec,
     /// Host system binds common to every instance.
     system_binds: Vec<Bind>,
+    spawner: Arc<Spawner>,
+}
+
+/// Clones agents into fresh namespaces and cgroups, and keeps a few ready ahead of demand.
+struct Spawner {
+    cgroups: CgroupRoot,
+    exec: spawn::AgentExec,
+    pids_max: u32,
+    prewarm: usize,
+    /// Pre-spawned agents waiting for their config.
+    pool: parking_lot::Mutex<Vec<Prepared>>,
+    /// Set while a background refill runs.
+    refilling: std::sync::atomic::AtomicBool,
+    /// Set at shutdown: no more pre-spawning.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Names pre-spawned agents' cgroups uniquely within the process (all sandboxes of one
+/// process share its `s<pid>` cgroup directory).
+static POOL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// An agent cloned ahead of demand: fresh namespaces, its own cgroups (`pool-…` until it is
+/// given an instance), exec'd and blocked reading its config.
+struct Prepared {
+    cg: InstanceCgroup,
+    host: std::os::unix::net::UnixStream,
+    err_r: OwnedFd,
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+}
+
+impl Prepared {
+    /// Kills and reaps the agent and removes its cgroups (pool entries never served).
+    fn discard(self) {
+        // SAFETY: signalling and reaping our own, not yet reaped, child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            let mut st = 0;
+            libc::waitpid(self.pid, &mut st, 0);
+        }
+        self.cg.remove_blocking(std::time::Duration::from_secs(1));
+    }
 }
 
 fn is_root() -> bool {
@@ -160,12 +205,21 @@ impl NativeSandbox {
             }
         }
         tracing::info!("native sandbox: cgroups {}", cgroups.describe());
+        let spawner = Arc::new(Spawner {
+            cgroups,
+            exec,
+            pids_max: cfg.pids_max,
+            prewarm: cfg.prewarm,
+            pool: parking_lot::Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        spawner.refill();
         Ok(NativeSandbox {
             root_dir: path_str(&root)?,
             cfg,
-            cgroups,
-            exec,
             system_binds,
+            spawner,
         })
     }
 
@@ -255,7 +309,7 @@ impl NativeSandbox {
 
     /// The cgroup directories an instance with this id uses (for tests and diagnostics).
     pub fn instance_cgroup_dirs(&self, instance_id: &str) -> Vec<PathBuf> {
-        self.cgroups.instance_dirs(instance_id)
+        self.spawner.cgroups.instance_dirs(instance_id)
     }
 
     fn agent_config(&self, spec: &InstanceSpec) -> Result<AgentConfig, SandboxError> {
@@ -303,6 +357,115 @@ impl NativeSandbox {
             wait_for_network: outbound,
             seccomp: self.cfg.seccomp,
         })
+    }
+}
+
+impl Drop for NativeSandbox {
+    fn drop(&mut self) {
+        self.spawner.drain();
+    }
+}
+
+impl Spawner {
+    /// Clones an agent into fresh namespaces and cgroups named `cgroup_id`. The parent returns
+    /// at once; the child joins the cgroups and execs the agent, which then waits for its config.
+    fn prepare(&self, cgroup_id: &str, memory: u64) -> Result<Prepared, SandboxError> {
+        let mut cg = self
+            .cgroups
+            .create(cgroup_id, memory, self.pids_max)
+            .map_err(|e| SandboxError::Start(format!("cgroup: {e}")))?;
+        let spawned = (|| -> std::io::Result<_> {
+            let (host, child) = std::os::unix::net::UnixStream::pair()?;
+            let (err_r, err_w) = pipe()?;
+            let devnull: OwnedFd = std::fs::File::open("/dev/null")?.into();
+            let child: OwnedFd = child.into();
+            let (pid, pidfd) = spawn::clone_agent(&self.exec, &cg.procs, &child, &devnull, &err_w)?;
+            Ok((host, err_r, pid, pidfd))
+        })();
+        cg.procs.clear();
+        match spawned {
+            Ok((host, err_r, pid, pidfd)) => Ok(Prepared {
+                cg,
+                host,
+                err_r,
+                pid,
+                pidfd,
+            }),
+            Err(e) => {
+                cg.remove_blocking(std::time::Duration::from_millis(500));
+                Err(SandboxError::Start(format!(
+                    "cannot start the sandbox agent: {e}"
+                )))
+            }
+        }
+    }
+
+    /// A pre-spawned agent for an instance, renamed and sized for it, or a freshly cloned one.
+    fn take_or_prepare(&self, spec: &InstanceSpec) -> Result<Prepared, SandboxError> {
+        let pooled = self.pool.lock().pop();
+        match pooled {
+            Some(mut p) => {
+                p.cg.rename(&spec.instance_id);
+                if let Err(e) = p.cg.set_memory(spec.spec.memory) {
+                    p.discard();
+                    return Err(SandboxError::Start(format!("cgroup memory limit: {e}")));
+                }
+                Ok(p)
+            }
+            None => self.prepare(&spec.instance_id, spec.spec.memory),
+        }
+    }
+
+    /// Tops the pool up to `prewarm` entries on a background thread (one refill at a time).
+    fn refill(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.prewarm == 0
+            || self.closed.load(Ordering::Acquire)
+            || self.pool.lock().len() >= self.prewarm
+        {
+            return;
+        }
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            while me.pool.lock().len() < me.prewarm && !me.closed.load(Ordering::Acquire) {
+                let n = POOL_SEQ.fetch_add(1, Ordering::Relaxed);
+                match me.prepare(&format!("pool-{n}"), skiff_core::spec::MEMORY_DEFAULT) {
+                    Ok(p) => {
+                        let mut pool = me.pool.lock();
+                        if me.closed.load(Ordering::Acquire) {
+                            drop(pool);
+                            p.discard();
+                        } else {
+                            pool.push(p);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("pre-spawning a sandbox failed: {e}");
+                        break;
+                    }
+                }
+            }
+            me.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Discards every pre-spawned agent and removes this server's cgroup directories.
+    fn drain(&self) {
+        use std::sync::atomic::Ordering;
+        self.closed.store(true, Ordering::Release);
+        // A refill in progress may still be cloning an agent: let it finish (it discards it).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.refilling.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let pooled: Vec<Prepared> = self.pool.lock().drain(..).collect();
+        for p in pooled {
+            p.discard();
+        }
+        self.cgroups.remove_server_dirs();
     }
 }
 
@@ -355,29 +518,15 @@ impl Sandbox for NativeSandbox {
         }
         .encode();
 
-        let mut cg = self
-            .cgroups
-            .create(&spec.instance_id, spec.spec.memory, self.cfg.pids_max)
-            .map_err(|e| SandboxError::Start(format!("cgroup: {e}")))?;
-        let spawned = (|| -> std::io::Result<_> {
-            let (host, child) = std::os::unix::net::UnixStream::pair()?;
-            let (err_r, err_w) = pipe()?;
-            let devnull: OwnedFd = std::fs::File::open("/dev/null")?.into();
-            let child: OwnedFd = child.into();
-            let (pid, pidfd) = spawn::clone_agent(&self.exec, &cg.procs, &child, &devnull, &err_w)?;
-            Ok((host, err_r, pid, pidfd))
-        })();
-        cg.procs.clear();
+        let Prepared {
+            cg,
+            host,
+            err_r,
+            pid,
+            pidfd,
+        } = self.spawner.take_or_prepare(&spec)?;
+        self.spawner.refill();
         let cg = Arc::new(cg);
-        let (host, err_r, pid, pidfd) = match spawned {
-            Ok(x) => x,
-            Err(e) => {
-                cg.remove().await;
-                return Err(SandboxError::Start(format!(
-                    "cannot start the sandbox agent: {e}"
-                )));
-            }
-        };
         let inst = match NativeInstance::launch(
             spec.instance_id.clone(),
             pidfd,
@@ -414,6 +563,11 @@ impl Sandbox for NativeSandbox {
             }
         }
         Ok(Arc::new(inst))
+    }
+
+    async fn shutdown(&self) {
+        let sp = self.spawner.clone();
+        let _ = tokio::task::spawn_blocking(move || sp.drain()).await;
     }
 }
 

@@ -1144,22 +1144,31 @@ async fn nothing_left_behind(ctx: Arc<Ctx>) -> Result<(), String> {
     check(left.is_empty(), || {
         format!("sandbox processes left: {left:?}")
     })?;
-    for parent in ctx
+    let parents: Vec<std::path::PathBuf> = ctx
         .sb
         .instance_cgroup_dirs("x")
         .iter()
-        .filter_map(|d| d.parent())
-    {
-        let children: Vec<_> = std::fs::read_dir(parent)
+        .filter_map(|d| d.parent().map(|p| p.to_path_buf()))
+        .collect();
+    for parent in &parents {
+        let children: Vec<String> = std::fs::read_dir(parent)
             .map(|rd| {
                 rd.flatten()
                     .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
             .unwrap_or_default();
-        check(children.is_empty(), || {
+        // Only pre-spawned agents (not yet given to any instance) may remain.
+        check(children.iter().all(|c| c.starts_with("pool-")), || {
             format!("cgroups left under {}: {children:?}", parent.display())
+        })?;
+    }
+    // Shutting the tier down removes the pre-spawned agents and this server's cgroup dirs.
+    ctx.sb.shutdown().await;
+    for parent in &parents {
+        check(!parent.exists(), || {
+            format!("{} left after shutdown", parent.display())
         })?;
     }
     let me = std::process::id().to_string();
