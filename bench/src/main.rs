@@ -39,8 +39,13 @@ impl Conn {
 
     /// POSTs and returns (status, headers text, body).
     fn post(&mut self, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+        self.request("POST", path, body)
+    }
+
+    /// Sends one request and returns (status, headers text, body).
+    fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.host,
             body.len()
         );
@@ -159,10 +164,11 @@ fn variant(src: &Path, dst: &Path, name: &str, extra: &str) {
     std::fs::write(dst.join("function.yaml"), out).unwrap();
 }
 
-fn measure(conn: &mut Conn, name: &str, n: usize, expect_cold: bool) -> Stats {
+fn measure(conn: &mut Conn, name: &str, n: usize, expect_cold: bool, pause: Duration) -> Stats {
     let path = format!("/v1/functions/{name}/invoke");
     let mut v = Vec::with_capacity(n);
     for i in 0..n {
+        std::thread::sleep(pause);
         let body = format!("{{\"name\":\"bench-{i}\"}}");
         let t = Instant::now();
         let (status, headers, resp) = conn.post(&path, body.as_bytes());
@@ -260,6 +266,21 @@ fn main() {
         &floor_unshare,
     );
     let mut conn = Conn::new(&addr);
+    // HTTP floor: the same client and server, no function.
+    let health = {
+        let mut v = Vec::with_capacity(warm_n);
+        for _ in 0..warm_n {
+            let t = Instant::now();
+            let (status, _, _) = conn.request("GET", "/health", b"");
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(status, 200);
+        }
+        stats(v)
+    };
+    row(
+        "floor: GET /health through the gateway (HTTP round trip)",
+        &health,
+    );
     let mut results = Vec::new();
     for (name, _, _, cold) in &fns {
         let n = if *cold { cold_n } else { warm_n };
@@ -275,7 +296,7 @@ fn main() {
         } else {
             n
         };
-        let s = measure(&mut conn, name, n, *cold);
+        let s = measure(&mut conn, name, n, *cold, Duration::ZERO);
         let label = match *name {
             "b-provided" => "warm invoke, provided (compiled) example",
             "b-provided-cold" => "cold start, provided example (network none)",
@@ -287,6 +308,40 @@ fn main() {
         results.push((name.to_string(), s));
         // Let ephemeral instances finish tearing down between series.
         std::thread::sleep(Duration::from_millis(300));
+    }
+    // Cold starts on a host that was idle for a moment (no back-to-back warm-up effects).
+    let idle = measure(
+        &mut conn,
+        "b-provided-cold",
+        cold_n.min(100),
+        true,
+        Duration::from_millis(100),
+    );
+    row(
+        "cold start, provided example, each after 100 ms idle",
+        &idle,
+    );
+    let idle_py = measure(
+        &mut conn,
+        "b-python-cold",
+        cold_n.min(50),
+        true,
+        Duration::from_millis(100),
+    );
+    row(
+        "cold start, python example, each after 100 ms idle",
+        &idle_py,
+    );
+    // Memory of idle warm instances (whole sandbox: agent + runtime process).
+    for name in ["b-provided", "b-python"] {
+        let (_, _, body) = conn.request("GET", &format!("/v1/functions/{name}/runtime"), b"");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if let Some(m) = v["instances"][0]["memory_bytes"].as_u64() {
+            println!(
+                "idle warm instance memory ({name}, cgroup usage incl. page cache): {:.1} MiB",
+                m as f64 / 1048576.0
+            );
+        }
     }
     let cold = &results
         .iter()
