@@ -42,6 +42,8 @@ pub struct InvokeOutput {
     pub init_duration: Option<Duration>,
     /// Function output captured during this invocation.
     pub logs: Vec<u8>,
+    /// Peak memory of the instance so far (bytes), when the sandbox reports it.
+    pub max_memory: Option<u64>,
 }
 
 /// Why an invocation produced no output.

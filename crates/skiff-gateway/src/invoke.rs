@@ -10,9 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use skiff_core::{Invocation, InvokeOutput, MAX_PAYLOAD_BYTES};
-use skiff_store::InvocationRecord;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Deserialize)]
 pub struct InvokeQuery {
@@ -69,7 +67,7 @@ pub async fn invoke(
         }
         payload.into()
     };
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::exec::request_id();
     let inv = Invocation {
         request_id: request_id.clone(),
         function: name,
@@ -78,23 +76,7 @@ pub async fn invoke(
         client_context: None,
         trace_id: None,
     };
-    let started_at_ms = skiff_core::units::now_ms();
-    let result = state.scheduler.invoke(&rev, inv).await;
-    let record =
-        |status: &str, error: Option<String>, cold: bool, duration: Duration, logs: Vec<u8>| {
-            InvocationRecord {
-                request_id: request_id.clone(),
-                function: rev.function.clone(),
-                revision: rev.number,
-                started_at_ms,
-                duration_us: duration.as_micros() as u64,
-                status: status.to_string(),
-                cold,
-                error,
-                logs,
-            }
-        };
-    match result {
+    match crate::exec::run(&state, &rev, inv).await {
         Ok(out) => {
             let InvokeOutput {
                 body,
@@ -103,18 +85,8 @@ pub async fn invoke(
                 instance_id,
                 cold,
                 duration,
-                logs,
                 ..
             } = out;
-            let status = if function_error.is_some() {
-                "function_error"
-            } else {
-                "ok"
-            };
-            let err_msg = function_error.as_ref().map(|e| e.message.clone());
-            state
-                .store
-                .record_invocation(record(status, err_msg, cold, duration, logs));
             let mut resp = match function_error {
                 None => (StatusCode::OK, body).into_response(),
                 Some(fe) => {
@@ -151,22 +123,6 @@ pub async fn invoke(
             );
             Ok(resp)
         }
-        Err(outcome) => {
-            let status = match outcome.kind {
-                skiff_core::ErrorKind::Timeout => "timeout",
-                skiff_core::ErrorKind::OutOfMemory => "out_of_memory",
-                skiff_core::ErrorKind::Crashed => "crashed",
-                skiff_core::ErrorKind::Throttled => "throttled",
-                skiff_core::ErrorKind::StartFailed => "start_failed",
-            };
-            state.store.record_invocation(record(
-                status,
-                Some(outcome.message.clone()),
-                outcome.cold,
-                Duration::ZERO,
-                outcome.log_tail.clone().into_bytes(),
-            ));
-            Err(ApiError::from(outcome).header("x-skiff-request-id", request_id))
-        }
+        Err(outcome) => Err(ApiError::from(outcome).header("x-skiff-request-id", request_id)),
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 pub mod auth;
 pub mod error;
+pub mod exec;
 mod functions;
 mod invoke;
 mod revisions;

@@ -105,4 +105,8 @@ pub trait Instance: Send + Sync {
     fn is_alive(&self) -> bool;
     /// Current memory use of the whole sandbox in bytes, when known.
     fn memory_usage(&self) -> Option<u64>;
+    /// Peak memory use of the whole sandbox since it started, in bytes, when known.
+    fn memory_peak(&self) -> Option<u64> {
+        None
+    }
 }

@@ -505,6 +505,7 @@ impl Scheduler {
                     duration,
                     init_duration: lease.init,
                     logs: r.logs,
+                    max_memory: lease.inst.memory_peak(),
                 })
             }
         };

@@ -427,6 +427,21 @@ impl InstanceCgroup {
             .ok()
     }
 
+    /// Peak memory use in bytes since the cgroup was created (v1 `max_usage_in_bytes`,
+    /// v2 `memory.peak`).
+    pub(crate) fn memory_peak(&self) -> Option<u64> {
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        fs::read_to_string(self.memory_dir().join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub(crate) fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }

@@ -527,6 +527,10 @@ impl Instance for NativeInstance {
     fn memory_usage(&self) -> Option<u64> {
         self.shared.cgroup.memory_usage()
     }
+
+    fn memory_peak(&self) -> Option<u64> {
+        self.shared.cgroup.memory_peak()
+    }
 }
 
 impl Drop for NativeInstance {

@@ -1,0 +1,70 @@
+//! The invoke path every entry point shares (`/v1/.../invoke`, the Lambda Invoke API, HTTP
+//! triggers, async event workers): run an [`Invocation`] of a resolved revision on the
+//! scheduler and record it (status, duration, logs) in the store.
+
+use crate::AppState;
+use skiff_core::{ErrorKind, Invocation, InvokeOutput, Outcome};
+use skiff_scheduler::Revision;
+use skiff_store::InvocationRecord;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A fresh request id (UUID v4, as Lambda uses).
+pub fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Stable status name of a platform outcome, as stored in invocation records.
+pub fn status_name(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::OutOfMemory => "out_of_memory",
+        ErrorKind::Crashed => "crashed",
+        ErrorKind::Throttled => "throttled",
+        ErrorKind::StartFailed => "start_failed",
+    }
+}
+
+/// Runs `inv` on `rev` and records the invocation. `Err` is a platform outcome (timeout,
+/// out of memory, crash, throttled); a function's own error is `Ok` with `function_error`.
+pub async fn run(
+    state: &AppState,
+    rev: &Arc<Revision>,
+    inv: Invocation,
+) -> Result<InvokeOutput, Outcome> {
+    let request_id = inv.request_id.clone();
+    let started_at_ms = skiff_core::units::now_ms();
+    let result = state.scheduler.invoke(rev, inv).await;
+    let (status, error, cold, duration, logs) = match &result {
+        Ok(out) => (
+            if out.function_error.is_some() {
+                "function_error"
+            } else {
+                "ok"
+            },
+            out.function_error.as_ref().map(|e| e.message.clone()),
+            out.cold,
+            out.duration,
+            out.logs.clone(),
+        ),
+        Err(o) => (
+            status_name(&o.kind),
+            Some(o.message.clone()),
+            o.cold,
+            Duration::ZERO,
+            o.log_tail.clone().into_bytes(),
+        ),
+    };
+    state.store.record_invocation(InvocationRecord {
+        request_id,
+        function: rev.function.clone(),
+        revision: rev.number,
+        started_at_ms,
+        duration_us: duration.as_micros() as u64,
+        status: status.to_string(),
+        cold,
+        error,
+        logs,
+    });
+    result
+}
