@@ -12,6 +12,7 @@ command -v slirp4netns >/dev/null || need+=(slirp4netns)   # network: outbound (
 command -v ip >/dev/null || need+=(iproute2)                # test hosts in network namespaces
 [ -x /usr/bin/python3 ] || need+=(python3)                  # runtime python3
 [ -x /usr/bin/node ] || need+=(nodejs)                      # runtime node
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # test clients (boto3, awslambdaric)
 command -v cc >/dev/null || need+=(build-essential)         # bundled SQLite, zstd
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -2,7 +2,7 @@
 //! digest; plaintext keys are never stored. With no keys configured (allowed only on a
 //! loopback bind) the API is open for local development.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, LambdaError};
 use crate::AppState;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -67,26 +67,35 @@ impl Auth {
     }
 }
 
-/// Middleware: rejects requests without a valid key when keys are configured.
-pub async fn require_key(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if !state.auth.required(&state) {
-        return Ok(next.run(req).await);
+/// The key a request presents: `Authorization: Bearer <key>`, or the access key id of an
+/// AWS SigV4 `Authorization` header (`AWS4-HMAC-SHA256 Credential=<key>/<date>/…`), so AWS
+/// SDKs authenticate with a Skiff API key as their access key id. The SigV4 signature itself
+/// is not verified (Skiff never stores the plaintext key it would need).
+fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    if let Some(k) = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+    {
+        return Some(k.trim());
     }
-    let key = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match key {
-        Some(k) if state.auth.valid(&state, k) => Ok(next.run(req).await),
+    let rest = v.strip_prefix("AWS4-HMAC-SHA256 ")?;
+    let cred = rest
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("Credential="))?;
+    cred.split('/').next().filter(|k| !k.is_empty())
+}
+
+/// Checks the request's key when keys are configured.
+pub fn check(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if !state.auth.required(state) {
+        return Ok(());
+    }
+    match presented_key(headers) {
+        Some(k) if state.auth.valid(state, k) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -99,5 +108,53 @@ pub async fn require_key(
             "missing API key: send Authorization: Bearer <key>",
         )
         .header("www-authenticate", "Bearer".into())),
+    }
+}
+
+/// Middleware: rejects requests without a valid key when keys are configured.
+pub async fn require_key(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check(&state, req.headers())?;
+    Ok(next.run(req).await)
+}
+
+/// [`require_key`] for the Lambda API: failures in Lambda's error shape (403
+/// `UnrecognizedClientException`, as AWS answers an unknown access key).
+pub async fn require_key_lambda(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, LambdaError> {
+    check(&state, req.headers()).map_err(|e| {
+        let mut e = LambdaError::from(e);
+        e.message = "The security token included in the request is invalid: use a Skiff API key as the access key id".into();
+        e
+    })?;
+    Ok(next.run(req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_bearer_and_sigv4() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("authorization", "Bearer sk_abc ".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("sk_abc"));
+        h.insert(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=sk_live/20261125/us-east-1/lambda/aws4_request, \
+             SignedHeaders=host;x-amz-date, Signature=abcd"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(presented_key(&h), Some("sk_live"));
+        h.insert("authorization", "Basic Zm9vOmJhcg==".parse().unwrap());
+        assert_eq!(presented_key(&h), None);
     }
 }

@@ -125,5 +125,77 @@ impl From<Outcome> for ApiError {
     }
 }
 
+/// An error in the AWS Lambda API's shape, for the `/2015-03-31` routes: the error name in
+/// `X-Amzn-ErrorType` and `{"Type","Message"}` as body, so SDKs raise their modelled
+/// exceptions (`ResourceNotFoundException`, …).
+#[derive(Debug)]
+pub struct LambdaError {
+    pub status: StatusCode,
+    /// Lambda's exception name, e.g. `ResourceNotFoundException`.
+    pub name: &'static str,
+    pub message: String,
+}
+
+impl LambdaError {
+    pub fn new(status: StatusCode, name: &'static str, message: impl Into<String>) -> LambdaError {
+        LambdaError {
+            status,
+            name,
+            message: message.into(),
+        }
+    }
+    /// `InvalidParameterValueException` (400).
+    pub fn invalid_parameter(message: impl Into<String>) -> LambdaError {
+        LambdaError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            message,
+        )
+    }
+}
+
+impl IntoResponse for LambdaError {
+    fn into_response(self) -> Response {
+        // Lambda's own errors say `User` for client faults and `Service` for its own.
+        let kind = if self.status.is_server_error() {
+            "Service"
+        } else {
+            "User"
+        };
+        let mut resp = (
+            self.status,
+            axum::Json(json!({"Type": kind, "Message": self.message, "message": self.message})),
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert("x-amzn-errortype", HeaderValue::from_static(self.name));
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<ApiError> for LambdaError {
+    /// Maps Skiff's error codes onto Lambda's exception names and statuses.
+    fn from(e: ApiError) -> LambdaError {
+        let (status, name) = match e.code {
+            "not_found" => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            "invalid_json" => (StatusCode::BAD_REQUEST, "InvalidRequestContentException"),
+            "payload_too_large" => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
+            "throttled" => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
+            "unauthorized" => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
+            "missing_secret" => (StatusCode::BAD_GATEWAY, "ResourceNotReadyException"),
+            "conflict" => (StatusCode::CONFLICT, "ResourceConflictException"),
+            _ if e.status.is_client_error() => {
+                (StatusCode::BAD_REQUEST, "InvalidParameterValueException")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+        };
+        LambdaError::new(status, name, e.message)
+    }
+}
+
 /// Result type of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;

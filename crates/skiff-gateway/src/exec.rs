@@ -32,9 +32,23 @@ pub async fn run(
     rev: &Arc<Revision>,
     inv: Invocation,
 ) -> Result<InvokeOutput, Outcome> {
+    run_with(state, rev, inv, true).await
+}
+
+/// [`run`]; `wait_for_capacity` false throttles at once when every instance is busy (see
+/// [`skiff_scheduler::Scheduler::invoke_with`]).
+pub async fn run_with(
+    state: &AppState,
+    rev: &Arc<Revision>,
+    inv: Invocation,
+    wait_for_capacity: bool,
+) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
-    let result = state.scheduler.invoke(rev, inv).await;
+    let result = state
+        .scheduler
+        .invoke_with(rev, inv, wait_for_capacity)
+        .await;
     let (status, error, cold, duration, logs) = match &result {
         Ok(out) => (
             if out.function_error.is_some() {

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 pub mod auth;
 pub mod error;
+mod events;
 pub mod exec;
 mod functions;
 mod invoke;
+mod lambda;
 mod revisions;
 
 pub use auth::Auth;
@@ -96,9 +98,19 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key,
         ));
+    let lambda_api = Router::new()
+        .route(
+            "/2015-03-31/functions/{function}/invocations",
+            post(lambda::invoke),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key_lambda,
+        ));
     Router::new()
         .route("/health", get(functions::health))
         .merge(api)
+        .merge(lambda_api)
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }

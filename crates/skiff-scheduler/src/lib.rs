@@ -428,12 +428,29 @@ impl Scheduler {
         rev: &Arc<Revision>,
         inv: Invocation,
     ) -> Result<InvokeOutput, Outcome> {
+        self.invoke_with(rev, inv, true).await
+    }
+
+    /// [`Scheduler::invoke`]; with `wait_for_capacity` false, an invocation that finds every
+    /// instance busy at `scale.max` is throttled at once (Lambda's semantics) instead of
+    /// waiting up to the function's timeout for a free instance.
+    pub async fn invoke_with(
+        &self,
+        rev: &Arc<Revision>,
+        inv: Invocation,
+        wait_for_capacity: bool,
+    ) -> Result<InvokeOutput, Outcome> {
         let t0 = Instant::now();
         let timeout = rev.spec.timeout;
         let pool = self.pool(rev);
         // Waiting for capacity is bounded by the function's timeout.
+        let wait = if wait_for_capacity {
+            timeout
+        } else {
+            Duration::ZERO
+        };
         let lease = pool
-            .acquire(self, t0 + timeout)
+            .acquire(self, t0 + wait)
             .await
             .inspect_err(|o| self.metrics.count_outcome(o))?;
         if lease.cold {

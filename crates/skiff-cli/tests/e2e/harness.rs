@@ -266,3 +266,36 @@ pub fn fixture_variant(name: &str, fields: &[(&str, &str)]) -> tempfile::TempDir
     std::fs::write(tmp.path().join("function.yaml"), lines.join("\n") + "\n").unwrap();
     tmp
 }
+
+/// Python packages for host-side test clients (boto3, …), installed once with
+/// `pip install --target target/pydeps/<name>`; returns the directory to put on PYTHONPATH.
+pub fn python_deps(name: &str, requirements: &[&str]) -> PathBuf {
+    let dir = repo_root().join("target/pydeps").join(name);
+    let stamp = dir.join(".installed");
+    let want = requirements.join("\n");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return dir;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(&dir)
+        .args(requirements)
+        .output()
+        .expect("python3 -m pip (run scripts/setup.sh to install python3-pip)");
+    assert!(
+        out.status.success(),
+        "pip install {want} failed (run scripts/setup.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&stamp, want).unwrap();
+    dir
+}
