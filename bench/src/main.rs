@@ -309,6 +309,28 @@ fn main() {
         // Let ephemeral instances finish tearing down between series.
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The same warm function through the Lambda Invoke API (what boto3 calls).
+    {
+        let path = "/2015-03-31/functions/b-provided/invocations";
+        let mut v = Vec::with_capacity(warm_n);
+        for i in 0..warm_n {
+            let body = format!("{{\"name\":\"bench-{i}\"}}");
+            let t = Instant::now();
+            let (status, headers, resp) = conn.post(path, body.as_bytes());
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(
+                status,
+                200,
+                "lambda api: {}",
+                String::from_utf8_lossy(&resp)
+            );
+            assert!(headers.contains("x-amz-executed-version: 1"), "{headers}");
+        }
+        row(
+            "warm invoke, provided, via the Lambda Invoke API",
+            &stats(v),
+        );
+    }
     // Cold starts on a host that was idle for a moment (no back-to-back warm-up effects).
     let idle = measure(
         &mut conn,

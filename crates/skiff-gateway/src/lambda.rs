@@ -43,9 +43,11 @@ pub fn parse_function_name(s: &str) -> Result<(&str, Option<&str>), LambdaError>
         [_, "function", name, q] => (*name, Some(*q)),
         ["arn", _, "lambda", _, _, "function", name] => (*name, None),
         ["arn", _, "lambda", _, _, "function", name, q] => (*name, Some(*q)),
-        _ => return Err(LambdaError::invalid_parameter(format!(
+        _ => {
+            return Err(LambdaError::invalid_parameter(format!(
             "FunctionName `{s}` is not a function name, `name:qualifier` or a Lambda function ARN"
-        ))),
+        )))
+        }
     };
     let valid_name = !name.is_empty()
         && name.len() <= 64
