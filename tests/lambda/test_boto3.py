@@ -151,6 +151,22 @@ class InvokeApi(unittest.TestCase):
             LAMBDA.invoke(FunctionName="fx-echo", InvocationType="Event",
                           Payload=json.dumps({"x": "a" * (1100 << 10)}))
 
+    def test_get_and_list_functions(self):
+        cfg = LAMBDA.get_function(FunctionName="fx-echo")["Configuration"]
+        self.assertEqual(cfg["FunctionName"], "fx-echo")
+        self.assertEqual(cfg["Version"], "2")
+        self.assertEqual(cfg["Handler"], "main.handler")
+        self.assertEqual(cfg["MemorySize"], 128)
+        self.assertEqual(cfg["Environment"]["Variables"], {"GREETING": "hi"})
+        self.assertEqual(len(base64.b64decode(cfg["CodeSha256"])), 32)
+        cfg = LAMBDA.get_function_configuration(FunctionName="fx-echo", Qualifier="stable")
+        self.assertEqual(cfg["Version"], "1")
+        self.assertTrue(cfg["FunctionArn"].endswith(":function:fx-echo:stable"), cfg)
+        names = {f["FunctionName"] for f in LAMBDA.list_functions()["Functions"]}
+        self.assertTrue({"fx-echo", "fx-error", "fx-sleep"} <= names, names)
+        with self.assertRaises(LAMBDA.exceptions.ResourceNotFoundException):
+            LAMBDA.get_function(FunctionName="no-such-function")
+
     def test_unknown_access_key_is_rejected(self):
         bad = client(access_key="sk_not_a_key")
         with self.assertRaises(botocore.exceptions.ClientError) as cm:

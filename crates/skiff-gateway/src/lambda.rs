@@ -152,6 +152,19 @@ fn log_result(
     base64::engine::general_purpose::STANDARD.encode(&out[start..])
 }
 
+/// Lambda's error for `e`, with AWS's "Function not found: ARN" message for a missing
+/// function, alias or revision.
+fn lambda_not_found(e: ApiError, name: &str, qualifier: Option<&str>) -> LambdaError {
+    let mut e = LambdaError::from(e);
+    if e.name == "ResourceNotFoundException" {
+        e.message = format!(
+            "Function not found: {}",
+            skiff_core::launch::function_arn(name, qualifier)
+        );
+    }
+    e
+}
+
 fn hv(v: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
 }
@@ -191,16 +204,7 @@ pub async fn invoke(
             )))
         }
     };
-    let not_found = |e: ApiError| {
-        let mut e = LambdaError::from(e);
-        if e.name == "ResourceNotFoundException" {
-            e.message = format!(
-                "Function not found: {}",
-                skiff_core::launch::function_arn(name, qualifier)
-            );
-        }
-        e
-    };
+    let not_found = |e: ApiError| lambda_not_found(e, name, qualifier);
     let rev = resolve(&state, name, qualifier).await.map_err(not_found)?;
     let client_context = client_context(&headers)?;
     let limit = if inv_type == "Event" {
@@ -353,6 +357,103 @@ pub async fn invoke(
         h.insert("x-amz-log-result", hv(log));
     }
     Ok(resp)
+}
+
+/// Lambda's `FunctionConfiguration` for one revision.
+fn configuration(rec: &skiff_store::RevisionRecord, qualifier: Option<&str>) -> serde_json::Value {
+    let spec = &rec.spec;
+    let sha = hex_to_base64(&rec.package_sha256);
+    // Lambda writes `2026-11-25T20:09:42.000+0000`.
+    let modified = skiff_core::units::rfc3339_ms(rec.created_at_ms).replace('Z', "+0000");
+    serde_json::json!({
+        "FunctionName": rec.function,
+        "FunctionArn": skiff_core::launch::function_arn(&rec.function, qualifier),
+        "Runtime": spec.runtime.as_str(),
+        "Handler": spec.handler,
+        "CodeSize": rec.package_size,
+        "CodeSha256": sha,
+        "Description": "",
+        "Timeout": spec.timeout.as_secs().max(1),
+        "MemorySize": spec.memory >> 20,
+        "LastModified": modified,
+        "Version": rec.number.to_string(),
+        "Environment": {"Variables": spec.env},
+        "EphemeralStorage": {"Size": spec.tmp >> 20},
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
+        "Architectures": [std::env::consts::ARCH],
+    })
+}
+
+fn hex_to_base64(hex: &str) -> String {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn revision_record(
+    state: &Arc<AppState>,
+    function_name: &str,
+    query_qualifier: Option<&str>,
+) -> Result<(skiff_store::RevisionRecord, Option<String>), LambdaError> {
+    let (name, from_name) = parse_function_name(function_name)?;
+    let qualifier = from_name.or(query_qualifier.filter(|q| !q.is_empty()));
+    if let Some(q) = qualifier {
+        check_qualifier(q)?;
+    }
+    let st = state.clone();
+    let (n, q) = (name.to_string(), qualifier.map(str::to_string));
+    let q2 = q.clone();
+    let rec = crate::blocking(move || Ok(st.store.resolve(&n, q2.as_deref())?))
+        .await
+        .map_err(|e| lambda_not_found(e, name, qualifier))?;
+    Ok((rec, q))
+}
+
+/// `GET /2015-03-31/functions/{FunctionName}` (GetFunction).
+pub async fn get_function(
+    State(state): State<Arc<AppState>>,
+    Path(function_name): Path<String>,
+    Query(q): Query<InvokeQuery>,
+) -> Result<Response, LambdaError> {
+    let (rec, qualifier) = revision_record(&state, &function_name, q.qualifier.as_deref()).await?;
+    Ok(axum::Json(serde_json::json!({
+        "Configuration": configuration(&rec, qualifier.as_deref()),
+        "Code": {"RepositoryType": "Skiff"},
+    }))
+    .into_response())
+}
+
+/// `GET /2015-03-31/functions/{FunctionName}/configuration` (GetFunctionConfiguration).
+pub async fn get_configuration(
+    State(state): State<Arc<AppState>>,
+    Path(function_name): Path<String>,
+    Query(q): Query<InvokeQuery>,
+) -> Result<Response, LambdaError> {
+    let (rec, qualifier) = revision_record(&state, &function_name, q.qualifier.as_deref()).await?;
+    Ok(axum::Json(configuration(&rec, qualifier.as_deref())).into_response())
+}
+
+/// `GET /2015-03-31/functions/` (ListFunctions): the `production` revision of every deployed
+/// function, in one page.
+pub async fn list_functions(State(state): State<Arc<AppState>>) -> Result<Response, LambdaError> {
+    let st = state.clone();
+    let recs = crate::blocking(move || {
+        let mut out = Vec::new();
+        for f in st.store.list_functions()? {
+            if f.production_revision.is_some() {
+                if let Ok(rec) = st.store.resolve(&f.name, None) {
+                    out.push(rec);
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let functions: Vec<_> = recs.iter().map(|r| configuration(r, None)).collect();
+    Ok(axum::Json(serde_json::json!({ "Functions": functions })).into_response())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! [`error`] only.
 
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
 use skiff_scheduler::Scheduler;
@@ -103,6 +104,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/2015-03-31/functions/{function}/invocations",
             post(lambda::invoke),
         )
+        // SDKs request ListFunctions with and without the trailing slash.
+        .route("/2015-03-31/functions/", get(lambda::list_functions))
+        .route("/2015-03-31/functions", get(lambda::list_functions))
+        .route(
+            "/2015-03-31/functions/{function}",
+            get(lambda::get_function),
+        )
+        .route(
+            "/2015-03-31/functions/{function}/configuration",
+            get(lambda::get_configuration),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key_lambda,
@@ -111,6 +123,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(functions::health))
         .merge(api)
         .merge(lambda_api)
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path().starts_with("/2015-03-31/") {
+                error::LambdaError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "UnknownOperationException",
+                    format!("Skiff does not implement {}", uri.path()),
+                )
+                .into_response()
+            } else {
+                ApiError::not_found("no such route").into_response()
+            }
+        })
         .with_state(state)
 }
