@@ -1,10 +1,23 @@
-//! The one place where errors become HTTP responses: `{"error":{"code","message",…}}`.
+//! The one place where errors become HTTP responses: `{"error":{"code","message",…}}` for the
+//! API, `{"message"}` (API Gateway's shape) for public HTTP triggers.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use skiff_core::{ErrorKind, Outcome, SpecError};
 use skiff_store::StoreError;
+
+/// How an error body is rendered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// Skiff's API shape: `{"error":{"code","message",…}}`.
+    #[default]
+    Api,
+    /// API Gateway's shape for public HTTP triggers: `{"message": …}`. 4xx keep their message;
+    /// 5xx say only `Internal Server Error` / `Endpoint request timed out` (details such as log
+    /// tails stay out of public replies). The code goes in `x-skiff-error`.
+    Gateway,
+}
 
 /// An API error with its status, stable code and human message.
 #[derive(Debug)]
@@ -14,6 +27,7 @@ pub struct ApiError {
     pub message: String,
     pub extra: Map<String, Value>,
     pub headers: Vec<(&'static str, String)>,
+    pub shape: Shape,
 }
 
 impl ApiError {
@@ -24,6 +38,7 @@ impl ApiError {
             message: message.into(),
             extra: Map::new(),
             headers: Vec::new(),
+            shape: Shape::Api,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -49,6 +64,20 @@ impl ApiError {
             format!("request body is not valid JSON: {e}"),
         )
     }
+    /// The function raised an error behind an HTTP trigger: 502, as API Gateway answers.
+    pub fn function_error(error_type: String, message: String) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, "function_error", message)
+            .header("x-skiff-function-error", error_type)
+    }
+    /// The function's reply is not a valid HTTP trigger response (see `apigw`): 502.
+    pub fn invalid_reply(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, "invalid_reply", reason)
+    }
+    /// Renders this error in API Gateway's shape (public HTTP triggers).
+    pub fn gateway(mut self) -> ApiError {
+        self.shape = Shape::Gateway;
+        self
+    }
     /// Adds a field to the error object.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
         self.extra.insert(key.to_string(), value.into());
@@ -63,11 +92,27 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut err = Map::new();
-        err.insert("code".into(), Value::from(self.code));
-        err.insert("message".into(), Value::from(self.message));
-        err.extend(self.extra);
-        let mut resp = (self.status, axum::Json(json!({ "error": err }))).into_response();
+        let mut resp = match self.shape {
+            Shape::Api => {
+                let mut err = Map::new();
+                err.insert("code".into(), Value::from(self.code));
+                err.insert("message".into(), Value::from(self.message));
+                err.extend(self.extra);
+                (self.status, axum::Json(json!({ "error": err }))).into_response()
+            }
+            Shape::Gateway => {
+                let message = match self.status {
+                    StatusCode::GATEWAY_TIMEOUT => "Endpoint request timed out",
+                    s if s.is_server_error() => "Internal Server Error",
+                    _ => &self.message,
+                };
+                let mut resp =
+                    (self.status, axum::Json(json!({ "message": message }))).into_response();
+                resp.headers_mut()
+                    .insert("x-skiff-error", HeaderValue::from_static(self.code));
+                resp
+            }
+        };
         for (k, v) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(k, v);

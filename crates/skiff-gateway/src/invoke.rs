@@ -40,6 +40,28 @@ fn header(v: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
 }
 
+/// Sets the `x-skiff-*` headers that tell a caller which invocation answered.
+pub(crate) fn skiff_headers(
+    h: &mut HeaderMap,
+    request_id: &str,
+    revision: u32,
+    instance_id: &str,
+    cold: bool,
+    duration: std::time::Duration,
+) {
+    h.insert("x-skiff-request-id", header(request_id));
+    h.insert("x-skiff-revision", header(revision));
+    h.insert(
+        "x-skiff-cold-start",
+        HeaderValue::from_static(if cold { "true" } else { "false" }),
+    );
+    h.insert("x-skiff-instance", header(instance_id));
+    h.insert(
+        "x-skiff-duration-ms",
+        header(format!("{:.3}", duration.as_secs_f64() * 1e3)),
+    );
+}
+
 /// Reads a JSON request body of at most `limit` bytes into `T`.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
@@ -110,17 +132,7 @@ pub async fn invoke(
                 axum::http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            h.insert("x-skiff-request-id", header(&request_id));
-            h.insert("x-skiff-revision", header(revision));
-            h.insert(
-                "x-skiff-cold-start",
-                HeaderValue::from_static(if cold { "true" } else { "false" }),
-            );
-            h.insert("x-skiff-instance", header(instance_id));
-            h.insert(
-                "x-skiff-duration-ms",
-                header(format!("{:.3}", duration.as_secs_f64() * 1e3)),
-            );
+            skiff_headers(h, &request_id, revision, &instance_id, cold, duration);
             Ok(resp)
         }
         Err(outcome) => Err(ApiError::from(outcome).header("x-skiff-request-id", request_id)),

@@ -10,6 +10,7 @@ use skiff_scheduler::Scheduler;
 use skiff_store::Store;
 use std::sync::Arc;
 
+pub mod apigw;
 pub mod auth;
 pub mod error;
 pub mod exec;
@@ -98,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route("/health", get(functions::health))
+        .merge(apigw::routes())
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
