@@ -13,9 +13,10 @@ pub enum Shape {
     /// Skiff's API shape: `{"error":{"code","message",…}}`.
     #[default]
     Api,
-    /// API Gateway's shape for public HTTP triggers: `{"message": …}`. 4xx keep their message;
-    /// 5xx say only `Internal Server Error` / `Endpoint request timed out` (details such as log
-    /// tails stay out of public replies). The code goes in `x-skiff-error`.
+    /// API Gateway's shape for public HTTP triggers: `{"message": …}`. Only errors in the
+    /// request itself (400, 404, 413) keep their message; others say only their reason phrase,
+    /// 5xx `Internal Server Error` / `Endpoint request timed out` (log tails, secret names and
+    /// limits stay out of public replies). The code goes in `x-skiff-error`.
     Gateway,
 }
 
@@ -102,9 +103,12 @@ impl IntoResponse for ApiError {
             }
             Shape::Gateway => {
                 let message = match self.status {
+                    StatusCode::BAD_REQUEST
+                    | StatusCode::NOT_FOUND
+                    | StatusCode::PAYLOAD_TOO_LARGE => &self.message,
                     StatusCode::GATEWAY_TIMEOUT => "Endpoint request timed out",
                     s if s.is_server_error() => "Internal Server Error",
-                    _ => &self.message,
+                    s => s.canonical_reason().unwrap_or("Error"),
                 };
                 let mut resp =
                     (self.status, axum::Json(json!({ "message": message }))).into_response();
@@ -172,3 +176,75 @@ impl From<Outcome> for ApiError {
 
 /// Result type of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn render(e: ApiError) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let resp = e.into_response();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    fn outcome(kind: ErrorKind) -> Outcome {
+        Outcome {
+            kind,
+            message: "detail: secret internals".into(),
+            log_tail: "a log line".into(),
+            revision: 3,
+            cold: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn gateway_shape_hides_details_of_platform_errors() {
+        for (kind, status, message) in [
+            (ErrorKind::Crashed, 502, "Internal Server Error"),
+            (ErrorKind::OutOfMemory, 502, "Internal Server Error"),
+            (ErrorKind::StartFailed, 500, "Internal Server Error"),
+            (ErrorKind::Timeout, 504, "Endpoint request timed out"),
+            (ErrorKind::Throttled, 429, "Too Many Requests"),
+        ] {
+            let (st, h, v) = render(ApiError::from(outcome(kind)).gateway()).await;
+            assert_eq!(st.as_u16(), status);
+            assert_eq!(v, json!({ "message": message }));
+            assert!(!h["x-skiff-error"].is_empty());
+            assert_eq!(h["x-skiff-revision"], "3");
+        }
+        let (st, h, v) =
+            render(ApiError::function_error("ValueError".into(), "x".into()).gateway()).await;
+        assert_eq!(
+            (st.as_u16(), &v),
+            (502, &json!({"message": "Internal Server Error"}))
+        );
+        assert_eq!(h["x-skiff-function-error"], "ValueError");
+        assert_eq!(h["x-skiff-error"], "function_error");
+    }
+
+    #[tokio::test]
+    async fn gateway_shape_keeps_request_error_messages() {
+        let (st, h, v) = render(ApiError::not_found("function `x` not found").gateway()).await;
+        assert_eq!(
+            (st.as_u16(), &v),
+            (404, &json!({"message": "function `x` not found"}))
+        );
+        assert_eq!(h["x-skiff-error"], "not_found");
+        let secret = ApiError::new(
+            StatusCode::FAILED_DEPENDENCY,
+            "missing_secret",
+            "db-password",
+        );
+        let (_, _, v) = render(secret.gateway()).await;
+        assert_eq!(v, json!({"message": "Failed Dependency"}));
+        // The API shape is unchanged.
+        let (_, _, v) = render(ApiError::from(outcome(ErrorKind::Crashed))).await;
+        assert_eq!(v["error"]["code"], "function_crashed");
+        assert_eq!(v["error"]["logs"], "a log line");
+    }
+}
