@@ -10,6 +10,7 @@ as a subprocess against it with a temporary LAMBDA_TASK_ROOT, exactly as the age
 functions are run directly with the payload on stdin.
 """
 
+import base64
 import http.server
 import json
 import os
@@ -794,7 +795,7 @@ def specs_are_well_formed():
             exe = os.path.join(d, spec["handler"].split()[0])
             assert os.access(exe, os.X_OK), exe + " not executable"
     expected = {"python-hello", "node-hello", "provided-hello", "command-hello", "fx-echo", "fx-error", "fx-sleep",
-                "fx-memhog", "fx-probe", "fx-node-echo", "fx-cmd-echo"}
+                "fx-memhog", "fx-probe", "fx-node-echo", "fx-cmd-echo", "fx-apigw"}
     assert expected <= names, expected - names
     want = {
         "fx-echo": {"scale": {"idle": "2s"}, "env": {"GREETING": "hi"}},
@@ -897,6 +898,21 @@ def fixture_fx_error():
     with fn_session(fixture("fx-error")) as s:
         err, _ = s.fail(event={})
         eq((err["errorType"], err["errorMessage"]), ("ValueError", "boom: bad input"), "error")
+
+
+@test
+def fixture_fx_apigw():
+    with fn_session(fixture("fx-apigw")) as s:
+        ev = {"version": "2.0", "rawPath": "/echo/x", "queryStringParameters": {"a": "1"}}
+        eq(s.ok(event=ev)["event"], ev, "echo")
+        eq(s.ok(event={"rawPath": "/value"}), [1, "two", None, {"k": True}], "plain value")
+        data = bytes(range(256))
+        r = s.ok(event={"rawPath": "/binary", "body": base64.b64encode(data).decode(), "isBase64Encoded": True})
+        eq((base64.b64decode(r["body"]), r["isBase64Encoded"]), (data, True), "binary round trip")
+        r = s.ok(event={"rawPath": "/custom", "queryStringParameters": {"status": "418"}})
+        eq((r["statusCode"], r["cookies"], r["body"]), (418, ["session=abc; Path=/; HttpOnly", "theme=dark"], "created"), "custom")
+        err, _ = s.fail(event={"rawPath": "/error"})
+        eq(err["errorType"], "ValueError", "error")
 
 
 @test

@@ -121,7 +121,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "skiff listening on http://{addr} ({mode}); data in {}",
             data_dir.display()
         );
-        axum::serve(listener, skiff_gateway::router(state))
+        // Connection info gives HTTP triggers the client's address (`sourceIp`).
+        let app = skiff_gateway::router(state)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
         eprintln!("skiff shutting down: stopping instances");

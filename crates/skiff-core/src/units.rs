@@ -61,9 +61,11 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Formats Unix-epoch milliseconds as RFC 3339 UTC with milliseconds
-/// (`2026-11-23T19:55:12.345Z`).
-pub fn rfc3339_ms(ms: i64) -> String {
+/// A UTC calendar time: `(year, month, day, hour, minute, second, millisecond)`.
+type Civil = (i64, i64, i64, i64, i64, i64, i64);
+
+/// Splits Unix-epoch milliseconds into UTC calendar fields.
+fn civil(ms: i64) -> Civil {
     let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -76,12 +78,25 @@ pub fn rfc3339_ms(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60, millis)
+}
+
+/// Formats Unix-epoch milliseconds as RFC 3339 UTC with milliseconds
+/// (`2026-11-23T19:55:12.345Z`).
+pub fn rfc3339_ms(ms: i64) -> String {
+    let (y, m, d, hh, mm, ss, millis) = civil(ms);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{millis:03}Z")
+}
+
+/// Formats Unix-epoch milliseconds in the Common Log Format time API Gateway uses in
+/// `requestContext.time` (`12/Mar/2020:19:03:58 +0000`).
+pub fn clf_time(ms: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (y, m, d, hh, mm, ss, _) = civil(ms);
+    let mon = MONTHS[(m - 1) as usize];
+    format!("{d:02}/{mon}/{y:04}:{hh:02}:{mm:02}:{ss:02} +0000")
 }
 
 #[cfg(test)]
@@ -97,6 +112,15 @@ mod tests {
             super::rfc3339_ms(1_795_463_712_573),
             "2026-11-23T19:55:12.573Z"
         );
+    }
+
+    #[test]
+    fn clf_time() {
+        assert_eq!(
+            super::clf_time(1_583_348_638_390),
+            "04/Mar/2020:19:03:58 +0000"
+        );
+        assert_eq!(super::clf_time(0), "01/Jan/1970:00:00:00 +0000");
     }
 
     use super::*;

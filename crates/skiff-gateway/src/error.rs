@@ -1,10 +1,24 @@
-//! The one place where errors become HTTP responses: `{"error":{"code","message",…}}`.
+//! The one place where errors become HTTP responses: `{"error":{"code","message",…}}` for the
+//! API, `{"message"}` (API Gateway's shape) for public HTTP triggers.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use skiff_core::{ErrorKind, Outcome, SpecError};
 use skiff_store::StoreError;
+
+/// How an error body is rendered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// Skiff's API shape: `{"error":{"code","message",…}}`.
+    #[default]
+    Api,
+    /// API Gateway's shape for public HTTP triggers: `{"message": …}`. Only errors in the
+    /// request itself (400, 404, 413) keep their message; others say only their reason phrase,
+    /// 5xx `Internal Server Error` / `Endpoint request timed out` (log tails, secret names and
+    /// limits stay out of public replies). The code goes in `x-skiff-error`.
+    Gateway,
+}
 
 /// An API error with its status, stable code and human message.
 #[derive(Debug)]
@@ -14,6 +28,7 @@ pub struct ApiError {
     pub message: String,
     pub extra: Map<String, Value>,
     pub headers: Vec<(&'static str, String)>,
+    pub shape: Shape,
 }
 
 impl ApiError {
@@ -24,6 +39,7 @@ impl ApiError {
             message: message.into(),
             extra: Map::new(),
             headers: Vec::new(),
+            shape: Shape::Api,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -49,6 +65,20 @@ impl ApiError {
             format!("request body is not valid JSON: {e}"),
         )
     }
+    /// The function raised an error behind an HTTP trigger: 502, as API Gateway answers.
+    pub fn function_error(error_type: String, message: String) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, "function_error", message)
+            .header("x-skiff-function-error", error_type)
+    }
+    /// The function's reply is not a valid HTTP trigger response (see `apigw`): 502.
+    pub fn invalid_reply(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, "invalid_reply", reason)
+    }
+    /// Renders this error in API Gateway's shape (public HTTP triggers).
+    pub fn gateway(mut self) -> ApiError {
+        self.shape = Shape::Gateway;
+        self
+    }
     /// Adds a field to the error object.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
         self.extra.insert(key.to_string(), value.into());
@@ -63,11 +93,30 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut err = Map::new();
-        err.insert("code".into(), Value::from(self.code));
-        err.insert("message".into(), Value::from(self.message));
-        err.extend(self.extra);
-        let mut resp = (self.status, axum::Json(json!({ "error": err }))).into_response();
+        let mut resp = match self.shape {
+            Shape::Api => {
+                let mut err = Map::new();
+                err.insert("code".into(), Value::from(self.code));
+                err.insert("message".into(), Value::from(self.message));
+                err.extend(self.extra);
+                (self.status, axum::Json(json!({ "error": err }))).into_response()
+            }
+            Shape::Gateway => {
+                let message = match self.status {
+                    StatusCode::BAD_REQUEST
+                    | StatusCode::NOT_FOUND
+                    | StatusCode::PAYLOAD_TOO_LARGE => &self.message,
+                    StatusCode::GATEWAY_TIMEOUT => "Endpoint request timed out",
+                    s if s.is_server_error() => "Internal Server Error",
+                    s => s.canonical_reason().unwrap_or("Error"),
+                };
+                let mut resp =
+                    (self.status, axum::Json(json!({ "message": message }))).into_response();
+                resp.headers_mut()
+                    .insert("x-skiff-error", HeaderValue::from_static(self.code));
+                resp
+            }
+        };
         for (k, v) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(k, v);
@@ -199,3 +248,75 @@ impl From<ApiError> for LambdaError {
 
 /// Result type of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn render(e: ApiError) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let resp = e.into_response();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    fn outcome(kind: ErrorKind) -> Outcome {
+        Outcome {
+            kind,
+            message: "detail: secret internals".into(),
+            log_tail: "a log line".into(),
+            revision: 3,
+            cold: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn gateway_shape_hides_details_of_platform_errors() {
+        for (kind, status, message) in [
+            (ErrorKind::Crashed, 502, "Internal Server Error"),
+            (ErrorKind::OutOfMemory, 502, "Internal Server Error"),
+            (ErrorKind::StartFailed, 500, "Internal Server Error"),
+            (ErrorKind::Timeout, 504, "Endpoint request timed out"),
+            (ErrorKind::Throttled, 429, "Too Many Requests"),
+        ] {
+            let (st, h, v) = render(ApiError::from(outcome(kind)).gateway()).await;
+            assert_eq!(st.as_u16(), status);
+            assert_eq!(v, json!({ "message": message }));
+            assert!(!h["x-skiff-error"].is_empty());
+            assert_eq!(h["x-skiff-revision"], "3");
+        }
+        let (st, h, v) =
+            render(ApiError::function_error("ValueError".into(), "x".into()).gateway()).await;
+        assert_eq!(
+            (st.as_u16(), &v),
+            (502, &json!({"message": "Internal Server Error"}))
+        );
+        assert_eq!(h["x-skiff-function-error"], "ValueError");
+        assert_eq!(h["x-skiff-error"], "function_error");
+    }
+
+    #[tokio::test]
+    async fn gateway_shape_keeps_request_error_messages() {
+        let (st, h, v) = render(ApiError::not_found("function `x` not found").gateway()).await;
+        assert_eq!(
+            (st.as_u16(), &v),
+            (404, &json!({"message": "function `x` not found"}))
+        );
+        assert_eq!(h["x-skiff-error"], "not_found");
+        let secret = ApiError::new(
+            StatusCode::FAILED_DEPENDENCY,
+            "missing_secret",
+            "db-password",
+        );
+        let (_, _, v) = render(secret.gateway()).await;
+        assert_eq!(v, json!({"message": "Failed Dependency"}));
+        // The API shape is unchanged.
+        let (_, _, v) = render(ApiError::from(outcome(ErrorKind::Crashed))).await;
+        assert_eq!(v["error"]["code"], "function_crashed");
+        assert_eq!(v["error"]["logs"], "a log line");
+    }
+}

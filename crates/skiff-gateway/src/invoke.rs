@@ -18,26 +18,72 @@ pub struct InvokeQuery {
 }
 
 /// Reads a request body up to `limit` bytes; larger bodies are a 413.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
+pub async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> ApiResult<bytes::Bytes> {
     if let Some(len) = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
     {
         if len > limit {
+            drain(body).await;
             return Err(ApiError::too_large(limit));
         }
     }
-    match Limited::new(body, limit).collect().await {
+    match Limited::new(&mut body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            drain(body).await;
+            Err(ApiError::too_large(limit))
+        }
         Err(e) => Err(ApiError::bad_request(format!(
             "could not read request body: {e}"
         ))),
     }
 }
 
+/// Reads and discards the rest of a rejected body (at most 64 MiB, for at most 5 s), so a
+/// client still uploading sees the error reply instead of a reset connection.
+async fn drain(mut body: Body) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut left = 64usize << 20;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len());
+            match left.checked_sub(n) {
+                Some(l) => left = l,
+                None => break,
+            }
+        }
+    })
+    .await;
+}
+
 fn header(v: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// Sets the `x-skiff-*` headers that tell a caller which invocation answered.
+pub(crate) fn skiff_headers(
+    h: &mut HeaderMap,
+    request_id: &str,
+    revision: u32,
+    instance_id: &str,
+    cold: bool,
+    duration: std::time::Duration,
+) {
+    h.insert("x-skiff-request-id", header(request_id));
+    h.insert("x-skiff-revision", header(revision));
+    h.insert(
+        "x-skiff-cold-start",
+        HeaderValue::from_static(if cold { "true" } else { "false" }),
+    );
+    h.insert("x-skiff-instance", header(instance_id));
+    h.insert(
+        "x-skiff-duration-ms",
+        header(format!("{:.3}", duration.as_secs_f64() * 1e3)),
+    );
 }
 
 /// Reads a JSON request body of at most `limit` bytes into `T`.
@@ -110,17 +156,7 @@ pub async fn invoke(
                 axum::http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            h.insert("x-skiff-request-id", header(&request_id));
-            h.insert("x-skiff-revision", header(revision));
-            h.insert(
-                "x-skiff-cold-start",
-                HeaderValue::from_static(if cold { "true" } else { "false" }),
-            );
-            h.insert("x-skiff-instance", header(instance_id));
-            h.insert(
-                "x-skiff-duration-ms",
-                header(format!("{:.3}", duration.as_secs_f64() * 1e3)),
-            );
+            skiff_headers(h, &request_id, revision, &instance_id, cold, duration);
             Ok(resp)
         }
         Err(outcome) => Err(ApiError::from(outcome).header("x-skiff-request-id", request_id)),

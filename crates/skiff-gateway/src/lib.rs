@@ -11,6 +11,7 @@ use skiff_scheduler::Scheduler;
 use skiff_store::Store;
 use std::sync::Arc;
 
+pub mod apigw;
 pub mod auth;
 pub mod error;
 mod events;
@@ -121,6 +122,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route("/health", get(functions::health))
+        .merge(apigw::routes())
         .merge(api)
         .merge(lambda_api)
         .fallback(|uri: axum::http::Uri| async move {

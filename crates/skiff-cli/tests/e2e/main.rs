@@ -2,6 +2,7 @@
 //! sandbox security, auth, durability and concurrency. Run as root (the native sandbox needs it).
 
 mod harness;
+mod http_trigger;
 mod lambda_api;
 
 use harness::*;
