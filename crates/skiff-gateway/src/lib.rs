@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod exec;
 mod functions;
 mod invoke;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub scheduler: Arc<Scheduler>,
     pub auth: Auth,
     pub revisions: RevisionCache,
+    /// Async invocation queue: wake-ups, shutdown and counters (see [`events`]).
+    pub events: events::EventQueue,
 }
 
 impl AppState {
@@ -39,6 +42,7 @@ impl AppState {
             scheduler,
             auth,
             revisions: RevisionCache::default(),
+            events: events::EventQueue::default(),
         })
     }
 }
@@ -80,6 +84,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
+        .route("/v1/functions/{name}/dlq", get(events::list_dlq))
+        .route(
+            "/v1/functions/{name}/dlq/{id}",
+            axum::routing::delete(events::delete_dead),
+        )
+        .route("/v1/functions/{name}/dlq/{id}/retry", post(events::redrive))
+        .route("/v1/functions/{name}/events/{id}", get(events::get_event))
         .route(
             "/v1/functions/{name}/invocations",
             get(functions::invocations),
