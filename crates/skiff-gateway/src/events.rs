@@ -198,7 +198,10 @@ async fn dispatch(state: Arc<AppState>, cfg: EventConfig) {
     let st = state.clone();
     match blocking(move || Ok(st.store.requeue_running_events(now_ms())?)).await {
         Ok(0) => {}
-        Ok(n) => tracing::info!(events = n, "requeued events interrupted by the last shutdown"),
+        Ok(n) => tracing::info!(
+            events = n,
+            "requeued events interrupted by the last shutdown"
+        ),
         Err(e) => tracing::error!(error = %e.message, "could not requeue running events"),
     }
     let slots = Arc::new(Semaphore::new(workers));
@@ -337,7 +340,8 @@ async fn run_event(
             };
             counter.fetch_add(1, Ordering::Relaxed);
             tracing::info!(event = %id, attempts, error = %f.message, retry = retry_at.is_some(), "event attempt failed");
-            let r = blocking(move || Ok(st.store.fail_event(&id, &f.message, retry_at, now)?)).await;
+            let r =
+                blocking(move || Ok(st.store.fail_event(&id, &f.message, retry_at, now)?)).await;
             if retry_at.is_some() {
                 // The dispatcher may be sleeping past this retry's due time.
                 q.wake.notify_one();
@@ -373,10 +377,10 @@ pub(crate) fn is_async(headers: &HeaderMap, async_query: Option<&str>) -> ApiRes
         Some("true" | "1") => asynchronous = true,
         Some("false" | "0") => {}
         Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "async: `{other}` is not true or false"
-            ))
-            .with("field", "async"))
+            return Err(
+                ApiError::bad_request(format!("async: `{other}` is not true or false"))
+                    .with("field", "async"),
+            )
         }
     }
     Ok(asynchronous)
@@ -434,7 +438,11 @@ fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
