@@ -331,3 +331,68 @@ fn accepted_events_survive_kill9() {
         "kill -9 with 30 accepted events: {pending} not done at restart, {rerun} interrupted mid-attempt; all ran"
     );
 }
+
+#[test]
+fn events_whose_target_is_gone_are_not_retried() {
+    let s = Server::start_with(&["--event-workers", "1", "--event-retry-base", "100ms"]);
+    let f = announcer("blocker", "timeout: 10s\n", 1.5);
+    s.deploy(f.path());
+    let r = s
+        .http
+        .put(format!("{}/v1/functions/blocker/aliases/staging", s.url))
+        .body(r#"{"revision": 1}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The single worker is busy with the first event while the alias disappears.
+    let first = enqueue(&s, "blocker", &json!({}));
+    let r = s.post(
+        "/v1/functions/blocker/invoke?async=true&qualifier=staging",
+        "{}",
+    );
+    assert_eq!(r.status(), 202);
+    let orphan = r.json::<Value>().unwrap()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .http
+        .delete(format!("{}/v1/functions/blocker/aliases/staging", s.url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(event(&s, "blocker", &orphan)["state"], "queued");
+    let ev = wait_state(&s, "blocker", &orphan, "dead", Duration::from_secs(30));
+    assert_eq!(ev["attempts"], 1, "dead-lettered without retries: {ev}");
+    assert!(
+        ev["error"].as_str().unwrap().contains("alias `staging`"),
+        "{ev}"
+    );
+    assert_eq!(event(&s, "blocker", &first)["state"], "done");
+
+    // Deleting the function drops its queued events instead of running them.
+    let busy = enqueue(&s, "blocker", &json!({}));
+    wait_state(&s, "blocker", &busy, "running", Duration::from_secs(10));
+    let queued: Vec<String> = (0..3).map(|_| enqueue(&s, "blocker", &json!({}))).collect();
+    let out = s.cli(&["rm", "blocker"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.get("/v1/functions/blocker/dlq").status(), 404);
+    std::thread::sleep(Duration::from_millis(300));
+    s.deploy(f.path());
+    std::thread::sleep(Duration::from_millis(500));
+    for id in queued.iter().chain([&busy]) {
+        assert_eq!(
+            s.get(&format!("/v1/functions/blocker/events/{id}"))
+                .status(),
+            404
+        );
+    }
+    let recs = invocations(&s, "blocker");
+    assert!(
+        !recs.iter().any(|r| queued.contains(&r.0)),
+        "dropped events never ran: {recs:?}"
+    );
+    let dlq: Value = s.get("/v1/functions/blocker/dlq").json().unwrap();
+    assert_eq!(dlq["events"], json!([]));
+    assert!(s.healthy());
+}
