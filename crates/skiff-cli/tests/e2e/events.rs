@@ -396,3 +396,40 @@ fn events_whose_target_is_gone_are_not_retried() {
     assert_eq!(dlq["events"], json!([]));
     assert!(s.healthy());
 }
+
+#[test]
+fn graceful_shutdown_keeps_unfinished_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let args = ["--event-workers", "1"];
+    let mut s = Server::start_in(&data, &args);
+    let f = announcer("lingerer", "timeout: 30s\n", 5.0);
+    s.deploy(f.path());
+    let ids: Vec<String> = (0..3)
+        .map(|_| enqueue(&s, "lingerer", &json!({})))
+        .collect();
+    wait_state(&s, "lingerer", &ids[0], "running", Duration::from_secs(10));
+    // SIGTERM while the first event is mid-attempt (it needs 5 s; shutdown waits 3 s).
+    let mut child = s.child.take().unwrap();
+    let t0 = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    drop(s);
+
+    // The interrupted attempt was not judged a failure: after a restart it runs again.
+    let s = Server::start_in(&data, &args);
+    let ev = event(&s, "lingerer", &ids[0]);
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_ne!(ev["state"], "dead", "{ev}");
+    let ev = wait_state(&s, "lingerer", &ids[0], "done", Duration::from_secs(30));
+    assert_eq!(ev["attempts"], 2, "{ev}");
+    for id in &ids[1..] {
+        assert_ne!(event(&s, "lingerer", id)["state"], "dead");
+    }
+}
