@@ -143,6 +143,7 @@ impl Client {
         data: Option<&str>,
         qualifier: Option<&str>,
         verbose: bool,
+        asynchronous: bool,
     ) -> Result<()> {
         let body = match data {
             Some(d) if d.starts_with('@') => {
@@ -151,13 +152,32 @@ impl Client {
             Some(d) => d.as_bytes().to_vec(),
             None => b"{}".to_vec(),
         };
-        let mut path = format!("/v1/functions/{name}/invoke");
+        let mut req = self.req(
+            reqwest::Method::POST,
+            &format!("/v1/functions/{name}/invoke"),
+        );
         if let Some(q) = qualifier {
-            path.push_str(&format!("?qualifier={q}"));
+            req = req.query(&[("qualifier", q)]);
+        }
+        if asynchronous {
+            let v: Value = self
+                .send(
+                    req.header("x-skiff-invocation-type", "Event")
+                        .header("content-type", "application/json")
+                        .body(body),
+                )?
+                .json()?;
+            let id = v["event_id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("server answered without an event id: {v}"))?;
+            if verbose {
+                eprintln!("queued; follow it with GET /v1/functions/{name}/events/{id}");
+            }
+            println!("{id}");
+            return Ok(());
         }
         let t0 = Instant::now();
-        let resp = self
-            .req(reqwest::Method::POST, &path)
+        let resp = req
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -254,6 +274,57 @@ impl Client {
         }
     }
 
+    pub fn dlq(&self, name: &str, json: bool) -> Result<()> {
+        let v: Value = self
+            .send(self.req(reqwest::Method::GET, &format!("/v1/functions/{name}/dlq")))?
+            .json()?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v["events"])?);
+            return Ok(());
+        }
+        let events = v["events"].as_array().cloned().unwrap_or_default();
+        if events.is_empty() {
+            println!("(no dead-lettered events for {name})");
+            return Ok(());
+        }
+        let rows: Vec<[String; 5]> = events
+            .iter()
+            .map(|e| {
+                let payload = match (&e["payload"], &e["payload_base64"]) {
+                    (Value::Null, Value::String(b)) => format!("base64:{b}"),
+                    (p, _) => p.to_string(),
+                };
+                [
+                    e["id"].as_str().unwrap_or("-").to_string(),
+                    e["attempts"].to_string(),
+                    age(e["updated_at_ms"].as_i64()),
+                    clip_cell(e["error"].as_str().unwrap_or("-"), 60),
+                    clip_cell(&payload, 40),
+                ]
+            })
+            .collect();
+        print_table(&["EVENT", "ATTEMPTS", "FAILED", "ERROR", "PAYLOAD"], &rows);
+        Ok(())
+    }
+
+    pub fn dlq_retry(&self, name: &str, id: &str) -> Result<()> {
+        self.send(self.req(
+            reqwest::Method::POST,
+            &format!("/v1/functions/{name}/dlq/{id}/retry"),
+        ))?;
+        println!("requeued {id}");
+        Ok(())
+    }
+
+    pub fn dlq_rm(&self, name: &str, id: &str) -> Result<()> {
+        self.send(self.req(
+            reqwest::Method::DELETE,
+            &format!("/v1/functions/{name}/dlq/{id}"),
+        ))?;
+        println!("deleted {id}");
+        Ok(())
+    }
+
     pub fn rm(&self, name: &str) -> Result<()> {
         self.send(self.req(reqwest::Method::DELETE, &format!("/v1/functions/{name}")))?;
         println!("deleted {name}");
@@ -299,6 +370,17 @@ fn age(ms: Option<i64>) -> String {
         3600..=86_399 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86_400),
     }
+}
+
+/// One line of at most `max` characters for a table cell.
+fn clip_cell(s: &str, max: usize) -> String {
+    let one_line = s.replace(['\n', '\r', '\t'], " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut out: String = one_line.chars().take(max - 1).collect();
+    out.push('…');
+    out
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {

@@ -58,6 +58,22 @@ enum Cmd {
         /// Print revision, cold start and timing to stderr.
         #[arg(long, short)]
         verbose: bool,
+        /// Queue the invocation and print its event id instead of waiting for the result.
+        #[arg(long = "async")]
+        asynchronous: bool,
+    },
+    /// Show a function's dead-letter list (async invocations that failed every attempt).
+    Dlq {
+        name: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Requeue this dead event with a fresh attempt budget.
+        #[arg(long, value_name = "EVENT_ID", conflicts_with = "rm")]
+        retry: Option<String>,
+        /// Discard this dead event.
+        #[arg(long, value_name = "EVENT_ID")]
+        rm: Option<String>,
     },
     /// List functions.
     Ls,
@@ -127,7 +143,24 @@ fn main() -> Result<()> {
             data,
             qualifier,
             verbose,
-        } => c()?.invoke(&name, data.as_deref(), qualifier.as_deref(), verbose),
+            asynchronous,
+        } => c()?.invoke(
+            &name,
+            data.as_deref(),
+            qualifier.as_deref(),
+            verbose,
+            asynchronous,
+        ),
+        Cmd::Dlq {
+            name,
+            json,
+            retry,
+            rm,
+        } => match (retry, rm) {
+            (Some(id), _) => c()?.dlq_retry(&name, &id),
+            (None, Some(id)) => c()?.dlq_rm(&name, &id),
+            (None, None) => c()?.dlq(&name, json),
+        },
         Cmd::Ls => c()?.ls(),
         Cmd::Logs { name, follow } => c()?.logs(&name, follow),
         Cmd::Rm { name } => c()?.rm(&name),

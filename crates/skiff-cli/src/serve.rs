@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use skiff_gateway::events::EventConfig;
 use skiff_gateway::{AppState, Auth};
 use skiff_sandbox::{NativeConfig, NativeSandbox};
 use skiff_scheduler::{Scheduler, SchedulerConfig};
@@ -9,6 +10,7 @@ use skiff_store::Store;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runtime bootstraps shipped inside the binary and mounted at `/var/runtime`.
 const RUNTIME_FILES: &[(&str, &str)] = &[
@@ -47,6 +49,21 @@ pub struct ServeArgs {
     /// Sandboxes kept pre-spawned (namespaces and cgroups ready) to cut cold starts.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
+    /// Async invocations run at once (default: 2 × CPU cores).
+    #[arg(long)]
+    event_workers: Option<usize>,
+    /// Delay before the first retry of a failed async invocation; doubles for the next
+    /// (Lambda uses 1m; `500ms`, `1s`, `2m`… accepted).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    event_retry_base: Duration,
+    /// Attempts of an async invocation before it is dead-lettered.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    event_max_attempts: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    skiff_core::units::parse_duration(s)
+        .ok_or_else(|| format!("`{s}` is not a duration such as 500ms, 1s or 2m"))
 }
 
 fn write_runtimes(dir: &Path) -> Result<()> {
@@ -108,6 +125,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             },
         );
         let state = AppState::new(store.clone(), scheduler.clone(), Auth::new(&api_keys));
+        let mut events = EventConfig {
+            retry_base: args.event_retry_base,
+            max_attempts: args.event_max_attempts,
+            ..EventConfig::default()
+        };
+        if let Some(n) = args.event_workers {
+            events.workers = n.max(1);
+        }
+        skiff_gateway::events::spawn_workers(state.clone(), events);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -122,12 +148,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             data_dir.display()
         );
         // Connection info gives HTTP triggers the client's address (`sourceIp`).
-        let app = skiff_gateway::router(state)
+        let app = skiff_gateway::router(state.clone())
             .into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
-        eprintln!("skiff shutting down: stopping instances");
+        eprintln!("skiff shutting down: finishing running events, stopping instances");
+        // Unfinished events stay `running` in the store and are requeued at the next start.
+        state.events.shutdown(Duration::from_secs(3)).await;
         scheduler.shutdown().await;
         store.flush();
         Ok(())

@@ -69,7 +69,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state
             .scheduler
             .metrics
-            .render(state.scheduler.instance_count()),
+            .render(state.scheduler.instance_count())
+            + &state.events.render_metrics(),
     )
 }
 

@@ -1,4 +1,5 @@
-//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out.
+//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out (or, with
+//! `X-Skiff-Invocation-Type: Event` / `?async=true`, a 202 and an event id; see `events.rs`).
 
 use crate::error::{ApiError, ApiResult};
 use crate::revisions::resolve;
@@ -15,6 +16,9 @@ use std::sync::Arc;
 #[derive(Deserialize)]
 pub struct InvokeQuery {
     qualifier: Option<String>,
+    /// `true` runs the invocation asynchronously (as `X-Skiff-Invocation-Type: Event`).
+    #[serde(rename = "async")]
+    asynchronous: Option<String>,
 }
 
 /// Reads a request body up to `limit` bytes; larger bodies are a 413.
@@ -103,6 +107,9 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    if crate::events::is_async(&headers, q.asynchronous.as_deref())? {
+        return crate::events::invoke_async(&state, &name, q.qualifier, &headers, body).await;
+    }
     let rev = resolve(&state, &name, q.qualifier.as_deref()).await?;
     let payload = read_body(&headers, body, MAX_PAYLOAD_BYTES).await?;
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {

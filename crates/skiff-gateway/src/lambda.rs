@@ -5,6 +5,7 @@
 //! as Lambda's exceptions (see [`LambdaError`]).
 
 use crate::error::{ApiError, LambdaError};
+use crate::events::MAX_EVENT_PAYLOAD_BYTES;
 use crate::revisions::resolve;
 use crate::AppState;
 use axum::body::Body;
@@ -22,8 +23,6 @@ use std::time::{Duration, Instant};
 const LOG_TAIL_BYTES: usize = 4096;
 /// Largest `X-Amz-Client-Context` after decoding (AWS: 3583 bytes).
 const MAX_CLIENT_CONTEXT_BYTES: usize = 3583;
-/// Largest `Event` payload (AWS: 1 MB for asynchronous invocations).
-pub const MAX_EVENT_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 #[derive(Deserialize)]
 pub struct InvokeQuery {

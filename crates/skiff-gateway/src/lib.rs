@@ -14,7 +14,7 @@ use std::sync::Arc;
 pub mod apigw;
 pub mod auth;
 pub mod error;
-mod events;
+pub mod events;
 pub mod exec;
 mod functions;
 mod invoke;
@@ -34,6 +34,8 @@ pub struct AppState {
     pub scheduler: Arc<Scheduler>,
     pub auth: Auth,
     pub revisions: RevisionCache,
+    /// Async invocation queue: wake-ups, shutdown and counters (see [`events`]).
+    pub events: events::EventQueue,
 }
 
 impl AppState {
@@ -43,6 +45,7 @@ impl AppState {
             scheduler,
             auth,
             revisions: RevisionCache::default(),
+            events: events::EventQueue::default(),
         })
     }
 }
@@ -84,6 +87,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
+        .route("/v1/functions/{name}/dlq", get(events::list_dlq))
+        .route(
+            "/v1/functions/{name}/dlq/{id}",
+            axum::routing::delete(events::delete_dead),
+        )
+        .route("/v1/functions/{name}/dlq/{id}/retry", post(events::redrive))
+        .route("/v1/functions/{name}/events/{id}", get(events::get_event))
         .route(
             "/v1/functions/{name}/invocations",
             get(functions::invocations),

@@ -3,7 +3,7 @@
 //!
 //! Layout of the data directory:
 //! - `skiff.db` (+ `-wal`, `-shm`): functions, revisions, aliases, invocation records, logs,
-//!   API key digests and secrets. WAL mode; the metadata connection commits with
+//!   API key digests, secrets and the async event queue. WAL mode; the metadata connection commits with
 //!   `synchronous=FULL`, so an acknowledged deploy or alias change survives a crash.
 //! - `artifacts/sha256/<hex>.tar.zst`: uploaded packages, named by their SHA-256.
 //! - `code/<hex>/`: unpacked packages, mounted read-only into sandboxes.
@@ -14,11 +14,13 @@
 
 mod artifacts;
 mod error;
+mod queue;
 mod schema;
 mod writer;
 
 pub use artifacts::{valid_sha256, PackageInfo, MAX_ENTRIES, MAX_UNPACKED_BYTES};
 pub use error::StoreError;
+pub use queue::{EventCounts, EventRecord, EventState, NewEvent};
 pub use schema::SCHEMA_VERSION;
 
 use error::io_at;
@@ -166,6 +168,8 @@ struct Inner {
     data_dir: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
+    /// The async event queue's own `synchronous=FULL` connection (see `queue.rs`).
+    queue: Mutex<Connection>,
     /// Packages uploaded but not yet referenced by a revision: protected from gc.
     pending: Mutex<HashMap<String, Instant>>,
     writer: writer::Writer,
@@ -341,6 +345,7 @@ impl Store {
                 .map_err(io_at(&db_path))?;
         }
         schema::migrate(&mut conn)?;
+        let queue = schema::connect(&db_path, schema::Sync::Full)?;
         let writer_conn = schema::connect(&db_path, schema::Sync::Normal)?;
         let writer = writer::Writer::start(writer_conn, &opts)?;
         Ok(Store {
@@ -348,6 +353,7 @@ impl Store {
                 data_dir,
                 db_path,
                 conn: Mutex::new(conn),
+                queue: Mutex::new(queue),
                 pending: Mutex::new(HashMap::new()),
                 writer,
             }),
@@ -422,9 +428,9 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Deletes a function with its revisions, aliases, invocation records and logs (one
-    /// transaction). Artifacts are left for [`Store::gc_artifacts`]. Returns false if it did
-    /// not exist.
+    /// Deletes a function with its revisions, aliases, invocation records, logs and events
+    /// (queued, running or dead: a deleted function's events are dropped), in one transaction.
+    /// Artifacts are left for [`Store::gc_artifacts`]. Returns false if it did not exist.
     pub fn delete_function(&self, name: &str) -> Result<bool, StoreError> {
         let mut conn = self.inner.conn.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -434,6 +440,7 @@ impl Store {
         tx.execute("DELETE FROM revisions WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM invocations WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM logs WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM events WHERE function = ?1", [name])?;
         tx.commit()?;
         Ok(n > 0)
     }

@@ -76,6 +76,25 @@ const MIGRATIONS: &[&str] = &[
         updated_at_ms INTEGER NOT NULL
     );
     "#,
+    // 1 -> 2: the durable queue of async invocations (see `queue.rs`).
+    r#"
+    CREATE TABLE events (
+        seq                INTEGER PRIMARY KEY,
+        id                 TEXT NOT NULL UNIQUE,
+        function           TEXT NOT NULL,
+        qualifier          TEXT,
+        payload            BLOB NOT NULL,
+        client_context     TEXT,
+        attempts           INTEGER NOT NULL DEFAULT 0,
+        state              TEXT NOT NULL,
+        next_attempt_at_ms INTEGER NOT NULL,
+        last_error         TEXT,
+        created_at_ms      INTEGER NOT NULL,
+        updated_at_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX events_due ON events(state, next_attempt_at_ms, seq);
+    CREATE INDEX events_by_function ON events(function, state, seq);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,6 +1,7 @@
 //! Black-box tests of the real `skiff` binary over loopback HTTP: deploy, invoke, limits,
 //! sandbox security, auth, durability and concurrency. Run as root (the native sandbox needs it).
 
+mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
