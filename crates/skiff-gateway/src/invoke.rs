@@ -1,4 +1,5 @@
-//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out.
+//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out (streamed with
+//! chunked encoding when the function streams its response).
 
 use crate::error::{ApiError, ApiResult};
 use crate::revisions::resolve;
@@ -52,6 +53,24 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(ApiError::invalid_json)
 }
 
+/// `X-Skiff-Client-Context`: base64 of the client context JSON, as Lambda's
+/// `X-Amz-Client-Context`; handed to the function decoded.
+fn client_context(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    use base64::Engine;
+    let Some(v) = headers.get("x-skiff-client-context") else {
+        return Ok(None);
+    };
+    let bad = |why: String| ApiError::bad_request(format!("X-Skiff-Client-Context: {why}"));
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v.as_bytes())
+        .map_err(|e| bad(format!("not base64: {e}")))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&raw)
+        .map_err(|e| bad(format!("not JSON: {e}")))?;
+    String::from_utf8(raw)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -69,13 +88,14 @@ pub async fn invoke(
         }
         payload.into()
     };
+    let client_context = client_context(&headers)?;
     let request_id = uuid::Uuid::new_v4().to_string();
     let inv = Invocation {
         request_id: request_id.clone(),
         function: name,
         qualifier: q.qualifier,
         payload,
-        client_context: None,
+        client_context,
         trace_id: None,
     };
     let started_at_ms = skiff_core::units::now_ms();
@@ -98,6 +118,7 @@ pub async fn invoke(
         Ok(out) => {
             let InvokeOutput {
                 body,
+                stream,
                 function_error,
                 revision,
                 instance_id,
@@ -112,12 +133,38 @@ pub async fn invoke(
                 "ok"
             };
             let err_msg = function_error.as_ref().map(|e| e.message.clone());
-            state
-                .store
-                .record_invocation(record(status, err_msg, cold, duration, logs));
-            let mut resp = match function_error {
-                None => (StatusCode::OK, body).into_response(),
-                Some(fe) => {
+            let rec = record(status, err_msg, cold, duration, logs);
+            let content_type = match &stream {
+                Some(s) => s
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+                None => "application/json",
+            };
+            let content_type = header(content_type);
+            let mut resp = match (function_error, stream) {
+                (None, Some(s)) => {
+                    // Recorded when the stream is over, with how it ended.
+                    let st = state.clone();
+                    let body = crate::stream::body(
+                        s,
+                        Box::new(move |err| {
+                            let mut rec = rec;
+                            if let Some(e) = err {
+                                rec.status = "stream_error".into();
+                                rec.error = Some(e.to_string());
+                            }
+                            st.store.record_invocation(rec);
+                        }),
+                    );
+                    (StatusCode::OK, body).into_response()
+                }
+                (None, None) => {
+                    state.store.record_invocation(rec);
+                    (StatusCode::OK, body).into_response()
+                }
+                (Some(fe), _) => {
+                    state.store.record_invocation(rec);
                     let details: serde_json::Value =
                         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                     let mut e = ApiError::new(
@@ -134,10 +181,7 @@ pub async fn invoke(
                 }
             };
             let h = resp.headers_mut();
-            h.insert(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            h.insert(axum::http::header::CONTENT_TYPE, content_type);
             h.insert("x-skiff-request-id", header(&request_id));
             h.insert("x-skiff-revision", header(revision));
             h.insert(

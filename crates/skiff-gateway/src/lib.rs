@@ -15,6 +15,7 @@ pub mod error;
 mod functions;
 mod invoke;
 mod revisions;
+mod stream;
 
 pub use auth::Auth;
 pub use error::{ApiError, ApiResult};

@@ -57,11 +57,16 @@ async fn handler(ev: LambdaEvent<Value>) -> Result<Value, HandlerError> {
         .unwrap_or(0);
     let env: serde_json::Map<String, Value> = ENV_KEYS
         .iter()
-        .map(|k| (k.to_string(), std::env::var(k).map_or(Value::Null, Value::from)))
+        .map(|k| {
+            (
+                k.to_string(),
+                std::env::var(k).map_or(Value::Null, Value::from),
+            )
+        })
         .collect();
-    let client_context = ctx.client_context.as_ref().map(|cc| {
-        json!({"custom": cc.custom, "env": cc.environment, "app_title": cc.client.app_title})
-    });
+    let client_context = ctx.client_context.as_ref().map(
+        |cc| json!({"custom": cc.custom, "env": cc.environment, "app_title": cc.client.app_title}),
+    );
     Ok(json!({
         "event": event,
         "env": env,

@@ -8,8 +8,16 @@ use serde_json::Value;
 use std::time::Duration;
 
 async fn handler(ev: LambdaEvent<Value>) -> Result<Response<Body>, Error> {
-    let chunks = ev.payload.get("chunks").and_then(Value::as_u64).unwrap_or(3);
-    let delay = ev.payload.get("delay_ms").and_then(Value::as_u64).unwrap_or(0);
+    let chunks = ev
+        .payload
+        .get("chunks")
+        .and_then(Value::as_u64)
+        .unwrap_or(3);
+    let delay = ev
+        .payload
+        .get("delay_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     let (mut tx, rx) = channel();
     tokio::spawn(async move {
         for i in 0..chunks {
