@@ -6,7 +6,7 @@
 use crate::serve::{decode_status, Agent, Mode};
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -305,12 +305,9 @@ impl Rapi {
         }
         drop(st);
         let header_type = error_type_header(&req);
-        let body = match Limited::new(req.into_body(), MAX_PAYLOAD_BYTES)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
+        let body = match read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
                 let msg = format!(
                     "Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes)."
                 );
@@ -327,8 +324,8 @@ impl Rapi {
                     &msg,
                 );
             }
-            Err(e) => {
-                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e.to_string())
+            Err(ReadError::Broken(e)) => {
+                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e)
             }
         };
         let ok = if is_error {
@@ -490,6 +487,39 @@ impl Rapi {
         );
         accepted()
     }
+}
+
+/// Bytes of an oversized response read (and dropped) before answering 413, so that a client
+/// that writes its whole body before reading the reply sees the 413 and not a reset.
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
+enum ReadError {
+    /// Over [`MAX_PAYLOAD_BYTES`].
+    TooLarge,
+    /// The connection broke off.
+    Broken(String),
+}
+
+/// Reads a buffered response of at most [`MAX_PAYLOAD_BYTES`].
+async fn read_body(mut body: Incoming) -> Result<Bytes, ReadError> {
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Broken(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= MAX_PAYLOAD_BYTES {
+            buf.extend_from_slice(&data);
+        } else if seen > DRAIN_MAX {
+            break;
+        }
+    }
+    if seen > MAX_PAYLOAD_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(buf.freeze())
 }
 
 fn error_type_header(req: &Request<Incoming>) -> Option<String> {

@@ -2,6 +2,7 @@
 //! sandbox security, auth, durability and concurrency. Run as root (the native sandbox needs it).
 
 mod harness;
+mod lambda_runtime;
 
 use harness::*;
 use serde_json::{json, Value};
