@@ -294,16 +294,17 @@ impl Rapi {
         req: Request<Incoming>,
         is_error: bool,
     ) -> Response<Full<Bytes>> {
-        let st = self.workers[i].state.borrow();
-        if st.current.as_deref() != Some(id.as_str()) || st.streaming {
-            drop(st);
+        let holds = {
+            let st = self.workers[i].state.borrow();
+            st.current.as_deref() == Some(id.as_str()) && !st.streaming
+        };
+        if !holds {
             return error_response(
                 StatusCode::FORBIDDEN,
                 "InvalidStateTransition",
                 &format!("invocation {id} is not in progress on this runtime"),
             );
         }
-        drop(st);
         let header_type = error_type_header(&req);
         let body = match read_body(req.into_body()).await {
             Ok(b) => b,

@@ -224,9 +224,7 @@ impl Shared {
                     return None;
                 };
                 let mut st = self.state.lock();
-                let Some(p) = st.pending.remove(&h.id) else {
-                    return None;
-                };
+                let p = st.pending.remove(&h.id)?;
                 let mut logs = std::mem::take(&mut st.unattributed);
                 if logs.is_empty() {
                     logs = p.logs;
@@ -318,15 +316,12 @@ impl Shared {
 
 /// Ends a stream with an error, without blocking: waits for room on a task when it is full.
 fn fail_stream(tx: StreamSender, err: StreamError) {
-    match tx.try_send(Err(err)) {
-        Err(mpsc::error::TrySendError::Full(item)) => {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = tx.send(item).await;
-                });
-            }
+    if let Err(mpsc::error::TrySendError::Full(item)) = tx.try_send(Err(err)) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tx.send(item).await;
+            });
         }
-        _ => {}
     }
 }
 
