@@ -19,12 +19,15 @@ pub(crate) fn body(stream: ResponseStream, on_end: OnEnd) -> Body {
     Body::new(StreamBody {
         stream,
         on_end: Some(on_end),
+        failed: None,
     })
 }
 
 struct StreamBody {
     stream: ResponseStream,
     on_end: Option<OnEnd>,
+    /// An error held back for one poll, so the server flushes the chunks before it aborts.
+    failed: Option<StreamError>,
 }
 
 impl StreamBody {
@@ -44,6 +47,9 @@ impl http_body::Body for StreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         let me = self.get_mut();
+        if let Some(e) = me.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         if me.on_end.is_none() {
             return Poll::Ready(None);
         }
@@ -53,7 +59,10 @@ impl http_body::Body for StreamBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!("streamed response failed: {e}");
                 me.end(Some(&e));
-                Poll::Ready(Some(Err(e)))
+                // hyper drops unflushed output when a body fails; a pending poll flushes it.
+                me.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(None) => {
                 me.end(None);
@@ -63,7 +72,7 @@ impl http_body::Body for StreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.on_end.is_none()
+        self.on_end.is_none() && self.failed.is_none()
     }
 }
 
