@@ -299,6 +299,9 @@ impl Rapi {
             st.current.as_deref() == Some(id.as_str()) && !st.streaming
         };
         if !holds {
+            // Read it first: a client that writes its whole body before reading keeps its
+            // connection.
+            let _ = read_body(req.into_body()).await;
             return error_response(
                 StatusCode::FORBIDDEN,
                 "InvalidStateTransition",
