@@ -1,15 +1,20 @@
 //! `runtime_api` mode: long-running worker processes polling the Lambda Runtime API
 //! (2018-06-01), served by the agent over HTTP/1.1 on `127.0.0.1:{port + i}` for worker `i`.
+//! A response posted with `Lambda-Runtime-Function-Response-Mode: streaming` is forwarded to
+//! the host chunk by chunk as `StreamStart`/`StreamChunk`/`StreamEnd` frames as it arrives.
 
 use crate::serve::{decode_status, Agent, Mode};
+use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_core::protocol::{Done, Exit, InitError, Invoke, Kind};
-use skiff_core::MAX_PAYLOAD_BYTES;
+use skiff_core::protocol::{
+    Done, Exit, InitError, Invoke, Kind, StreamChunk, StreamEnd, StreamStart,
+};
+use skiff_core::{MAX_PAYLOAD_BYTES, MAX_STREAM_BYTES};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -21,6 +26,11 @@ use tokio::sync::oneshot;
 
 const PREFIX: &str = "/2018-06-01/runtime/";
 const LOG_CHUNK: usize = 64 * 1024;
+/// Content type of a streamed response that starts with a JSON metadata prelude
+/// (`{statusCode, headers, cookies}`) followed by 8 NUL bytes, as `lambda_runtime` sends it.
+const HTTP_INTEGRATION: &str = "application/vnd.awslambda.http-integration-response";
+/// Longest metadata prelude looked for; past it the bytes are passed through as body.
+const MAX_PRELUDE: usize = 64 * 1024;
 
 struct Job {
     inv: Invoke,
@@ -31,6 +41,8 @@ struct Job {
 struct WorkerState {
     /// The invocation handed to this worker and not answered yet.
     current: Option<String>,
+    /// The runtime is streaming the response of `current`.
+    streaming: bool,
     /// A pending `GET next` waiting for work.
     waiter: Option<oneshot::Sender<Job>>,
 }
@@ -212,6 +224,13 @@ impl Rapi {
         if let (true, Some(r)) = (is_post, rest.strip_prefix("invocation/")) {
             if let Some(id) = r.strip_suffix("/response") {
                 let id = id.to_string();
+                let streaming = req
+                    .headers()
+                    .get("lambda-runtime-function-response-mode")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"streaming"));
+                if streaming {
+                    return self.stream(i, id, req).await;
+                }
                 return self.answer(i, id, req, false).await;
             }
             if let Some(id) = r.strip_suffix("/error") {
@@ -224,6 +243,13 @@ impl Rapi {
 
     async fn next(&self, i: usize) -> Response<Full<Bytes>> {
         let w = &self.workers[i];
+        if w.state.borrow().streaming {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                "the runtime asked for the next invocation while streaming a response",
+            );
+        }
         let unanswered = w.state.borrow().current.clone();
         if let Some(id) = unanswered {
             let body = serde_json::json!({
@@ -268,7 +294,14 @@ impl Rapi {
         req: Request<Incoming>,
         is_error: bool,
     ) -> Response<Full<Bytes>> {
-        if self.workers[i].state.borrow().current.as_deref() != Some(id.as_str()) {
+        let holds = {
+            let st = self.workers[i].state.borrow();
+            st.current.as_deref() == Some(id.as_str()) && !st.streaming
+        };
+        if !holds {
+            // Read it first: a client that writes its whole body before reading keeps its
+            // connection.
+            let _ = read_body(req.into_body()).await;
             return error_response(
                 StatusCode::FORBIDDEN,
                 "InvalidStateTransition",
@@ -276,12 +309,9 @@ impl Rapi {
             );
         }
         let header_type = error_type_header(&req);
-        let body = match Limited::new(req.into_body(), MAX_PAYLOAD_BYTES)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
+        let body = match read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
                 let msg = format!(
                     "Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes)."
                 );
@@ -298,8 +328,8 @@ impl Rapi {
                     &msg,
                 );
             }
-            Err(e) => {
-                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e.to_string())
+            Err(ReadError::Broken(e)) => {
+                return error_response(StatusCode::BAD_REQUEST, "InvalidRequest", &e)
             }
         };
         let ok = if is_error {
@@ -316,6 +346,127 @@ impl Rapi {
             );
         }
         accepted()
+    }
+
+    /// Forwards a streamed response to the host as it arrives. Mid-stream errors come as the
+    /// HTTP trailers `Lambda-Runtime-Function-Error-Type` / `-Body` (base64 error JSON).
+    async fn stream(&self, i: usize, id: String, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        {
+            let mut st = self.workers[i].state.borrow_mut();
+            if st.current.as_deref() != Some(id.as_str()) || st.streaming {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    "InvalidStateTransition",
+                    &format!("invocation {id} is not in progress on this runtime"),
+                );
+            }
+            st.streaming = true;
+        }
+        let declared = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut prelude = declared
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case(HTTP_INTEGRATION))
+            .then(Vec::new);
+        let mut content_type = if prelude.is_some() { None } else { declared };
+        let mut body = req.into_body();
+        let mut started = false;
+        let mut sent = 0usize;
+        let mut failure: Option<(String, Vec<u8>)> = None;
+        let mut reply = accepted();
+        loop {
+            let data = match body.frame().await {
+                None => break,
+                Some(Err(e)) => {
+                    failure = Some(stream_failure(
+                        "Runtime.StreamError",
+                        &format!("the runtime broke off the response stream: {e}"),
+                    ));
+                    break;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            failure = trailer_error(&trailers);
+                        }
+                        continue;
+                    }
+                },
+            };
+            let data = match prelude.as_mut() {
+                None => data,
+                Some(buf) => {
+                    buf.extend_from_slice(&data);
+                    match split_prelude(buf) {
+                        Some((ct, rest)) => {
+                            content_type = ct;
+                            prelude = None;
+                            rest
+                        }
+                        None if buf.len() > MAX_PRELUDE => {
+                            Bytes::from(prelude.take().unwrap_or_default())
+                        }
+                        None => continue,
+                    }
+                }
+            };
+            if !started {
+                self.start_stream(&id, content_type.take());
+                started = true;
+            }
+            sent += data.len();
+            if sent > MAX_STREAM_BYTES {
+                let msg = format!(
+                    "Response payload size exceeded maximum allowed payload size ({MAX_STREAM_BYTES} bytes)."
+                );
+                failure = Some(stream_failure("Function.ResponseSizeTooLarge", &msg));
+                reply =
+                    error_response(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", &msg);
+                break;
+            }
+            if !data.is_empty() {
+                self.agent
+                    .out
+                    .json(Kind::StreamChunk, &StreamChunk { id: id.clone() }, &data);
+            }
+        }
+        if !started {
+            self.start_stream(&id, content_type.take());
+            // A prelude without its delimiter was body after all.
+            if let Some(buf) = prelude.filter(|b| !b.is_empty()) {
+                self.agent
+                    .out
+                    .json(Kind::StreamChunk, &StreamChunk { id: id.clone() }, &buf);
+            }
+        }
+        // The invocation's output must reach the host before its end.
+        self.drain(i);
+        let (error_type, err_body) = match failure {
+            Some((ty, body)) => (Some(ty), body),
+            None => (None, Vec::new()),
+        };
+        self.agent
+            .out
+            .json(Kind::StreamEnd, &StreamEnd { id, error_type }, &err_body);
+        {
+            let mut st = self.workers[i].state.borrow_mut();
+            st.current = None;
+            st.streaming = false;
+        }
+        self.agent.finished();
+        reply
+    }
+
+    fn start_stream(&self, id: &str, content_type: Option<String>) {
+        let h = StreamStart {
+            id: id.to_string(),
+            content_type,
+        };
+        self.agent.out.json(Kind::StreamStart, &h, &[]);
     }
 
     async fn init_error(&self, i: usize, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -342,6 +493,39 @@ impl Rapi {
     }
 }
 
+/// Bytes of an oversized response read (and dropped) before answering 413, so that a client
+/// that writes its whole body before reading the reply sees the 413 and not a reset.
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
+enum ReadError {
+    /// Over [`MAX_PAYLOAD_BYTES`].
+    TooLarge,
+    /// The connection broke off.
+    Broken(String),
+}
+
+/// Reads a buffered response of at most [`MAX_PAYLOAD_BYTES`].
+async fn read_body(mut body: Incoming) -> Result<Bytes, ReadError> {
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Broken(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= MAX_PAYLOAD_BYTES {
+            buf.extend_from_slice(&data);
+        } else if seen > DRAIN_MAX {
+            break;
+        }
+    }
+    if seen > MAX_PAYLOAD_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(buf.freeze())
+}
+
 fn error_type_header(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get("lambda-runtime-function-error-type")
@@ -350,21 +534,14 @@ fn error_type_header(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Error type (header, else the body's `errorType`, else `default`) and the error JSON body
-/// (passed through when it is a JSON object, wrapped otherwise).
+/// Error type as reported (the `Lambda-Runtime-Function-Error-Type` header; `default`, e.g.
+/// `Unhandled`, when it is missing, as on Lambda) and the error JSON body (passed through when
+/// it is a JSON object, wrapped otherwise). The body's own `errorType` is read by the host.
 fn error_body(header_type: Option<String>, body: &[u8], default: &str) -> (String, Vec<u8>) {
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(body)
+    let parsed = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .filter(|v: &serde_json::Value| v.is_object());
-    let ty = header_type
-        .or_else(|| {
-            parsed
-                .as_ref()
-                .and_then(|v| v.get("errorType"))
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| default.to_string());
+        .filter(|v| v.is_object());
+    let ty = header_type.unwrap_or_else(|| default.to_string());
     match parsed {
         Some(_) => (ty, body.to_vec()),
         None => {
@@ -375,6 +552,46 @@ fn error_body(header_type: Option<String>, body: &[u8], default: &str) -> (Strin
             (ty, wrapped.to_string().into_bytes())
         }
     }
+}
+
+/// An error type and its JSON body for a stream that ended badly.
+fn stream_failure(ty: &str, msg: &str) -> (String, Vec<u8>) {
+    let body = serde_json::json!({"errorMessage": msg, "errorType": ty});
+    (ty.to_string(), body.to_string().into_bytes())
+}
+
+/// The mid-stream error reported in trailers, if any.
+fn trailer_error(trailers: &hyper::HeaderMap) -> Option<(String, Vec<u8>)> {
+    let ty = trailers
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())?
+        .to_string();
+    let body = trailers
+        .get("lambda-runtime-function-error-body")
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .ok()
+        })
+        .unwrap_or_default();
+    Some(error_body(Some(ty), &body, "Unhandled"))
+}
+
+/// Splits a complete metadata prelude (`{json}` + 8 NULs) off the front of `buf`: the
+/// declared content type and the body bytes after it. `None` while the delimiter is missing.
+fn split_prelude(buf: &[u8]) -> Option<(Option<String>, Bytes)> {
+    let end = buf.windows(8).position(|w| w == [0u8; 8])?;
+    let content_type = serde_json::from_slice::<serde_json::Value>(&buf[..end])
+        .ok()
+        .and_then(|v| {
+            let headers = v.get("headers")?.as_object()?;
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .and_then(|(_, v)| v.as_str().map(str::to_string))
+        });
+    Some((content_type, Bytes::copy_from_slice(&buf[end + 8..])))
 }
 
 fn next_response(job: Job) -> Response<Full<Bytes>> {
@@ -485,4 +702,61 @@ async fn monitor(rapi: Rc<Rapi>, i: usize, exit: oneshot::Receiver<i32>) {
         .out
         .json(Kind::Exit, &Exit { id, code, signal }, &[]);
     rapi.agent.out.exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_error_type_header_means_unhandled() {
+        let (ty, body) = error_body(
+            None,
+            br#"{"errorMessage":"x","errorType":"Custom"}"#,
+            "Unhandled",
+        );
+        assert_eq!(ty, "Unhandled");
+        assert_eq!(body, br#"{"errorMessage":"x","errorType":"Custom"}"#);
+        let (ty, body) = error_body(Some("Handled".into()), b"plain text", "Unhandled");
+        assert_eq!(ty, "Handled");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errorMessage"], "plain text");
+    }
+
+    #[test]
+    fn prelude_is_split_off() {
+        assert!(split_prelude(b"{\"statusCode\":200}\0\0\0").is_none());
+        let (ct, rest) = split_prelude(
+            b"{\"statusCode\":200,\"headers\":{\"Content-Type\":\"text/plain\"}}\0\0\0\0\0\0\0\0hello",
+        )
+        .unwrap();
+        assert_eq!(
+            (ct.as_deref(), &rest[..]),
+            (Some("text/plain"), &b"hello"[..])
+        );
+        let (ct, rest) = split_prelude(b"not json\0\0\0\0\0\0\0\0").unwrap();
+        assert_eq!((ct, rest.len()), (None, 0));
+    }
+
+    #[test]
+    fn trailers_carry_the_error() {
+        let mut t = hyper::HeaderMap::new();
+        assert!(trailer_error(&t).is_none());
+        t.insert(
+            "lambda-runtime-function-error-type",
+            HeaderValue::from_static("Oops"),
+        );
+        let b64 = base64::engine::general_purpose::STANDARD
+            .encode(br#"{"errorMessage":"mid","errorType":"Oops"}"#);
+        t.insert(
+            "lambda-runtime-function-error-body",
+            HeaderValue::from_str(&b64).unwrap(),
+        );
+        let (ty, body) = trailer_error(&t).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (ty.as_str(), v["errorMessage"].as_str()),
+            ("Oops", Some("mid"))
+        );
+    }
 }

@@ -181,4 +181,57 @@ mod tests {
         assert_eq!(get("AWS_LAMBDA_FUNCTION_VERSION"), Some("3"));
         assert_eq!(get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), Some("128"));
     }
+
+    #[test]
+    fn lambda_environment_is_complete() {
+        let spec = FunctionSpec::from_yaml(
+            "name: fx\nruntime: provided\nhandler: bootstrap\nmemory: 256Mi\nenv: {WITH_EQUALS: \"a=b=c\"}\n",
+        )
+        .unwrap();
+        let env = environment(&LaunchInfo {
+            spec: &spec,
+            revision: 7,
+            workspace: "default",
+            secrets: &[],
+            otel_endpoint: None,
+        });
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_else(|| panic!("{k} is not set"))
+        };
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_NAME"), "fx");
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_VERSION"), "7");
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), "256");
+        assert_eq!(get("AWS_LAMBDA_LOG_GROUP_NAME"), "/aws/lambda/fx");
+        assert_eq!(get("AWS_LAMBDA_LOG_STREAM_NAME"), "skiff/fx/7");
+        assert_eq!(get("AWS_REGION"), REGION);
+        assert_eq!(get("AWS_DEFAULT_REGION"), REGION);
+        assert_eq!(get("AWS_EXECUTION_ENV"), "AWS_Lambda_provided");
+        assert_eq!(get("_HANDLER"), "bootstrap");
+        assert_eq!(get("LAMBDA_TASK_ROOT"), "/var/task");
+        assert_eq!(get("LAMBDA_RUNTIME_DIR"), "/var/runtime");
+        assert_eq!(get("AWS_LAMBDA_RUNTIME_API"), "127.0.0.1:9001");
+        assert_eq!(get("TZ"), ":UTC");
+        assert_eq!(get("WITH_EQUALS"), "a=b=c");
+        // Every name appears once.
+        let mut names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate names in {env:?}");
+    }
+
+    #[test]
+    fn arn_carries_the_qualifier() {
+        assert_eq!(
+            function_arn("f", Some("3")),
+            "arn:aws:lambda:local:000000000000:function:f:3"
+        );
+        assert_eq!(
+            function_arn("f", None),
+            "arn:aws:lambda:local:000000000000:function:f"
+        );
+    }
 }

@@ -8,12 +8,18 @@ pub mod protocol;
 pub mod spec;
 pub mod units;
 
-pub use invocation::{ErrorKind, FunctionError, Invocation, InvokeOutput, Outcome};
+pub use invocation::{
+    ErrorKind, FunctionError, Invocation, InvokeOutput, OnStreamEnd, Outcome, ResponseStream,
+    StreamError, StreamSender,
+};
 pub use spec::{FunctionSpec, Mode, Network, Runtime, SandboxKind, Scale, SpecError};
 pub use units::{format_size, parse_duration, parse_size};
 
 /// Largest synchronous invocation payload (request or response), as on AWS Lambda.
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
+
+/// Largest streamed response, as on AWS Lambda (response streaming's 20 MB limit).
+pub const MAX_STREAM_BYTES: usize = 20 * 1024 * 1024;
 
 /// Validates a function or alias name: `[a-z0-9-]{1,63}`, not starting or ending with `-`.
 pub fn valid_name(name: &str) -> bool {

@@ -3,7 +3,10 @@
 //! Wire format of one frame: `u32 LE length-of-rest | u8 kind | u32 LE header-length |
 //! header (JSON) | body (raw bytes)`. Payloads travel in the raw body, never base64.
 //! The host sends [`AgentConfig`] first, then [`Invoke`]s; the agent answers with
-//! [`Done`] per invocation and streams [`Log`] chunks tagged with the invocation id.
+//! [`Done`] per invocation and streams [`Log`] chunks tagged with the invocation id. A runtime
+//! that streams its response (`Lambda-Runtime-Function-Response-Mode: streaming`) is answered
+//! with [`StreamStart`], any number of [`Kind::StreamChunk`]s and one [`StreamEnd`] instead of
+//! a `Done`.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,12 @@ pub enum Kind {
     InitError = 14,
     /// Agent → host: the agent could not set up the sandbox; body is a message. Fatal.
     SetupFailed = 15,
+    /// Agent → host: the response of invocation [`StreamStart::id`] is streamed; no body.
+    StreamStart = 16,
+    /// Agent → host: [`StreamChunk`] header, response bytes body.
+    StreamChunk = 17,
+    /// Agent → host: the stream ended ([`StreamEnd`]); body is error JSON when it failed.
+    StreamEnd = 18,
 }
 
 impl Kind {
@@ -49,6 +58,9 @@ impl Kind {
             13 => Kind::Exit,
             14 => Kind::InitError,
             15 => Kind::SetupFailed,
+            16 => Kind::StreamStart,
+            17 => Kind::StreamChunk,
+            18 => Kind::StreamEnd,
             _ => return None,
         })
     }
@@ -132,6 +144,32 @@ pub struct Ready {
 /// `{errorMessage, errorType, stackTrace}` when `error_type` is set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Done {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+}
+
+/// Agent → host: the runtime started streaming the response of an invocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamStart {
+    pub id: String,
+    /// Content type of the streamed body (from the metadata prelude of an
+    /// `application/vnd.awslambda.http-integration-response`, else the request's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// Agent → host: the next bytes of a streamed response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub id: String,
+}
+
+/// Agent → host: a streamed response is complete. `error_type` is set when it ended with an
+/// error (the runtime's `Lambda-Runtime-Function-Error-Type` trailer, a broken stream, or the
+/// size limit); the body is then the error JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamEnd {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_type: Option<String>,
@@ -301,6 +339,33 @@ mod tests {
         assert_eq!(f, g);
         let h: Invoke = g.header().unwrap();
         assert_eq!(h.id, "abc");
+    }
+
+    #[test]
+    fn stream_frames_round_trip() {
+        for (kind, n) in [
+            (Kind::StreamStart, 16),
+            (Kind::StreamChunk, 17),
+            (Kind::StreamEnd, 18),
+        ] {
+            assert_eq!(Kind::from_u8(n), Some(kind));
+        }
+        let f = Frame::new(
+            Kind::StreamEnd,
+            &StreamEnd {
+                id: "r1".into(),
+                error_type: Some("Boom".into()),
+            },
+            b"{}".to_vec(),
+        );
+        let g = Frame::decode_rest(f.encode()[4..].to_vec()).unwrap();
+        let h: StreamEnd = g.header().unwrap();
+        assert_eq!(
+            (h.id.as_str(), h.error_type.as_deref()),
+            ("r1", Some("Boom"))
+        );
+        let s: StreamStart = serde_json::from_str(r#"{"id":"x"}"#).unwrap();
+        assert_eq!(s.content_type, None);
     }
 
     #[test]

@@ -109,7 +109,8 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
         client_context: None,
         trace_id: None,
     };
-    let out = crate::exec::run(state, &rev, inv).await?;
+    // Replies are mapped whole (a streamed one is collected first).
+    let out = crate::exec::run(state, &rev, inv).await?.collect().await;
     let mut resp = match out.function_error {
         Some(fe) => ApiError::function_error(fe.error_type, fe.message)
             .gateway()

@@ -282,7 +282,8 @@ async fn attempt(state: &Arc<AppState>, ev: EventRecord) -> Result<(), Failure> 
         trace_id: None,
     };
     match crate::exec::run(state, &rev, inv).await {
-        Ok(out) => match out.function_error {
+        // A streamed reply counts once it is over (a mid-stream error is a failure).
+        Ok(out) => match out.collect().await.function_error {
             None => Ok(()),
             Some(fe) => Err(Failure {
                 message: format!("{}: {}", fe.error_type, fe.message),

@@ -45,7 +45,7 @@ pub async fn run_with(
 ) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
-    let result = state
+    let mut result = state
         .scheduler
         .invoke_with(rev, inv, wait_for_capacity)
         .await;
@@ -69,7 +69,7 @@ pub async fn run_with(
             o.log_tail.clone().into_bytes(),
         ),
     };
-    state.store.record_invocation(InvocationRecord {
+    let mut record = InvocationRecord {
         request_id,
         function: rev.function.clone(),
         revision: rev.number,
@@ -79,6 +79,22 @@ pub async fn run_with(
         cold,
         error,
         logs,
-    });
+    };
+    match result.as_mut().ok().and_then(|o| o.stream.as_mut()) {
+        // A streamed response is recorded when the stream is over, with how it ended.
+        Some(stream) => {
+            let store = state.store.clone();
+            stream.on_end(Box::new(move |err| {
+                if let Some(e) = err {
+                    record.status = "stream_error".into();
+                    record.error = Some(e.to_string());
+                }
+                record.duration_us =
+                    (skiff_core::units::now_ms() - started_at_ms).max(0) as u64 * 1000;
+                store.record_invocation(record);
+            }));
+        }
+        None => state.store.record_invocation(record),
+    }
     result
 }

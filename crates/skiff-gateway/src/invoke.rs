@@ -1,5 +1,6 @@
-//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out (or, with
-//! `X-Skiff-Invocation-Type: Event` / `?async=true`, a 202 and an event id; see `events.rs`).
+//! `POST /v1/functions/{name}/invoke`: JSON event in, the handler's result out (streamed with
+//! chunked encoding when the function streams its response; with
+//! `X-Skiff-Invocation-Type: Event` / `?async=true`, a 202 and an event id, see `events.rs`).
 
 use crate::error::{ApiError, ApiResult};
 use crate::revisions::resolve;
@@ -120,19 +121,22 @@ pub async fn invoke(
         }
         payload.into()
     };
+    let client_context = crate::lambda::client_context(&headers, "x-skiff-client-context")
+        .map_err(|m| ApiError::bad_request(m).with("field", "X-Skiff-Client-Context"))?;
     let request_id = crate::exec::request_id();
     let inv = Invocation {
         request_id: request_id.clone(),
         function: name,
         qualifier: q.qualifier,
         payload,
-        client_context: None,
+        client_context,
         trace_id: None,
     };
     match crate::exec::run(&state, &rev, inv).await {
         Ok(out) => {
             let InvokeOutput {
                 body,
+                stream,
                 function_error,
                 revision,
                 instance_id,
@@ -140,8 +144,19 @@ pub async fn invoke(
                 duration,
                 ..
             } = out;
+            let content_type = match &stream {
+                Some(s) => header(
+                    s.content_type
+                        .as_deref()
+                        .unwrap_or("application/octet-stream"),
+                ),
+                None => HeaderValue::from_static("application/json"),
+            };
             let mut resp = match function_error {
-                None => (StatusCode::OK, body).into_response(),
+                None => match stream {
+                    Some(s) => (StatusCode::OK, crate::stream::body(s)).into_response(),
+                    None => (StatusCode::OK, body).into_response(),
+                },
                 Some(fe) => {
                     let details: serde_json::Value =
                         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -159,10 +174,7 @@ pub async fn invoke(
                 }
             };
             let h = resp.headers_mut();
-            h.insert(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            h.insert(axum::http::header::CONTENT_TYPE, content_type);
             skiff_headers(h, &request_id, revision, &instance_id, cold, duration);
             Ok(resp)
         }

@@ -82,18 +82,13 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Decodes `X-Amz-Client-Context` (base64 of a JSON object) to the JSON text functions get.
-fn client_context(h: &HeaderMap) -> Result<Option<String>, LambdaError> {
-    let Some(raw) = h.get("x-amz-client-context") else {
+/// Decodes a client context header (base64 of a JSON object, as `X-Amz-Client-Context`) to
+/// the JSON text functions get. `Err` is a message naming the header.
+pub(crate) fn client_context(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
+    let Some(raw) = h.get(name) else {
         return Ok(None);
     };
-    let bad = |why: &str| {
-        LambdaError::new(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequestContentException",
-            format!("X-Amz-Client-Context: {why}"),
-        )
-    };
+    let bad = |why: &str| format!("{name}: {why}");
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(raw.as_bytes())
         .map_err(|_| bad("is not valid base64"))?;
@@ -205,7 +200,9 @@ pub async fn invoke(
     };
     let not_found = |e: ApiError| lambda_not_found(e, name, qualifier);
     let rev = resolve(&state, name, qualifier).await.map_err(not_found)?;
-    let client_context = client_context(&headers)?;
+    let client_context = client_context(&headers, "x-amz-client-context").map_err(|m| {
+        LambdaError::new(StatusCode::BAD_REQUEST, "InvalidRequestContentException", m)
+    })?;
     let limit = if inv_type == "Event" {
         MAX_EVENT_PAYLOAD_BYTES
     } else {
@@ -276,6 +273,8 @@ pub async fn invoke(
     let (status, body, function_error, log) =
         match crate::exec::run_with(&state, &rev, inv, false).await {
             Ok(out) => {
+                // The Invoke API returns whole payloads; a streamed one is collected.
+                let out = out.collect().await;
                 let fe = out.function_error.as_ref().map(|fe| {
                     if fe.reported_as == "Handled" {
                         "Handled"
@@ -520,6 +519,7 @@ mod tests {
     #[test]
     fn client_context_is_base64_json() {
         let mut h = HeaderMap::new();
+        let client_context = |h: &HeaderMap| client_context(h, "x-amz-client-context");
         assert_eq!(client_context(&h).unwrap(), None);
         let b64 = base64::engine::general_purpose::STANDARD.encode(r#"{"custom":{"k":"v"}}"#);
         h.insert("x-amz-client-context", b64.parse().unwrap());

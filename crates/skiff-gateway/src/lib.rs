@@ -20,6 +20,7 @@ mod functions;
 mod invoke;
 mod lambda;
 mod revisions;
+mod stream;
 
 pub use auth::Auth;
 pub use error::{ApiError, ApiResult};

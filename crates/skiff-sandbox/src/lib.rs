@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use skiff_core::protocol::{ExecMode, Invoke};
-use skiff_core::FunctionSpec;
+use skiff_core::{FunctionSpec, ResponseStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -39,13 +39,18 @@ pub struct InvokeRequest {
 }
 
 /// What the function answered.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct InvokeResult {
     /// Response body, or error JSON `{errorMessage, errorType, stackTrace}` if `error_type`.
+    /// Empty when the response is streamed.
     pub body: Vec<u8>,
+    /// The response, when the runtime streams it. The instance is busy with this invocation
+    /// until the stream has ended (or the instance is stopped).
+    pub stream: Option<ResponseStream>,
     /// Set when the function reported an error (handler raised, command failed, init error).
     pub error_type: Option<String>,
-    /// Output (stdout and stderr) the function wrote during this invocation.
+    /// Output (stdout and stderr) the function wrote during this invocation (until its
+    /// stream started, for streamed responses).
     pub logs: Vec<u8>,
 }
 

@@ -1,13 +1,17 @@
 //! The scheduler owns instances: one warm pool per revision, up to `concurrency` in-flight
 //! invocations per instance, new instances up to `scale.max`, idle instances stopped after
 //! `scale.idle` (scale to zero), and timeouts. A timed-out, crashed or out-of-memory instance
-//! is stopped and never reused. Nothing above the scheduler knows which tier runs a revision.
+//! is stopped and never reused. A streamed response keeps its instance busy until the stream
+//! ends, under the same timeout. Nothing above the scheduler knows which tier runs a revision.
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use skiff_core::launch::{self, LaunchInfo};
 use skiff_core::protocol::{ExecMode, Invoke};
-use skiff_core::{ErrorKind, FunctionError, FunctionSpec, Invocation, InvokeOutput, Outcome};
+use skiff_core::{
+    ErrorKind, FunctionError, FunctionSpec, Invocation, InvokeOutput, Outcome, ResponseStream,
+    StreamError, StreamSender,
+};
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, Sandbox, SandboxError};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -322,6 +326,50 @@ fn outcome(
     }
 }
 
+/// Chunks buffered between a streaming instance and the caller.
+const STREAM_BUFFER: usize = 16;
+
+/// Moves a streamed response from the instance to the caller under the invocation's
+/// deadline, then returns the instance to its pool. A caller that stops reading leaves the
+/// rest to be drained (the instance is reused only after its stream ended); past the deadline
+/// the caller gets a `Sandbox.Timedout` error and the instance is stopped.
+async fn forward_stream(
+    pool: Arc<Pool>,
+    inst: Arc<dyn Instance>,
+    mut from: ResponseStream,
+    to: StreamSender,
+    deadline: Instant,
+    timeout: Duration,
+) {
+    let mut to = Some(to);
+    let timed_out = loop {
+        let item = match tokio::time::timeout_at(deadline.into(), from.next()).await {
+            Err(_) => break true,
+            Ok(None) => break false,
+            Ok(Some(item)) => item,
+        };
+        let Some(tx) = &to else { continue };
+        match tokio::time::timeout_at(deadline.into(), tx.send(item)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => to = None, // the caller went away: drain the rest
+            Err(_) => break true,
+        }
+    };
+    if timed_out {
+        if let Some(tx) = to {
+            let err = StreamError::new(
+                "Sandbox.Timedout",
+                format!("Task timed out after {:.2} seconds", timeout.as_secs_f64()),
+            );
+            // Delivered once the caller reads on (or dropped with it); never blocks the stop.
+            tokio::spawn(async move {
+                let _ = tx.send(Err(err)).await;
+            });
+        }
+    }
+    pool.release(&inst, timed_out);
+}
+
 /// Scheduler settings.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -503,8 +551,23 @@ impl Scheduler {
                     lease.cold,
                 ))
             }
-            Ok(Ok(r)) => {
-                pool.release(&lease.inst, false);
+            Ok(Ok(mut r)) => {
+                let stream = r.stream.take().map(|from| {
+                    let (tx, to) =
+                        ResponseStream::channel(STREAM_BUFFER, from.content_type.clone());
+                    tokio::spawn(forward_stream(
+                        pool.clone(),
+                        lease.inst.clone(),
+                        from,
+                        tx,
+                        deadline,
+                        timeout,
+                    ));
+                    to
+                });
+                if stream.is_none() {
+                    pool.release(&lease.inst, false);
+                }
                 let function_error = r.error_type.map(|reported_as| {
                     let (error_type, message) = error_details(&r.body);
                     FunctionError {
@@ -515,6 +578,7 @@ impl Scheduler {
                 });
                 Ok(InvokeOutput {
                     body: r.body,
+                    stream,
                     function_error,
                     revision: rev.number,
                     instance_id: lease.inst.id().to_string(),

@@ -5,6 +5,7 @@ mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
+mod lambda_runtime;
 
 use harness::*;
 use serde_json::{json, Value};

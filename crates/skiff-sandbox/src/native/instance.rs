@@ -5,7 +5,10 @@ use super::net::Slirp;
 use crate::{Instance, InvokeRequest, InvokeResult, SandboxError};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use skiff_core::protocol::{Done, Exit, Frame, InitError, Kind, Log, Ready};
+use skiff_core::protocol::{
+    Done, Exit, Frame, InitError, Kind, Log, Ready, StreamChunk, StreamEnd, StreamStart,
+};
+use skiff_core::{ResponseStream, StreamError, StreamSender};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -22,6 +25,11 @@ const TAIL_BYTES: usize = 4096;
 /// Output not tagged with an invocation (runtime init) kept for the next invocation's logs.
 const UNATTRIBUTED_MAX: usize = 256 * 1024;
 const P_PIDFD: libc::idtype_t = 3;
+/// Chunks of a streamed response buffered before the channel reader waits for the consumer.
+const STREAM_BUFFER: usize = 64;
+
+/// A stream item the channel reader delivers after `on_frame` (awaiting the consumer).
+type Delivery = (StreamSender, Result<bytes::Bytes, StreamError>);
 
 /// How the agent process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +109,8 @@ enum Dead {
 #[derive(Default)]
 struct State {
     pending: HashMap<String, Pending>,
+    /// Invocations whose response is being streamed, by id.
+    streams: HashMap<String, StreamSender>,
     dead: Option<Dead>,
     tail: Tail,
     unattributed: Vec<u8>,
@@ -135,6 +145,7 @@ impl Shared {
                 logs,
             } => Ok(InvokeResult {
                 body: body.clone(),
+                stream: None,
                 error_type: Some(error_type.clone()),
                 logs: logs.clone(),
             }),
@@ -170,13 +181,29 @@ impl Shared {
         for p in pending {
             let _ = p.tx.send(self.dead_result(&dead, &st));
         }
+        let message = match &dead {
+            Dead::Stopped => "the instance was stopped".to_string(),
+            Dead::Oom => format!(
+                "function exceeded its memory limit of {} MiB and was killed",
+                self.limit_mb
+            ),
+            Dead::Crashed(m) => m.clone(),
+            Dead::Init { .. } => "the runtime failed to initialise".to_string(),
+        };
+        for (_, tx) in st.streams.drain() {
+            fail_stream(tx, StreamError::new("Runtime.ExitError", message.clone()));
+        }
         st.dead = Some(dead);
     }
 
-    fn on_frame(&self, f: Frame) {
+    /// Handles one frame from the agent; a streamed chunk is returned for the reader to
+    /// deliver (it waits for the consumer, outside the lock).
+    fn on_frame(&self, f: Frame) -> Option<Delivery> {
         match f.kind {
             Kind::Log => {
-                let Ok(h) = f.header::<Log>() else { return };
+                let Ok(h) = f.header::<Log>() else {
+                    return None;
+                };
                 let mut st = self.state.lock();
                 st.tail.push(&f.body);
                 match h.id {
@@ -193,11 +220,11 @@ impl Shared {
                 }
             }
             Kind::Done => {
-                let Ok(h) = f.header::<Done>() else { return };
-                let mut st = self.state.lock();
-                let Some(p) = st.pending.remove(&h.id) else {
-                    return;
+                let Ok(h) = f.header::<Done>() else {
+                    return None;
                 };
+                let mut st = self.state.lock();
+                let p = st.pending.remove(&h.id)?;
                 let mut logs = std::mem::take(&mut st.unattributed);
                 if logs.is_empty() {
                     logs = p.logs;
@@ -212,11 +239,44 @@ impl Shared {
                 } else {
                     Ok(InvokeResult {
                         body: f.body,
+                        stream: None,
                         error_type: h.error_type,
                         logs,
                     })
                 };
                 let _ = p.tx.send(result);
+            }
+            Kind::StreamStart => {
+                let Ok(h) = f.header::<StreamStart>() else {
+                    return None;
+                };
+                let mut st = self.state.lock();
+                let p = st.pending.remove(&h.id)?;
+                let mut logs = std::mem::take(&mut st.unattributed);
+                logs.extend_from_slice(&p.logs);
+                let (tx, stream) = ResponseStream::channel(STREAM_BUFFER, h.content_type);
+                st.streams.insert(h.id, tx);
+                let _ = p.tx.send(Ok(InvokeResult {
+                    body: Vec::new(),
+                    stream: Some(stream),
+                    error_type: None,
+                    logs,
+                }));
+            }
+            Kind::StreamChunk => {
+                let h = f.header::<StreamChunk>().ok()?;
+                let tx = self.state.lock().streams.get(&h.id)?.clone();
+                return Some((tx, Ok(f.body.into())));
+            }
+            Kind::StreamEnd => {
+                let h = f.header::<StreamEnd>().ok()?;
+                let tx = self.state.lock().streams.remove(&h.id)?;
+                let ty = h.error_type?;
+                let message = serde_json::from_slice::<serde_json::Value>(&f.body)
+                    .ok()
+                    .and_then(|v| v.get("errorMessage")?.as_str().map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&f.body).into_owned());
+                return Some((tx, Err(StreamError::new(ty, message))));
             }
             Kind::Ready => {
                 if let Ok(r) = f.header::<Ready>() {
@@ -249,6 +309,18 @@ impl Shared {
                 self.die(Dead::Crashed(String::from_utf8_lossy(&f.body).into_owned()));
             }
             _ => {}
+        }
+        None
+    }
+}
+
+/// Ends a stream with an error, without blocking: waits for room on a task when it is full.
+fn fail_stream(tx: StreamSender, err: StreamError) {
+    if let Err(mpsc::error::TrySendError::Full(item)) = tx.try_send(Err(err)) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tx.send(item).await;
+            });
         }
     }
 }
@@ -401,7 +473,10 @@ async fn reader(
         match skiff_core::protocol::read_frame(&mut rd).await {
             Ok(Some(f)) => {
                 heard = true;
-                shared.on_frame(f)
+                if let Some((tx, item)) = shared.on_frame(f) {
+                    // A consumer that went away just stops receiving.
+                    let _ = tx.send(item).await;
+                }
             }
             Ok(None) => break,
             Err(e) => {
