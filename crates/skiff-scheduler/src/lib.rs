@@ -44,7 +44,16 @@ impl Revision {
         secrets: &[(String, String)],
         workspace: &str,
     ) -> Revision {
-        let (exec_mode, argv) = launch::program(&spec);
+        let (exec_mode, mut argv) = launch::program(&spec);
+        // As on Lambda's `provided` runtimes: when the handler does not name a file of the
+        // package, the package's `bootstrap` runs and reads the handler from `_HANDLER`
+        // (e.g. `handler: app.handler` with an awslambdaric bootstrap).
+        if spec.runtime == skiff_core::Runtime::Provided
+            && !code_dir.join(&spec.handler).is_file()
+            && code_dir.join("bootstrap").is_file()
+        {
+            argv = vec![format!("{}/bootstrap", launch::TASK_ROOT)];
+        }
         let env = launch::environment(&LaunchInfo {
             spec: &spec,
             revision: number,

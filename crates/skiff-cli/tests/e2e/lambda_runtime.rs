@@ -130,7 +130,14 @@ fn conformance(s: &Server, name: &str, error_type: &str) {
         ("GREETING", "hi"),
         ("WITH_EQUALS", "a=b=c"),
         ("TZ", ":UTC"),
-        ("_HANDLER", "bootstrap"),
+        (
+            "_HANDLER",
+            if name == "fx-ric-python" {
+                "app.handler"
+            } else {
+                "bootstrap"
+            },
+        ),
         ("LAMBDA_TASK_ROOT", "/var/task"),
         ("LAMBDA_RUNTIME_DIR", "/var/runtime"),
         ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
@@ -235,10 +242,7 @@ fn awslambdaric_python_function() {
     let yaml = std::fs::read_to_string(tmp.path().join("function.yaml"))
         .unwrap()
         .replace("name: fx-ric-python", "name: fx-ric-broken")
-        .replace(
-            "APP_HANDLER: app.handler",
-            "APP_HANDLER: no_such_module.handler",
-        );
+        .replace("handler: app.handler", "handler: no_such_module.handler");
     std::fs::write(tmp.path().join("function.yaml"), yaml).unwrap();
     s.deploy(tmp.path());
     let r = s.invoke("fx-ric-broken", &json!({}));
