@@ -245,6 +245,7 @@ mod tests {
             duration: Duration::ZERO,
             init_duration: None,
             logs: Vec::new(),
+            max_memory: None,
         }
     }
 

@@ -528,9 +528,8 @@ mod tests {
             Some(r#"{"custom":{"k":"v"}}"#)
         );
         h.insert("x-amz-client-context", "!!!".parse().unwrap());
-        assert_eq!(
-            client_context(&h).unwrap_err().status,
-            StatusCode::BAD_REQUEST
-        );
+        assert!(client_context(&h)
+            .unwrap_err()
+            .starts_with("x-amz-client-context:"));
     }
 }
