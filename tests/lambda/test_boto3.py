@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import unittest
+import urllib.request
 
 import boto3
 import botocore.config
@@ -131,6 +132,20 @@ class InvokeApi(unittest.TestCase):
         self.assertEqual(r["StatusCode"], 204)
         r = LAMBDA.invoke(FunctionName="fx-echo", InvocationType="Event", Payload=b'{"async": true}')
         self.assertEqual(r["StatusCode"], 202)
+        # The accepted event runs soon after (Skiff's own API tells its state).
+        event_id = r["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+        deadline = time.monotonic() + 20
+        state = None
+        while time.monotonic() < deadline:
+            req = urllib.request.Request(
+                f"{ENDPOINT}/v1/functions/fx-echo/events/{event_id}",
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            state = json.load(urllib.request.urlopen(req))["state"]
+            if state == "done":
+                break
+            time.sleep(0.1)
+        self.assertEqual(state, "done")
         with self.assertRaises(LAMBDA.exceptions.ResourceNotFoundException):
             LAMBDA.invoke(FunctionName="nope", InvocationType="DryRun")
 

@@ -303,6 +303,13 @@ impl NetnsHost {
                 .unwrap();
             assert!(st.success(), "{c}");
         };
+        // Leftovers of an earlier run that died with the same pid would make `add` fail.
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip link del {veth}a 2>/dev/null; ip netns del {name} 2>/dev/null"
+            ))
+            .status();
         sh(&format!("ip netns add {name}"));
         sh(&format!("ip link add {veth}a type veth peer name {veth}b"));
         sh(&format!("ip link set {veth}b netns {name}"));
