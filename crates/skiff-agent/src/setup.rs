@@ -139,6 +139,9 @@ pub(crate) fn build_root(cfg: &AgentConfig) -> Res {
         Some("size=4m,nr_inodes=4096,mode=0755"),
     )?;
 
+    if let Some(image) = &cfg.rootfs {
+        bind_image(Path::new(image), root, &cfg.etc_files)?;
+    }
     for b in &cfg.binds {
         let dst = under(root, &b.dst);
         let src = Path::new(&b.src);
@@ -205,6 +208,66 @@ pub(crate) fn build_root(cfg: &AgentConfig) -> Res {
         return Err(errno_msg("sethostname"));
     }
     loopback_up()
+}
+
+/// Top-level image entries never taken from the image: Skiff mounts its own there.
+const IMAGE_SKIP: &[&str] = &["proc", "dev", "tmp", "sys"];
+/// Image directories recreated on the tmpfs and filled entry by entry, because Skiff adds
+/// files (`/etc`) or mountpoints (`/var/task`, `/var/runtime`) inside them.
+const IMAGE_SPLIT: &[&str] = &["etc", "var"];
+
+/// Populates the new root from a root image: each entry of `image` is bound read-only (a
+/// symlink is recreated, never followed, so it cannot pull in host files); `/etc` and `/var`
+/// are recreated and filled one level down, skipping the generated `/etc` files and
+/// `/var/task`, `/var/runtime`.
+fn bind_image(image: &Path, root: &Path, etc_files: &[(String, String)]) -> Res {
+    populate(image, root, &|name| {
+        IMAGE_SKIP.contains(&name) || IMAGE_SPLIT.contains(&name)
+    })?;
+    for d in IMAGE_SPLIT {
+        let src = image.join(d);
+        if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let dst = root.join(d);
+        mkdirs(&dst)?;
+        populate(&src, &dst, &|name| {
+            (*d == "etc" && etc_files.iter().any(|(n, _)| n == name))
+                || (*d == "var" && (name == "task" || name == "runtime"))
+        })?;
+    }
+    Ok(())
+}
+
+/// Binds (read-only) or re-links every entry of `src` into `dst`, except those `skip` names.
+fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
+    let entries =
+        std::fs::read_dir(src).map_err(|e| format!("root image {}: {e}", src.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("root image {}: {e}", src.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if skip(name) {
+            continue;
+        }
+        let from = entry.path();
+        let to = dst.join(name);
+        let md = std::fs::symlink_metadata(&from)
+            .map_err(|e| format!("root image {}: {e}", from.display()))?;
+        if md.file_type().is_symlink() {
+            let target = std::fs::read_link(&from)
+                .map_err(|e| format!("root image {}: {e}", from.display()))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(|e| format!("symlink {}: {e}", to.display()))?;
+        } else if md.is_dir() || md.is_file() {
+            let from_s = from.to_str().ok_or("non-UTF-8 path in root image")?;
+            mountpoint_for(&from, &to)?;
+            mount(Some(from_s), &to, None, libc::MS_BIND | libc::MS_REC, None)?;
+            make_readonly(&to)?;
+        }
+        // Sockets, fifos and device nodes of the image are left out.
+    }
+    Ok(())
 }
 
 fn build_dev(root: &Path) -> Res {

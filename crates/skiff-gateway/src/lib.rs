@@ -20,6 +20,7 @@ mod functions;
 mod invoke;
 mod lambda;
 mod revisions;
+pub mod seed;
 
 pub use auth::Auth;
 pub use error::{ApiError, ApiResult};
@@ -36,6 +37,8 @@ pub struct AppState {
     pub revisions: RevisionCache,
     /// Async invocation queue: wake-ups, shutdown and counters (see [`events`]).
     pub events: events::EventQueue,
+    /// The seed-compatible ad-hoc invoke API (see [`seed`]).
+    pub seed: seed::SeedState,
 }
 
 impl AppState {
@@ -46,6 +49,7 @@ impl AppState {
             auth,
             revisions: RevisionCache::default(),
             events: events::EventQueue::default(),
+            seed: seed::SeedState::default(),
         })
     }
 }
@@ -86,6 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(functions::delete_alias),
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
+        .route("/functions/{function_id}/invoke", post(seed::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
         .route("/v1/functions/{name}/dlq", get(events::list_dlq))
         .route(
