@@ -5,6 +5,7 @@ mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
+mod seed_api;
 
 use harness::*;
 use serde_json::{json, Value};
