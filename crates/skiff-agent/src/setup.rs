@@ -4,6 +4,8 @@
 use skiff_core::protocol::AgentConfig;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 type Res = Result<(), String>;
@@ -252,7 +254,15 @@ fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
         }
         let from = entry.path();
         let to = dst.join(name);
-        let md = std::fs::symlink_metadata(&from)
+        // Pin the entry itself (never a symlink's target) and mount what was checked, so an
+        // entry swapped for a symlink meanwhile cannot redirect the bind to a host path.
+        let pinned = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(&from)
+            .map_err(|e| format!("root image {}: {e}", from.display()))?;
+        let md = pinned
+            .metadata()
             .map_err(|e| format!("root image {}: {e}", from.display()))?;
         if md.file_type().is_symlink() {
             let target = std::fs::read_link(&from)
@@ -260,9 +270,13 @@ fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
             std::os::unix::fs::symlink(&target, &to)
                 .map_err(|e| format!("symlink {}: {e}", to.display()))?;
         } else if md.is_dir() || md.is_file() {
-            let from_s = from.to_str().ok_or("non-UTF-8 path in root image")?;
-            mountpoint_for(&from, &to)?;
-            mount(Some(from_s), &to, None, libc::MS_BIND | libc::MS_REC, None)?;
+            if md.is_dir() {
+                mkdirs(&to)?;
+            } else {
+                std::fs::File::create(&to).map_err(|e| format!("create {}: {e}", to.display()))?;
+            }
+            let src = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+            mount(Some(&src), &to, None, libc::MS_BIND | libc::MS_REC, None)?;
             make_readonly(&to)?;
         }
         // Sockets, fifos and device nodes of the image are left out.

@@ -90,7 +90,6 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(functions::delete_alias),
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
-        .route("/functions/{function_id}/invoke", post(seed::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
         .route("/v1/functions/{name}/dlq", get(events::list_dlq))
         .route(
@@ -135,8 +134,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key_lambda,
         ));
+    let seed_api = Router::new()
+        .route("/functions/{function_id}/invoke", post(seed::invoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key_seed,
+        ));
     Router::new()
         .route("/health", get(functions::health))
+        .merge(seed_api)
         .merge(apigw::routes())
         .merge(api)
         .merge(lambda_api)

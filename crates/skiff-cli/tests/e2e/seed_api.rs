@@ -327,8 +327,12 @@ fn seed_invoke_on_a_rootfs_image() {
 fn seed_invoke_requires_the_api_key() {
     let key = "sk_seed_test_key";
     let mut s = Server::start_with(&["--api-key", key]);
-    let (status, _) = call(&s, &json!({"command": ["cat"]}));
+    let (status, v) = call(&s, &json!({"command": ["cat"]}));
     assert_eq!(status, 401);
+    assert!(v["error"].as_str().unwrap().contains("API key"), "{v}");
+    s.key = Some("sk_wrong".into());
+    let (status, v) = call(&s, &json!({"command": ["cat"]}));
+    assert_eq!(status, 401, "{v}");
     s.key = Some(key.into());
     let (out, _, err) = run(
         &s,
