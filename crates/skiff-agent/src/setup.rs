@@ -241,10 +241,22 @@ fn bind_image(image: &Path, root: &Path, etc_files: &[(String, String)]) -> Res 
     Ok(())
 }
 
+/// Opens `path` itself (`O_PATH|O_NOFOLLOW`, plus `extra` flags), never a symlink's target.
+fn pin(path: &Path, extra: libc::c_int) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | extra)
+        .open(path)
+        .map_err(|e| format!("root image {}: {e}", path.display()))
+}
+
 /// Binds (read-only) or re-links every entry of `src` into `dst`, except those `skip` names.
 fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
+    // Pin the directory too (not a symlink) and resolve entries through its fd.
+    let dir = pin(src, libc::O_DIRECTORY)?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     let entries =
-        std::fs::read_dir(src).map_err(|e| format!("root image {}: {e}", src.display()))?;
+        std::fs::read_dir(&base).map_err(|e| format!("root image {}: {e}", src.display()))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("root image {}: {e}", src.display()))?;
         let name = entry.file_name();
@@ -252,21 +264,17 @@ fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
         if skip(name) {
             continue;
         }
-        let from = entry.path();
+        let from = base.join(name);
         let to = dst.join(name);
         // Pin the entry itself (never a symlink's target) and mount what was checked, so an
         // entry swapped for a symlink meanwhile cannot redirect the bind to a host path.
-        let pinned = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-            .open(&from)
-            .map_err(|e| format!("root image {}: {e}", from.display()))?;
+        let pinned = pin(&from, 0)?;
         let md = pinned
             .metadata()
-            .map_err(|e| format!("root image {}: {e}", from.display()))?;
+            .map_err(|e| format!("root image {}/{name}: {e}", src.display()))?;
         if md.file_type().is_symlink() {
             let target = std::fs::read_link(&from)
-                .map_err(|e| format!("root image {}: {e}", from.display()))?;
+                .map_err(|e| format!("root image {}/{name}: {e}", src.display()))?;
             std::os::unix::fs::symlink(&target, &to)
                 .map_err(|e| format!("symlink {}: {e}", to.display()))?;
         } else if md.is_dir() || md.is_file() {
