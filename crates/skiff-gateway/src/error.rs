@@ -343,6 +343,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn seed_shape_and_outcomes() {
+        let (st, h, v) =
+            render(ApiError::invalid_field("env_vars", "env_vars[0] bad").seed()).await;
+        assert_eq!(st, 400);
+        assert_eq!(v, json!({"error": "env_vars[0] bad", "field": "env_vars"}));
+        assert_eq!(h["x-skiff-error"], "invalid_request");
+        let (_, _, v) = render(ApiError::too_large(10).seed()).await;
+        assert!(v["error"].as_str().unwrap().contains("10 byte"), "{v}");
+        assert!(v.get("field").is_none());
+        for kind in [
+            ErrorKind::Timeout,
+            ErrorKind::OutOfMemory,
+            ErrorKind::Crashed,
+        ] {
+            assert_eq!(
+                seed_outcome(outcome(kind)).unwrap(),
+                "detail: secret internals"
+            );
+        }
+        for (kind, status) in [(ErrorKind::Throttled, 429), (ErrorKind::StartFailed, 500)] {
+            let (st, _, v) = render(seed_outcome(outcome(kind)).unwrap_err()).await;
+            assert_eq!(st.as_u16(), status);
+            assert!(v["error"].is_string(), "{v}");
+        }
+    }
+
+    #[tokio::test]
     async fn gateway_shape_keeps_request_error_messages() {
         let (st, h, v) = render(ApiError::not_found("function `x` not found").gateway()).await;
         assert_eq!(
