@@ -175,7 +175,12 @@ impl Cmd {
             let msg = format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes).");
             return self.fail(id, "Function.ResponseSizeTooLarge", &msg, Vec::new());
         }
-        match decode_status(status) {
+        let status = decode_status(status);
+        if status != (Some(0), None) && !out.is_empty() {
+            // A failed command's stdout is not a reply; keep it as logs rather than lose it.
+            self.agent.out.log(Some(id), &out);
+        }
+        match status {
             (Some(0), _) => self.done(id, None, &out),
             (Some(code), _) => {
                 let msg = format!("Command exited with non-zero status: {code}");

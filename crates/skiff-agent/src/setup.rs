@@ -4,6 +4,8 @@
 use skiff_core::protocol::AgentConfig;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 type Res = Result<(), String>;
@@ -139,6 +141,9 @@ pub(crate) fn build_root(cfg: &AgentConfig) -> Res {
         Some("size=4m,nr_inodes=4096,mode=0755"),
     )?;
 
+    if let Some(image) = &cfg.rootfs {
+        bind_image(Path::new(image), root, &cfg.etc_files)?;
+    }
     for b in &cfg.binds {
         let dst = under(root, &b.dst);
         let src = Path::new(&b.src);
@@ -205,6 +210,86 @@ pub(crate) fn build_root(cfg: &AgentConfig) -> Res {
         return Err(errno_msg("sethostname"));
     }
     loopback_up()
+}
+
+/// Top-level image entries never taken from the image: Skiff mounts its own there.
+const IMAGE_SKIP: &[&str] = &["proc", "dev", "tmp", "sys"];
+/// Image directories recreated on the tmpfs and filled entry by entry, because Skiff adds
+/// files (`/etc`) or mountpoints (`/var/task`, `/var/runtime`) inside them.
+const IMAGE_SPLIT: &[&str] = &["etc", "var"];
+
+/// Populates the new root from a root image: each entry of `image` is bound read-only (a
+/// symlink is recreated, never followed, so it cannot pull in host files); `/etc` and `/var`
+/// are recreated and filled one level down, skipping the generated `/etc` files and
+/// `/var/task`, `/var/runtime`.
+fn bind_image(image: &Path, root: &Path, etc_files: &[(String, String)]) -> Res {
+    populate(image, root, &|name| {
+        IMAGE_SKIP.contains(&name) || IMAGE_SPLIT.contains(&name)
+    })?;
+    for d in IMAGE_SPLIT {
+        let src = image.join(d);
+        if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let dst = root.join(d);
+        mkdirs(&dst)?;
+        populate(&src, &dst, &|name| {
+            (*d == "etc" && etc_files.iter().any(|(n, _)| n == name))
+                || (*d == "var" && (name == "task" || name == "runtime"))
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens `path` itself (`O_PATH|O_NOFOLLOW`, plus `extra` flags), never a symlink's target.
+fn pin(path: &Path, extra: libc::c_int) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | extra)
+        .open(path)
+        .map_err(|e| format!("root image {}: {e}", path.display()))
+}
+
+/// Binds (read-only) or re-links every entry of `src` into `dst`, except those `skip` names.
+fn populate(src: &Path, dst: &Path, skip: &dyn Fn(&str) -> bool) -> Res {
+    // Pin the directory too (not a symlink) and resolve entries through its fd.
+    let dir = pin(src, libc::O_DIRECTORY)?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let entries =
+        std::fs::read_dir(&base).map_err(|e| format!("root image {}: {e}", src.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("root image {}: {e}", src.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if skip(name) {
+            continue;
+        }
+        let from = base.join(name);
+        let to = dst.join(name);
+        // Pin the entry itself (never a symlink's target) and mount what was checked, so an
+        // entry swapped for a symlink meanwhile cannot redirect the bind to a host path.
+        let pinned = pin(&from, 0)?;
+        let md = pinned
+            .metadata()
+            .map_err(|e| format!("root image {}/{name}: {e}", src.display()))?;
+        if md.file_type().is_symlink() {
+            let target = std::fs::read_link(&from)
+                .map_err(|e| format!("root image {}/{name}: {e}", src.display()))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(|e| format!("symlink {}: {e}", to.display()))?;
+        } else if md.is_dir() || md.is_file() {
+            if md.is_dir() {
+                mkdirs(&to)?;
+            } else {
+                std::fs::File::create(&to).map_err(|e| format!("create {}: {e}", to.display()))?;
+            }
+            let src = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+            mount(Some(&src), &to, None, libc::MS_BIND | libc::MS_REC, None)?;
+            make_readonly(&to)?;
+        }
+        // Sockets, fifos and device nodes of the image are left out.
+    }
+    Ok(())
 }
 
 fn build_dev(root: &Path) -> Res {

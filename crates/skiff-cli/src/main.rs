@@ -133,6 +133,12 @@ fn main() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "__agent") {
         skiff_agent::main();
     }
+    // `.env` in the working directory; variables already in the environment win.
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("reading .env: {e}"),
+    }
     let cli = Cli::parse();
     let c = || client::Client::new(&cli.server, cli.key.clone());
     match cli.cmd {

@@ -26,9 +26,19 @@ const RUNTIME_FILES: &[(&str, &str)] = &[
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Address to listen on. A non-loopback address requires API keys.
-    #[arg(long, env = "SKIFF_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    /// Address to listen on (default 127.0.0.1:8080, or 127.0.0.1:$FAAS_GATEWAY_PORT). A
+    /// non-loopback address requires API keys.
+    #[arg(long, env = "SKIFF_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Port on 127.0.0.1 when --listen is not given (seed-compatible configuration).
+    #[arg(long, env = "FAAS_GATEWAY_PORT")]
+    gateway_port: Option<u16>,
+    /// Sandbox executor: only `native` is supported (gVisor and microVM tiers are future work).
+    #[arg(long, env = "FAAS_EXECUTOR_TYPE", default_value = "native")]
+    executor: String,
+    /// Restrict the seed API's `image` directories to this directory (default: any directory).
+    #[arg(long, env = "FAAS_IMAGE_ROOT")]
+    image_root: Option<PathBuf>,
     /// Where metadata (SQLite), packages and instance state live.
     #[arg(long, env = "SKIFF_DATA_DIR", default_value = ".skiff")]
     data_dir: PathBuf,
@@ -87,6 +97,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if args.executor != "native" {
+        bail!(
+            "FAAS_EXECUTOR_TYPE / --executor `{}` is not supported: this server runs only the \
+             `native` sandbox (gVisor and microVM tiers are future work)",
+            args.executor
+        );
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.gateway_port.unwrap_or(8080))));
+    let image_root = args
+        .image_root
+        .as_deref()
+        .map(std::fs::canonicalize)
+        .transpose()
+        .context("--image-root / FAAS_IMAGE_ROOT")?;
     let api_keys: Vec<String> = args
         .api_keys
         .into_iter()
@@ -96,12 +122,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let store = Store::open(&args.data_dir)
         .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
     let keys_configured = !api_keys.is_empty() || store.has_api_keys()?;
-    if !args.listen.ip().is_loopback() && !keys_configured {
+    if !listen.ip().is_loopback() && !keys_configured {
         bail!(
             "refusing to listen on {} without API keys: anyone who can reach it could run code. \
              Pass --api-key (or SKIFF_API_KEYS), create one with `skiff keys create`, \
              or listen on a loopback address such as 127.0.0.1",
-            args.listen
+            listen
         );
     }
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
@@ -125,6 +151,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
             },
         );
         let state = AppState::new(store.clone(), scheduler.clone(), Auth::new(&api_keys));
+        state
+            .seed
+            .configure(skiff_gateway::seed::SeedConfig {
+                code_dir: data_dir.join("run/seed-task"),
+                image_root,
+            })
+            .context("preparing the seed API")?;
         let mut events = EventConfig {
             retry_base: args.event_retry_base,
             max_attempts: args.event_max_attempts,
@@ -134,9 +167,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             events.workers = n.max(1);
         }
         skiff_gateway::events::spawn_workers(state.clone(), events);
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding {}", args.listen))?;
+            .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
         let mode = if keys_configured {
             "API keys required"

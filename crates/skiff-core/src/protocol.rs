@@ -117,6 +117,11 @@ pub struct AgentConfig {
     pub wait_for_network: bool,
     /// Install the seccomp filter.
     pub seccomp: bool,
+    /// Host directory used as the root image instead of the host's system dirs: its entries
+    /// are bound read-only into the new root (`/etc` and `/var` entry by entry, so generated
+    /// files and mountpoints stay on the tmpfs).
+    #[serde(default)]
+    pub rootfs: Option<String>,
 }
 
 /// Host → agent: run one invocation.

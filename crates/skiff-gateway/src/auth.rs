@@ -121,6 +121,16 @@ pub async fn require_key(
     Ok(next.run(req).await)
 }
 
+/// [`require_key`] for the seed-compatible API: failures in its `{"error": "…"}` shape.
+pub async fn require_key_seed(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check(&state, req.headers()).map_err(ApiError::seed)?;
+    Ok(next.run(req).await)
+}
+
 /// [`require_key`] for the Lambda API: failures in Lambda's error shape (403
 /// `UnrecognizedClientException`, as AWS answers an unknown access key).
 pub async fn require_key_lambda(

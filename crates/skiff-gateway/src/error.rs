@@ -18,6 +18,9 @@ pub enum Shape {
     /// 5xx `Internal Server Error` / `Endpoint request timed out` (log tails, secret names and
     /// limits stay out of public replies). The code goes in `x-skiff-error`.
     Gateway,
+    /// The seed-compatible API's shape: `{"error": message}`, plus `"field"` when one
+    /// request field is at fault. The code goes in `x-skiff-error`.
+    Seed,
 }
 
 /// An API error with its status, stable code and human message.
@@ -74,6 +77,24 @@ impl ApiError {
     pub fn invalid_reply(reason: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, "invalid_reply", reason)
     }
+    /// A request field is invalid: 400 naming it (`field` in the error).
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message).with("field", field)
+    }
+    /// A feature this server was not set up for: 503.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+    /// Too much running at once: 429 with `retry-after: 1`.
+    pub fn busy(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
+            .header("retry-after", "1".into())
+    }
+    /// Renders this error in the seed-compatible API's shape.
+    pub fn seed(mut self) -> ApiError {
+        self.shape = Shape::Seed;
+        self
+    }
     /// Renders this error in API Gateway's shape (public HTTP triggers).
     pub fn gateway(mut self) -> ApiError {
         self.shape = Shape::Gateway;
@@ -100,6 +121,17 @@ impl IntoResponse for ApiError {
                 err.insert("message".into(), Value::from(self.message));
                 err.extend(self.extra);
                 (self.status, axum::Json(json!({ "error": err }))).into_response()
+            }
+            Shape::Seed => {
+                let mut body = Map::new();
+                body.insert("error".into(), Value::from(self.message));
+                if let Some(f) = self.extra.get("field") {
+                    body.insert("field".into(), f.clone());
+                }
+                let mut resp = (self.status, axum::Json(Value::Object(body))).into_response();
+                resp.headers_mut()
+                    .insert("x-skiff-error", HeaderValue::from_static(self.code));
+                resp
             }
             Shape::Gateway => {
                 let message = match self.status {
@@ -171,6 +203,17 @@ impl From<Outcome> for ApiError {
             e = e.header("retry-after", "1".into());
         }
         e
+    }
+}
+
+/// Seed API: how a platform outcome of an ad-hoc invocation is reported. A timeout, an
+/// out-of-memory kill or a crash is the command's doing: `Ok(text)` for the 200
+/// `InvocationResult`'s `error`. Throttling and sandbox start failures are the platform's: an
+/// HTTP error in the seed shape.
+pub fn seed_outcome(o: Outcome) -> Result<String, ApiError> {
+    match o.kind {
+        ErrorKind::Timeout | ErrorKind::OutOfMemory | ErrorKind::Crashed => Ok(o.message),
+        ErrorKind::Throttled | ErrorKind::StartFailed => Err(ApiError::from(o).seed()),
     }
 }
 
@@ -297,6 +340,33 @@ mod tests {
         );
         assert_eq!(h["x-skiff-function-error"], "ValueError");
         assert_eq!(h["x-skiff-error"], "function_error");
+    }
+
+    #[tokio::test]
+    async fn seed_shape_and_outcomes() {
+        let (st, h, v) =
+            render(ApiError::invalid_field("env_vars", "env_vars[0] bad").seed()).await;
+        assert_eq!(st, 400);
+        assert_eq!(v, json!({"error": "env_vars[0] bad", "field": "env_vars"}));
+        assert_eq!(h["x-skiff-error"], "invalid_request");
+        let (_, _, v) = render(ApiError::too_large(10).seed()).await;
+        assert!(v["error"].as_str().unwrap().contains("10 byte"), "{v}");
+        assert!(v.get("field").is_none());
+        for kind in [
+            ErrorKind::Timeout,
+            ErrorKind::OutOfMemory,
+            ErrorKind::Crashed,
+        ] {
+            assert_eq!(
+                seed_outcome(outcome(kind)).unwrap(),
+                "detail: secret internals"
+            );
+        }
+        for (kind, status) in [(ErrorKind::Throttled, 429), (ErrorKind::StartFailed, 500)] {
+            let (st, _, v) = render(seed_outcome(outcome(kind)).unwrap_err()).await;
+            assert_eq!(st.as_u16(), status);
+            assert!(v["error"].is_string(), "{v}");
+        }
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ mod functions;
 mod invoke;
 mod lambda;
 mod revisions;
+pub mod seed;
 mod stream;
 
 pub use auth::Auth;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub revisions: RevisionCache,
     /// Async invocation queue: wake-ups, shutdown and counters (see [`events`]).
     pub events: events::EventQueue,
+    /// The seed-compatible ad-hoc invoke API (see [`seed`]).
+    pub seed: seed::SeedState,
 }
 
 impl AppState {
@@ -47,6 +50,7 @@ impl AppState {
             auth,
             revisions: RevisionCache::default(),
             events: events::EventQueue::default(),
+            seed: seed::SeedState::default(),
         })
     }
 }
@@ -131,8 +135,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key_lambda,
         ));
+    let seed_api = Router::new()
+        .route("/functions/{function_id}/invoke", post(seed::invoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key_seed,
+        ));
     Router::new()
         .route("/health", get(functions::health))
+        .merge(seed_api)
         .merge(apigw::routes())
         .merge(api)
         .merge(lambda_api)

@@ -29,6 +29,8 @@ pub struct InstanceSpec {
     pub exec_mode: ExecMode,
     /// Program and arguments, as paths inside the sandbox.
     pub argv: Vec<String>,
+    /// Root image directory on the host; `None` uses the host's system dirs (`/usr`, …).
+    pub rootfs: Option<PathBuf>,
 }
 
 /// One invocation sent to an instance.

@@ -33,6 +33,7 @@ pub struct Revision {
     exec_mode: ExecMode,
     argv: Vec<String>,
     env: Vec<(String, String)>,
+    rootfs: Option<PathBuf>,
 }
 
 impl Revision {
@@ -69,6 +70,33 @@ impl Revision {
             exec_mode,
             argv,
             env,
+            rootfs: None,
+        }
+    }
+
+    /// A synthetic revision that runs `argv` directly in command mode (payload on stdin,
+    /// reply on stdout) with exactly `env`, optionally on a root image directory instead of
+    /// the host's system dirs. Used for ad-hoc invocations (`mode: ephemeral` in `spec` gives
+    /// each call a fresh sandbox). `function` and `number` key the warm pool, so ad-hoc
+    /// callers must pick ones no deployed function uses.
+    pub fn command(
+        function: String,
+        number: u32,
+        spec: FunctionSpec,
+        code_dir: PathBuf,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        rootfs: Option<PathBuf>,
+    ) -> Revision {
+        Revision {
+            function,
+            number,
+            spec,
+            code_dir,
+            exec_mode: ExecMode::Command,
+            argv,
+            env,
+            rootfs,
         }
     }
 }
@@ -454,6 +482,7 @@ impl Scheduler {
             env: rev.env.clone(),
             exec_mode: rev.exec_mode,
             argv: rev.argv.clone(),
+            rootfs: rev.rootfs.clone(),
         };
         let inst = self.sandbox.start(spec).await?;
         self.metrics

@@ -83,10 +83,16 @@ impl Server {
 
     /// Starts a server on an existing data dir.
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(skiff_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(skiff_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .args(args)
+            .args(args);
+        Server::spawn(cmd, data_dir)
+    }
+
+    /// Starts a server from a prepared `skiff serve` command and waits until it listens.
+    pub fn spawn(mut cmd: Command, data_dir: &Path) -> Server {
+        let mut child = cmd
             .env_remove("SKIFF_API_KEYS")
             .env("RUST_LOG", "skiff=info,warn")
             .stdout(Stdio::null())

@@ -6,6 +6,7 @@ mod harness;
 mod http_trigger;
 mod lambda_api;
 mod lambda_runtime;
+mod seed_api;
 
 use harness::*;
 use serde_json::{json, Value};

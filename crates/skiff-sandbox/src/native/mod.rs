@@ -313,7 +313,11 @@ impl NativeSandbox {
     }
 
     fn agent_config(&self, spec: &InstanceSpec) -> Result<AgentConfig, SandboxError> {
-        let mut binds = self.system_binds.clone();
+        // With a root image the agent binds the image instead of the host's system dirs.
+        let (mut binds, rootfs) = match &spec.rootfs {
+            Some(dir) => (Vec::new(), Some(path_str(dir)?)),
+            None => (self.system_binds.clone(), None),
+        };
         binds.push(Bind {
             src: path_str(&spec.code_dir)?,
             dst: TASK_ROOT.into(),
@@ -356,6 +360,7 @@ impl NativeSandbox {
             wipe_tmp: matches!(spec.spec.mode, Mode::Warm | Mode::Ephemeral),
             wait_for_network: outbound,
             seccomp: self.cfg.seccomp,
+            rootfs,
         })
     }
 }
@@ -496,6 +501,14 @@ impl Sandbox for NativeSandbox {
                 "code directory {} does not exist",
                 spec.code_dir.display()
             )));
+        }
+        if let Some(dir) = &spec.rootfs {
+            if !dir.is_absolute() || !dir.is_dir() {
+                return Err(SandboxError::Start(format!(
+                    "root image {} is not an absolute path to a directory",
+                    dir.display()
+                )));
+            }
         }
         let slirp_bin = match spec.spec.network {
             Network::Outbound => match &self.cfg.slirp4netns {

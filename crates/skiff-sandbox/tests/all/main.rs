@@ -194,6 +194,7 @@ fn ispec(spec: FunctionSpec, mode: ExecMode, argv: &[&str], code: &Path) -> Inst
         env: env(),
         exec_mode: mode,
         argv: argv.iter().map(|s| s.to_string()).collect(),
+        rootfs: None,
     }
 }
 
@@ -1109,6 +1110,7 @@ async fn measure_latency(ctx: Arc<Ctx>) -> Result<(), String> {
             env: env.clone(),
             exec_mode: mode,
             argv: argv.clone(),
+            rootfs: None,
         };
         let mut cold = Vec::new();
         for _ in 0..10 {
