@@ -1,78 +1,247 @@
 //! Resolution of `(function, qualifier)` to a launchable revision, cached so the invoke hot
 //! path does not touch SQLite. Management calls that change what a qualifier means
-//! (deploy, alias change, delete, secret change) invalidate the cache.
+//! (deploy, alias change, enable/disable, delete, secret change) invalidate the cache.
+//!
+//! A qualifier naming a weighted split is cached as the whole split; each request then picks
+//! a revision: by the bucket of its sticky key ([`STICKY_HEADER`]) if it has one, else at
+//! random by weight. Whether the function is enabled is cached with it, so a disabled function
+//! is refused without a query.
 
 use crate::error::ApiError;
 use crate::{blocking, AppState};
+use axum::http::HeaderMap;
 use parking_lot::RwLock;
+use skiff_core::split::{self, Route};
 use skiff_scheduler::Revision;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Cache of resolved revisions, keyed by function then qualifier (`""` = production).
+/// Request header whose value keeps a client on one revision of a split alias.
+pub const STICKY_HEADER: &str = "x-skiff-sticky";
+
+/// What a qualifier resolved to.
+#[derive(Clone)]
+pub(crate) struct Resolved {
+    enabled: bool,
+    /// One revision, or a split's revisions in route order with their weights.
+    revisions: Box<[Arc<Revision>]>,
+    routes: Box<[Route]>,
+}
+
+impl Resolved {
+    fn checked_pick(
+        &self,
+        function: &str,
+        sticky: Option<&[u8]>,
+    ) -> Result<Arc<Revision>, ApiError> {
+        if self.enabled {
+            Ok(self.pick(sticky).clone())
+        } else {
+            Err(ApiError::disabled(function))
+        }
+    }
+
+    /// The revision for a request with this sticky key (random by weight without one).
+    fn pick(&self, sticky: Option<&[u8]>) -> &Arc<Revision> {
+        if self.revisions.len() == 1 {
+            return &self.revisions[0];
+        }
+        let bucket = match sticky {
+            Some(key) => split::bucket_of(key),
+            None => random_bucket(),
+        };
+        &self.revisions[split::pick(&self.routes, bucket)]
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Function → qualifier (`""` = production) → resolution.
+    map: HashMap<String, HashMap<String, Resolved>>,
+    /// Bumped by every invalidation; a resolution computed across one is not cached.
+    generation: u64,
+}
+
+/// Cache of resolved qualifiers, keyed by function then qualifier.
 #[derive(Default)]
 pub struct RevisionCache {
-    map: RwLock<HashMap<String, HashMap<String, Arc<Revision>>>>,
+    inner: RwLock<Inner>,
 }
 
 impl RevisionCache {
     /// Forgets everything about one function.
     pub fn invalidate(&self, function: &str) {
-        self.map.write().remove(function);
+        let mut inner = self.inner.write();
+        inner.map.remove(function);
+        inner.generation += 1;
     }
 
     /// Forgets everything (e.g. a secret changed).
     pub fn clear(&self) {
-        self.map.write().clear();
+        let mut inner = self.inner.write();
+        inner.map.clear();
+        inner.generation += 1;
     }
 
-    fn get(&self, function: &str, qualifier: &str) -> Option<Arc<Revision>> {
-        self.map.read().get(function)?.get(qualifier).cloned()
+    /// The cached pick for a request, or the generation to load under on a miss.
+    fn get(
+        &self,
+        function: &str,
+        qualifier: &str,
+        sticky: Option<&[u8]>,
+    ) -> Result<Result<Arc<Revision>, ApiError>, u64> {
+        let inner = self.inner.read();
+        match inner.map.get(function).and_then(|q| q.get(qualifier)) {
+            Some(r) => Ok(r.checked_pick(function, sticky)),
+            None => Err(inner.generation),
+        }
     }
 }
 
-/// Resolves a qualifier (alias, revision number, `$LATEST`; none = `production`).
+/// A bucket `0..100` from a per-thread xorshift generator (seeded from the OS-keyed hasher).
+fn random_bucket() -> u8 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        // The high bits of xorshift are the better ones.
+        ((x >> 32) % split::BUCKETS as u64) as u8
+    })
+}
+
+/// The sticky key of a request, if it sent one.
+pub fn sticky_key(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get(STICKY_HEADER)
+        .map(|v| v.as_bytes())
+        .filter(|k| !k.is_empty())
+}
+
+/// Resolves a qualifier (alias, revision number, `$LATEST`; none = `production`); a split
+/// alias picks a revision at random by weight. 503 `function_disabled` if it is disabled.
 pub async fn resolve(
     state: &Arc<AppState>,
     function: &str,
     qualifier: Option<&str>,
 ) -> Result<Arc<Revision>, ApiError> {
-    let q = qualifier.unwrap_or("");
-    if let Some(rev) = state.revisions.get(function, q) {
-        return Ok(rev);
+    resolve_sticky(state, function, qualifier, None).await
+}
+
+/// [`resolve`]; a split alias picks by the bucket of `sticky` when given (see
+/// [`sticky_key`]), so the same key always runs the same revision while the split stands.
+pub async fn resolve_sticky(
+    state: &Arc<AppState>,
+    function: &str,
+    qualifier: Option<&str>,
+    sticky: Option<&[u8]>,
+) -> Result<Arc<Revision>, ApiError> {
+    match state
+        .revisions
+        .get(function, qualifier.unwrap_or(""), sticky)
+    {
+        Ok(picked) => picked,
+        Err(generation) => load(state, function, qualifier, generation)
+            .await?
+            .checked_pick(function, sticky),
     }
+}
+
+/// Loads a resolution from the store and caches it unless the cache was invalidated since
+/// `generation`. Returns a copy for the caller's pick (a few `Arc`s).
+async fn load(
+    state: &Arc<AppState>,
+    function: &str,
+    qualifier: Option<&str>,
+    generation: u64,
+) -> Result<Resolved, ApiError> {
     let st = state.clone();
     let (f, qual) = (function.to_string(), qualifier.map(str::to_string));
-    let rev = blocking(move || {
-        let rec = st.store.resolve(&f, qual.as_deref())?;
-        let code_dir = st.store.unpack(&rec.package_sha256)?;
-        let mut secrets = Vec::with_capacity(rec.spec.secrets.len());
-        for name in &rec.spec.secrets {
-            let value = st.store.get_secret(name)?.ok_or_else(|| {
-                ApiError::new(
-                    axum::http::StatusCode::FAILED_DEPENDENCY,
-                    "missing_secret",
-                    format!("secrets: secret `{name}` is not set (skiff secrets set {name} VALUE)"),
-                )
-                .with("field", "secrets")
-            })?;
-            secrets.push((name.clone(), value));
+    let resolved = blocking(move || {
+        let res = st.store.resolve_routes(&f, qual.as_deref())?;
+        let mut revisions = Vec::with_capacity(res.routes.len());
+        let mut routes = Vec::with_capacity(res.routes.len());
+        for (rec, weight) in res.routes {
+            routes.push(Route {
+                revision: rec.number,
+                weight,
+            });
+            revisions.push(prepare(&st, rec)?);
         }
-        Ok(Arc::new(Revision::new(
-            rec.number,
-            rec.spec,
-            code_dir,
-            &secrets,
-            st.scheduler.workspace(),
-        )))
+        Ok(Resolved {
+            enabled: res.enabled,
+            revisions: revisions.into(),
+            routes: routes.into(),
+        })
     })
     .await?;
-    state
-        .revisions
-        .map
-        .write()
-        .entry(function.to_string())
-        .or_default()
-        .insert(q.to_string(), rev.clone());
-    Ok(rev)
+    let mut inner = state.revisions.inner.write();
+    if inner.generation == generation {
+        inner
+            .map
+            .entry(function.to_string())
+            .or_default()
+            .insert(qualifier.unwrap_or("").to_string(), resolved.clone());
+    }
+    Ok(resolved)
+}
+
+/// Unpacks a revision's code and resolves its secrets into a launchable [`Revision`].
+fn prepare(st: &AppState, rec: skiff_store::RevisionRecord) -> Result<Arc<Revision>, ApiError> {
+    let code_dir = st.store.unpack(&rec.package_sha256)?;
+    let mut secrets = Vec::with_capacity(rec.spec.secrets.len());
+    for name in &rec.spec.secrets {
+        let value = st.store.get_secret(name)?.ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::FAILED_DEPENDENCY,
+                "missing_secret",
+                format!("secrets: secret `{name}` is not set (skiff secrets set {name} VALUE)"),
+            )
+            .with("field", "secrets")
+        })?;
+        secrets.push((name.clone(), value));
+    }
+    Ok(Arc::new(Revision::new(
+        rec.number,
+        rec.spec,
+        code_dir,
+        &secrets,
+        st.scheduler.workspace(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_buckets_cover_the_range_evenly() {
+        let mut counts = [0u32; 100];
+        for _ in 0..100_000 {
+            counts[random_bucket() as usize] += 1;
+        }
+        // Expected 1,000 each; a fair generator stays well within ±20 %.
+        assert!(
+            counts.iter().all(|&c| (800..=1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn sticky_key_ignores_empty_values() {
+        let mut h = HeaderMap::new();
+        assert_eq!(sticky_key(&h), None);
+        h.insert(STICKY_HEADER, "".parse().unwrap());
+        assert_eq!(sticky_key(&h), None);
+        h.insert(STICKY_HEADER, "user-1".parse().unwrap());
+        assert_eq!(sticky_key(&h), Some(&b"user-1"[..]));
+    }
 }
