@@ -1,10 +1,12 @@
 //! Black-box tests of the real `skiff` binary over loopback HTTP: deploy, invoke, limits,
 //! sandbox security, auth, durability and concurrency. Run as root (the native sandbox needs it).
 
+mod aliases;
 mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
+mod runtime_ops;
 
 use harness::*;
 use serde_json::{json, Value};
