@@ -72,6 +72,7 @@ fn canary_split_sticky_keys_and_rollback() {
     for _ in 0..1000 {
         *counts.entry(revision_of(&s, invoke, None)).or_default() += 1;
     }
+    eprintln!("90/10 split over 1,000 requests: {counts:?}");
     let canary = counts.get(&2).copied().unwrap_or(0);
     assert_eq!(counts.values().sum::<u32>(), 1000, "{counts:?}");
     assert!(

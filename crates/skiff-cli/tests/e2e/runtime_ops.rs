@@ -221,7 +221,8 @@ fn delete_removes_unreferenced_artifacts() {
     s.deploy(&echo); // same package: two revisions, one artifact
     let other = fixture_variant("fx-echo", &[("name", "other")]);
     s.deploy(other.path());
-    s.invoke_ok("fx-echo", &json!({}));
+    let (_, h) = s.invoke_ok("fx-echo", &json!({}));
+    let instance = hdr(&h, "x-skiff-instance");
     s.invoke_ok("other", &json!({}));
     let sha = |name: &str| -> String {
         let v: Value = s
@@ -239,7 +240,7 @@ fn delete_removes_unreferenced_artifacts() {
     assert!(!pkg(&mine).exists(), "package left behind");
     assert!(!code(&mine).exists(), "unpacked code left behind");
     assert!(pkg(&theirs).exists() && code(&theirs).exists());
-    assert!(processes_in_cgroup("/fx-echo-").is_empty());
+    assert!(processes_in_cgroup(&instance).is_empty(), "instance {instance} still runs");
     assert_eq!(error_of(s.get("/v1/functions/fx-echo")).0, 404);
     assert_eq!(
         error_of(s.get("/v1/functions/fx-echo/aliases/production")).0,
