@@ -4,7 +4,8 @@
 //!
 //! Public by design, like a function URL with auth `NONE`: these routes sit outside the API-key
 //! layer. The query string belongs to the function, so the alias or revision is chosen with the
-//! [`QUALIFIER_HEADER`] header (default `production`). Errors use API Gateway's `{"message"}`
+//! [`QUALIFIER_HEADER`] header (default `production`); a split alias picks by the
+//! `X-Skiff-Sticky` key when sent. Errors use API Gateway's `{"message"}`
 //! shape ([`crate::error::Shape::Gateway`]).
 
 use crate::error::{ApiError, ApiResult};

@@ -576,3 +576,50 @@ pub async fn delete_secret(
         Err(ApiError::not_found("secret not found"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: Value) -> String {
+        alias_target(&body).unwrap_err().extra["field"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn alias_bodies() {
+        assert_eq!(
+            alias_target(&json!({"revision": 3})).unwrap(),
+            AliasTarget::Revision(3)
+        );
+        let split = alias_target(&json!({"routes": [
+            {"revision": 3, "weight": 90}, {"revision": 4, "weight": 10}
+        ]}))
+        .unwrap();
+        assert!(matches!(&split, AliasTarget::Split(r) if r.len() == 2));
+        assert_eq!(split.primary(), 3);
+        // One route of 100 % is a plain revision.
+        assert_eq!(
+            alias_target(&json!({"routes": [{"revision": 4, "weight": 100}]})).unwrap(),
+            AliasTarget::Revision(4)
+        );
+        assert_eq!(field_of(json!({"revision": 0})), "revision");
+        assert_eq!(field_of(json!({"revision": 1.5})), "revision");
+        assert_eq!(field_of(json!([1])), "revision");
+        assert_eq!(field_of(json!({"routes": {"revision": 1}})), "routes");
+        assert_eq!(field_of(json!({"routes": [{"revision": 1}]})), "routes");
+        assert_eq!(
+            field_of(json!({"routes": [{"revision": 1, "weight": 100, "x": 1}]})),
+            "routes"
+        );
+        assert_eq!(field_of(json!({"rev": 1})), "rev");
+        let e = alias_target(&json!({"routes": [
+            {"revision": 3, "weight": 90}, {"revision": 4, "weight": 20}
+        ]}))
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("sum to 100 (got 110)"), "{}", e.message);
+    }
+}

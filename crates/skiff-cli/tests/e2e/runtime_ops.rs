@@ -240,7 +240,10 @@ fn delete_removes_unreferenced_artifacts() {
     assert!(!pkg(&mine).exists(), "package left behind");
     assert!(!code(&mine).exists(), "unpacked code left behind");
     assert!(pkg(&theirs).exists() && code(&theirs).exists());
-    assert!(processes_in_cgroup(&instance).is_empty(), "instance {instance} still runs");
+    assert!(
+        processes_in_cgroup(&instance).is_empty(),
+        "instance {instance} still runs"
+    );
     assert_eq!(error_of(s.get("/v1/functions/fx-echo")).0, 404);
     assert_eq!(
         error_of(s.get("/v1/functions/fx-echo/aliases/production")).0,
