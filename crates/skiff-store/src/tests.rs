@@ -1137,7 +1137,7 @@ fn deleting_a_function_removes_only_unshared_packages() {
     let (pending, _) = put(&store, b"uploading");
     assert_eq!(
         store
-            .remove_unreferenced_packages(&[pending.clone()])
+            .remove_unreferenced_packages(std::slice::from_ref(&pending))
             .unwrap(),
         0
     );
