@@ -331,6 +331,94 @@ impl Client {
         Ok(())
     }
 
+    pub fn alias_set(&self, name: &str, alias: &str, target: &str) -> Result<()> {
+        let body = alias_body(target)?;
+        let a: Value = self
+            .send(
+                self.req(
+                    reqwest::Method::PUT,
+                    &format!("/v1/functions/{name}/aliases/{alias}"),
+                )
+                .json(&body),
+            )?
+            .json()?;
+        println!("{name}:{alias} -> {}", describe_alias(&a));
+        Ok(())
+    }
+
+    pub fn alias_ls(&self, name: &str) -> Result<()> {
+        let v: Value = self
+            .send(self.req(
+                reqwest::Method::GET,
+                &format!("/v1/functions/{name}/aliases"),
+            ))?
+            .json()?;
+        let rows: Vec<[String; 3]> = v["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                [
+                    a["name"].as_str().unwrap_or_default().to_string(),
+                    describe_alias(a),
+                    age(a["updated_at_ms"].as_i64()),
+                ]
+            })
+            .collect();
+        print_table(&["ALIAS", "REVISION", "UPDATED"], &rows);
+        Ok(())
+    }
+
+    pub fn alias_rm(&self, name: &str, alias: &str) -> Result<()> {
+        self.send(self.req(
+            reqwest::Method::DELETE,
+            &format!("/v1/functions/{name}/aliases/{alias}"),
+        ))?;
+        println!("deleted {name}:{alias}");
+        Ok(())
+    }
+
+    pub fn rollback(&self, name: &str, alias: &str, to: Option<u32>) -> Result<()> {
+        let a: Value = self
+            .send(
+                self.req(
+                    reqwest::Method::POST,
+                    &format!("/v1/functions/{name}/aliases/{alias}/rollback"),
+                )
+                .json(&serde_json::json!({ "to": to })),
+            )?
+            .json()?;
+        println!("{name}:{alias} -> {}", describe_alias(&a));
+        Ok(())
+    }
+
+    pub fn restart(&self, name: &str, idle_only: bool) -> Result<()> {
+        let op = if idle_only { "recycle" } else { "restart" };
+        let v: Value = self
+            .send(self.req(
+                reqwest::Method::POST,
+                &format!("/v1/functions/{name}/runtime/{op}"),
+            ))?
+            .json()?;
+        let stopped = v["stopped"].as_u64().unwrap_or(0);
+        match v["draining"].as_u64() {
+            Some(d) => println!(
+                "{name}: {stopped} idle instance(s) stopped, {d} draining; new invocations start fresh instances"
+            ),
+            None => println!("{name}: {stopped} idle instance(s) stopped"),
+        }
+        Ok(())
+    }
+
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.send(
+            self.req(reqwest::Method::PATCH, &format!("/v1/functions/{name}"))
+                .json(&serde_json::json!({ "enabled": enabled })),
+        )?;
+        println!("{name} {}", if enabled { "enabled" } else { "disabled" });
+        Ok(())
+    }
+
     pub fn secret_set(&self, name: &str, value: &str) -> Result<()> {
         self.send(
             self.req(reqwest::Method::PUT, &format!("/v1/secrets/{name}"))
@@ -354,6 +442,41 @@ impl Client {
         self.send(self.req(reqwest::Method::DELETE, &format!("/v1/secrets/{name}")))?;
         println!("secret {name} deleted");
         Ok(())
+    }
+}
+
+/// `3` → `{"revision": 3}`; `3=90,4=10` → `{"routes": [...]}` (the server validates weights).
+fn alias_body(target: &str) -> Result<Value> {
+    let num = |s: &str, what: &str| -> Result<i64> {
+        s.trim()
+            .parse::<i64>()
+            .map_err(|_| anyhow!("{what} `{s}` is not a whole number (expected N or N=W,M=W)"))
+    };
+    if !target.contains('=') {
+        return Ok(serde_json::json!({ "revision": num(target, "revision")? }));
+    }
+    let mut routes = Vec::new();
+    for part in target.split(',') {
+        let (rev, weight) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{part}` is not REVISION=WEIGHT"))?;
+        routes.push(serde_json::json!({
+            "revision": num(rev, "revision")?,
+            "weight": num(weight, "weight")?,
+        }));
+    }
+    Ok(serde_json::json!({ "routes": routes }))
+}
+
+/// `3`, or `3 (90%), 4 (10%)` for a split.
+fn describe_alias(a: &Value) -> String {
+    match a["routes"].as_array() {
+        Some(routes) => routes
+            .iter()
+            .map(|r| format!("{} ({}%)", r["revision"], r["weight"]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => a["revision"].to_string(),
     }
 }
 
@@ -403,6 +526,10 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         line(r.iter().map(String::as_str).collect());
     }
     if rows.is_empty() {
-        println!("(no functions; deploy one with `skiff deploy DIR`)");
+        if header[0] == "NAME" {
+            println!("(no functions; deploy one with `skiff deploy DIR`)");
+        } else {
+            println!("(none)");
+        }
     }
 }

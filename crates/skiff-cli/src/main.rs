@@ -86,6 +86,31 @@ enum Cmd {
     },
     /// Delete a function, its revisions and instances.
     Rm { name: String },
+    /// Manage aliases (named pointers to a revision, or weighted splits).
+    Alias {
+        #[command(subcommand)]
+        cmd: AliasCmd,
+    },
+    /// Move an alias (default `production`) back: to `--to N`, or to its previous value.
+    Rollback {
+        name: String,
+        /// Revision to move to.
+        #[arg(long)]
+        to: Option<u32>,
+        #[arg(long, default_value = "production")]
+        alias: String,
+    },
+    /// Replace a function's instances gracefully (in-flight invocations finish first).
+    Restart {
+        name: String,
+        /// Only stop idle instances now; leave busy ones serving.
+        #[arg(long)]
+        idle_only: bool,
+    },
+    /// Disable a function: every invoke answers 503 until it is enabled again.
+    Disable { name: String },
+    /// Re-enable a disabled function.
+    Enable { name: String },
     /// Manage API keys (written directly to the server's data dir).
     Keys {
         #[command(subcommand)]
@@ -103,6 +128,21 @@ enum Cmd {
     /// Internal: run as the agent inside a sandbox.
     #[command(name = "__agent", hide = true)]
     Agent,
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    /// Point ALIAS at a revision (`3`) or split traffic by weight (`3=90,4=10`).
+    Set {
+        name: String,
+        alias: String,
+        /// `N`, or `N=WEIGHT,M=WEIGHT,...` with weights summing to 100.
+        target: String,
+    },
+    /// List a function's aliases.
+    Ls { name: String },
+    /// Delete an alias.
+    Rm { name: String, alias: String },
 }
 
 #[derive(Subcommand)]
@@ -170,6 +210,19 @@ fn main() -> Result<()> {
         Cmd::Ls => c()?.ls(),
         Cmd::Logs { name, follow } => c()?.logs(&name, follow),
         Cmd::Rm { name } => c()?.rm(&name),
+        Cmd::Alias { cmd } => match cmd {
+            AliasCmd::Set {
+                name,
+                alias,
+                target,
+            } => c()?.alias_set(&name, &alias, &target),
+            AliasCmd::Ls { name } => c()?.alias_ls(&name),
+            AliasCmd::Rm { name, alias } => c()?.alias_rm(&name, &alias),
+        },
+        Cmd::Rollback { name, to, alias } => c()?.rollback(&name, &alias, to),
+        Cmd::Restart { name, idle_only } => c()?.restart(&name, idle_only),
+        Cmd::Disable { name } => c()?.set_enabled(&name, false),
+        Cmd::Enable { name } => c()?.set_enabled(&name, true),
         Cmd::Secrets { cmd } => match cmd {
             SecretsCmd::Set { name, value } => c()?.secret_set(&name, &value),
             SecretsCmd::Ls => c()?.secret_ls(),

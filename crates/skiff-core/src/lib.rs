@@ -6,6 +6,7 @@ pub mod invocation;
 pub mod launch;
 pub mod protocol;
 pub mod spec;
+pub mod split;
 pub mod units;
 
 pub use invocation::{

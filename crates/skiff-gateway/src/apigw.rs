@@ -4,12 +4,13 @@
 //!
 //! Public by design, like a function URL with auth `NONE`: these routes sit outside the API-key
 //! layer. The query string belongs to the function, so the alias or revision is chosen with the
-//! [`QUALIFIER_HEADER`] header (default `production`). Errors use API Gateway's `{"message"}`
+//! [`QUALIFIER_HEADER`] header (default `production`); a split alias picks by the
+//! `X-Skiff-Sticky` key when sent. Errors use API Gateway's `{"message"}`
 //! shape ([`crate::error::Shape::Gateway`]).
 
 use crate::error::{ApiError, ApiResult};
 use crate::invoke::{read_body, skiff_headers};
-use crate::revisions::resolve;
+use crate::revisions::{resolve_sticky, sticky_key};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -80,7 +81,7 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
             ApiError::bad_request(format!("{QUALIFIER_HEADER} must name an alias or revision"))
         })?),
     };
-    let rev = resolve(state, name, qualifier).await?;
+    let rev = resolve_sticky(state, name, qualifier, sticky_key(&parts.headers)).await?;
     let body = read_body(&parts.headers, body, MAX_PAYLOAD_BYTES).await?;
     let payload = event_json(
         &RequestInfo {

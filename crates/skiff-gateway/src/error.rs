@@ -68,6 +68,14 @@ impl ApiError {
             format!("request body is not valid JSON: {e}"),
         )
     }
+    /// The function is disabled (`PATCH /v1/functions/{name}` with `{"enabled": false}`): 503.
+    pub fn disabled(function: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "function_disabled",
+            format!("function `{function}` is disabled (skiff enable {function})"),
+        )
+    }
     /// The function raised an error behind an HTTP trigger: 502, as API Gateway answers.
     pub fn function_error(error_type: String, message: String) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, "function_error", message)
@@ -139,6 +147,7 @@ impl IntoResponse for ApiError {
                     | StatusCode::NOT_FOUND
                     | StatusCode::PAYLOAD_TOO_LARGE => &self.message,
                     StatusCode::GATEWAY_TIMEOUT => "Endpoint request timed out",
+                    StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable",
                     s if s.is_server_error() => "Internal Server Error",
                     s => s.canonical_reason().unwrap_or("Error"),
                 };
@@ -280,6 +289,9 @@ impl From<ApiError> for LambdaError {
             "unauthorized" => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
             "missing_secret" => (StatusCode::BAD_GATEWAY, "ResourceNotReadyException"),
             "conflict" => (StatusCode::CONFLICT, "ResourceConflictException"),
+            // Lambda has no "disabled"; a function that cannot run in its current state is
+            // `ResourceConflictException` (409), which SDKs raise without retrying.
+            "function_disabled" => (StatusCode::CONFLICT, "ResourceConflictException"),
             _ if e.status.is_client_error() => {
                 (StatusCode::BAD_REQUEST, "InvalidParameterValueException")
             }

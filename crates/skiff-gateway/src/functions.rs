@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use skiff_core::{FunctionSpec, Runtime, SandboxKind};
-use skiff_store::Store;
+use skiff_store::{AliasTarget, Store};
 use std::sync::Arc;
 
 /// Runtimes and tiers this server can run today.
@@ -118,19 +118,59 @@ pub async fn get(
     ))
 }
 
+/// `DELETE /v1/functions/{name}`: the function, its revisions, aliases, records and events,
+/// its instances, and then the packages no other revision uses.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let n = name.clone();
-    let existed = blocking(move || Ok(st.store.delete_function(&n)?)).await?;
-    if !existed {
-        return Err(ApiError::not_found(format!("function `{name}` not found")));
-    }
+    let packages = blocking(move || Ok(st.store.delete_function_packages(&n)?))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))?;
     state.revisions.invalidate(&name);
+    // Instances have the code mounted: stop them before removing it.
     state.scheduler.remove_function(&name).await;
+    let st = state.clone();
+    blocking(move || Ok(st.store.remove_unreferenced_packages(&packages)?)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PATCH /v1/functions/{name}` with `{"enabled": bool}`. Disabling makes every invoke path
+/// answer 503 `function_disabled` and replaces instances (idle ones stop now, busy ones when
+/// their invocation finishes).
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    let v: Value = read_json(&headers, body, 64 << 10).await?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| field_error("enabled", "body must be {\"enabled\": true|false}"))?;
+    if let Some(k) = obj.keys().find(|k| *k != "enabled") {
+        return Err(field_error(k, "unknown field (expected enabled)"));
+    }
+    let enabled = obj
+        .get("enabled")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| field_error("enabled", "must be true or false"))?;
+    let st = state.clone();
+    let n = name.clone();
+    let f = blocking(move || {
+        if !st.store.set_function_enabled(&n, enabled)? {
+            return Err(ApiError::not_found(format!("function `{n}` not found")));
+        }
+        require_function(&st.store, &n)
+    })
+    .await?;
+    state.revisions.invalidate(&name);
+    if !enabled {
+        state.scheduler.restart(&name);
+    }
+    Ok(Json(json!(f)))
 }
 
 #[derive(Deserialize)]
@@ -232,37 +272,146 @@ pub async fn get_alias(
     Ok(Json(json!(a)))
 }
 
-#[derive(Deserialize)]
-pub struct AliasBody {
-    revision: Option<i64>,
+fn field_error(field: &str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("{field}: {message}")).with("field", field)
 }
 
+fn positive_revision(v: &Value, field: &str) -> ApiResult<u32> {
+    v.as_i64()
+        .filter(|n| *n > 0 && *n <= u32::MAX as i64)
+        .map(|n| n as u32)
+        .ok_or_else(|| field_error(field, "must be a positive whole number"))
+}
+
+/// An alias body: `{"revision": n}` or `{"routes": [{"revision": n, "weight": w}, …]}`.
+fn alias_target(body: &Value) -> ApiResult<AliasTarget> {
+    let obj = body.as_object().ok_or_else(|| {
+        field_error(
+            "revision",
+            "body must be {\"revision\": n} or {\"routes\": [...]}",
+        )
+    })?;
+    if let Some(k) = obj.keys().find(|k| *k != "revision" && *k != "routes") {
+        return Err(field_error(
+            k,
+            "unknown field (expected revision or routes)",
+        ));
+    }
+    match (obj.get("revision"), obj.get("routes")) {
+        (Some(_), Some(_)) => Err(field_error(
+            "routes",
+            "give either revision or routes, not both",
+        )),
+        (None, None) => Err(field_error(
+            "revision",
+            "is required (or routes for a split)",
+        )),
+        (Some(r), None) => Ok(AliasTarget::Revision(positive_revision(r, "revision")?)),
+        (None, Some(routes)) => {
+            let items = routes
+                .as_array()
+                .ok_or_else(|| field_error("routes", "must be a list of {revision, weight}"))?;
+            let mut pairs = Vec::with_capacity(items.len());
+            for (i, r) in items.iter().enumerate() {
+                let int = |k: &str| {
+                    r.get(k).and_then(Value::as_i64).ok_or_else(|| {
+                        field_error("routes", format!("routes[{i}].{k} must be a whole number"))
+                    })
+                };
+                if let Some(k) = r
+                    .as_object()
+                    .and_then(|o| o.keys().find(|k| *k != "revision" && *k != "weight"))
+                {
+                    return Err(field_error(
+                        "routes",
+                        format!("routes[{i}].{k} is not a known field"),
+                    ));
+                }
+                pairs.push((int("revision")?, int("weight")?));
+            }
+            let routes = skiff_core::split::validate(&pairs)
+                .map_err(|e| ApiError::bad_request(e.to_string()).with("field", "routes"))?;
+            Ok(AliasTarget::from_routes(routes))
+        }
+    }
+}
+
+fn check_alias(alias: &str) -> ApiResult<()> {
+    if skiff_core::valid_name(alias) && !alias.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(field_error(
+            "alias",
+            "must match [a-z0-9-]{1,63} and not be all digits",
+        ))
+    }
+}
+
+/// `PUT /v1/functions/{name}/aliases/{alias}` with `{"revision": n}` or a weighted split
+/// `{"routes": [{"revision": 3, "weight": 90}, {"revision": 4, "weight": 10}]}`.
 pub async fn put_alias(
     State(state): State<Arc<AppState>>,
     Path((name, alias)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    check_name(&alias).map_err(|_| {
-        ApiError::bad_request("alias: must match [a-z0-9-]{1,63}").with("field", "alias")
-    })?;
-    let b: AliasBody = read_json(&headers, body, 64 << 10).await?;
-    let revision = match b.revision {
-        Some(n) if n > 0 && n <= u32::MAX as i64 => n as u32,
-        _ => {
-            return Err(
-                ApiError::bad_request("revision: must be a positive whole number")
-                    .with("field", "revision"),
-            )
-        }
-    };
+    check_alias(&alias)?;
+    let body: Value = read_json(&headers, body, 64 << 10).await?;
+    let target = alias_target(&body)?;
     let st = state.clone();
     let n = name.clone();
     let a = blocking(move || {
         require_function(&st.store, &n)?;
-        Ok(st.store.set_alias(&n, &alias, revision)?)
+        Ok(st.store.set_alias_target(&n, &alias, &target)?)
     })
     .await?;
+    state.revisions.invalidate(&name);
+    Ok(Json(json!(a)))
+}
+
+/// `GET /v1/functions/{name}/aliases/{alias}/history`: past values, newest first.
+pub async fn alias_history(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let st = state.clone();
+    let history = blocking(move || {
+        st.store
+            .get_alias(&name, &alias)?
+            .ok_or_else(|| ApiError::not_found(format!("alias `{alias}` of `{name}` not found")))?;
+        Ok(st.store.alias_history(&name, &alias)?)
+    })
+    .await?;
+    Ok(Json(json!({ "history": history })))
+}
+
+/// `POST /v1/functions/{name}/aliases/{alias}/rollback` with an optional `{"to": n}`:
+/// without `to`, back to the alias's previous value (see `Store::rollback_alias`).
+pub async fn rollback(
+    State(state): State<Arc<AppState>>,
+    Path((name, alias)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    let bytes = read_body(&headers, body, 64 << 10).await?;
+    let to = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: Value = serde_json::from_slice(&bytes).map_err(ApiError::invalid_json)?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| field_error("to", "body must be {} or {\"to\": n}"))?;
+        if let Some(k) = obj.keys().find(|k| *k != "to") {
+            return Err(field_error(k, "unknown field (expected to)"));
+        }
+        match obj.get("to") {
+            None | Some(Value::Null) => None,
+            Some(n) => Some(positive_revision(n, "to")?),
+        }
+    };
+    let st = state.clone();
+    let n = name.clone();
+    let a = blocking(move || Ok(st.store.rollback_alias(&n, &alias, to)?)).await?;
     state.revisions.invalidate(&name);
     Ok(Json(json!(a)))
 }
@@ -334,16 +483,51 @@ pub async fn invocations(
     Ok(Json(json!({ "invocations": recs })))
 }
 
+/// `GET /v1/functions/{name}/runtime`: whether it is enabled, and its instances (state
+/// `idle`/`busy`/`draining`, age, invocations served, current memory), flat and per revision.
 pub async fn runtime(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let n = name.clone();
-    blocking(move || require_function(&st.store, &n).map(|_| ())).await?;
-    Ok(Json(
-        json!({ "function": name, "instances": state.scheduler.instances(&name) }),
-    ))
+    let f = blocking(move || require_function(&st.store, &n)).await?;
+    let instances = state.scheduler.instances(&name);
+    // `instances` is sorted by revision.
+    let mut revisions: Vec<Value> = Vec::new();
+    for chunk in instances.chunk_by(|a, b| a.revision == b.revision) {
+        revisions.push(json!({ "revision": chunk[0].revision, "instances": chunk }));
+    }
+    Ok(Json(json!({
+        "function": name,
+        "enabled": f.enabled,
+        "instances": instances,
+        "revisions": revisions,
+    })))
+}
+
+async fn require_exists(state: &Arc<AppState>, name: &str) -> ApiResult<()> {
+    let st = state.clone();
+    let n = name.to_string();
+    blocking(move || require_function(&st.store, &n).map(|_| ())).await
+}
+
+/// `POST /v1/functions/{name}/runtime/restart`: graceful replacement of every instance.
+pub async fn restart(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    require_exists(&state, &name).await?;
+    Ok(Json(json!(state.scheduler.restart(&name))))
+}
+
+/// `POST /v1/functions/{name}/runtime/recycle`: stops idle instances now.
+pub async fn recycle(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    require_exists(&state, &name).await?;
+    Ok(Json(json!({ "stopped": state.scheduler.recycle(&name) })))
 }
 
 #[derive(Deserialize)]
@@ -390,5 +574,52 @@ pub async fn delete_secret(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("secret not found"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: Value) -> String {
+        alias_target(&body).unwrap_err().extra["field"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn alias_bodies() {
+        assert_eq!(
+            alias_target(&json!({"revision": 3})).unwrap(),
+            AliasTarget::Revision(3)
+        );
+        let split = alias_target(&json!({"routes": [
+            {"revision": 3, "weight": 90}, {"revision": 4, "weight": 10}
+        ]}))
+        .unwrap();
+        assert!(matches!(&split, AliasTarget::Split(r) if r.len() == 2));
+        assert_eq!(split.primary(), 3);
+        // One route of 100 % is a plain revision.
+        assert_eq!(
+            alias_target(&json!({"routes": [{"revision": 4, "weight": 100}]})).unwrap(),
+            AliasTarget::Revision(4)
+        );
+        assert_eq!(field_of(json!({"revision": 0})), "revision");
+        assert_eq!(field_of(json!({"revision": 1.5})), "revision");
+        assert_eq!(field_of(json!([1])), "revision");
+        assert_eq!(field_of(json!({"routes": {"revision": 1}})), "routes");
+        assert_eq!(field_of(json!({"routes": [{"revision": 1}]})), "routes");
+        assert_eq!(
+            field_of(json!({"routes": [{"revision": 1, "weight": 100, "x": 1}]})),
+            "routes"
+        );
+        assert_eq!(field_of(json!({"rev": 1})), "rev");
+        let e = alias_target(&json!({"routes": [
+            {"revision": 3, "weight": 90}, {"revision": 4, "weight": 20}
+        ]}))
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("sum to 100 (got 110)"), "{}", e.message);
     }
 }

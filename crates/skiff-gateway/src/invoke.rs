@@ -3,7 +3,7 @@
 //! `X-Skiff-Invocation-Type: Event` / `?async=true`, a 202 and an event id, see `events.rs`).
 
 use crate::error::{ApiError, ApiResult};
-use crate::revisions::resolve;
+use crate::revisions::{resolve_sticky, sticky_key};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -111,7 +111,8 @@ pub async fn invoke(
     if crate::events::is_async(&headers, q.asynchronous.as_deref())? {
         return crate::events::invoke_async(&state, &name, q.qualifier, &headers, body).await;
     }
-    let rev = resolve(&state, &name, q.qualifier.as_deref()).await?;
+    let sticky = sticky_key(&headers);
+    let rev = resolve_sticky(&state, &name, q.qualifier.as_deref(), sticky).await?;
     let payload = read_body(&headers, body, MAX_PAYLOAD_BYTES).await?;
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {
         b"{}".to_vec()

@@ -6,7 +6,6 @@
 
 use crate::error::{ApiError, LambdaError};
 use crate::events::MAX_EVENT_PAYLOAD_BYTES;
-use crate::revisions::resolve;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -199,7 +198,10 @@ pub async fn invoke(
         }
     };
     let not_found = |e: ApiError| lambda_not_found(e, name, qualifier);
-    let rev = resolve(&state, name, qualifier).await.map_err(not_found)?;
+    let sticky = crate::revisions::sticky_key(&headers);
+    let rev = crate::revisions::resolve_sticky(&state, name, qualifier, sticky)
+        .await
+        .map_err(not_found)?;
     let client_context = client_context(&headers, "x-amz-client-context").map_err(|m| {
         LambdaError::new(StatusCode::BAD_REQUEST, "InvalidRequestContentException", m)
     })?;

@@ -73,7 +73,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/functions/{name}",
-            get(functions::get).delete(functions::delete),
+            get(functions::get)
+                .delete(functions::delete)
+                .patch(functions::patch),
         )
         .route(
             "/v1/functions/{name}/revisions",
@@ -103,7 +105,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/functions/{name}/invocations",
             get(functions::invocations),
         )
+        .route(
+            "/v1/functions/{name}/aliases/{alias}/history",
+            get(functions::alias_history),
+        )
+        .route(
+            "/v1/functions/{name}/aliases/{alias}/rollback",
+            post(functions::rollback),
+        )
         .route("/v1/functions/{name}/runtime", get(functions::runtime))
+        .route(
+            "/v1/functions/{name}/runtime/restart",
+            post(functions::restart),
+        )
+        .route(
+            "/v1/functions/{name}/runtime/recycle",
+            post(functions::recycle),
+        )
         .route("/v1/secrets", get(functions::list_secrets))
         .route(
             "/v1/secrets/{name}",

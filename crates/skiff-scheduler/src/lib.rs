@@ -120,12 +120,26 @@ struct Slot {
     served: u64,
     created: Instant,
     last_used: Instant,
+    /// Replaced by a restart: takes no new invocations, stopped once its last one finishes.
+    retiring: bool,
 }
 
 #[derive(Default)]
 struct PoolState {
     slots: Vec<Slot>,
     starting: u32,
+    /// Bumped by every restart; an instance whose start began under an older generation
+    /// joins the pool already retiring.
+    generation: u64,
+}
+
+/// What [`Scheduler::restart`] / [`Scheduler::recycle`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Replaced {
+    /// Idle instances stopped now.
+    pub stopped: usize,
+    /// Busy instances that finish their in-flight invocations and are then stopped.
+    pub draining: usize,
 }
 
 /// Warm instances of one revision.
@@ -201,7 +215,7 @@ impl Pool {
                 if let Some(slot) = st
                     .slots
                     .iter_mut()
-                    .filter(|s| s.in_flight < cap && s.inst.is_alive())
+                    .filter(|s| s.in_flight < cap && !s.retiring && s.inst.is_alive())
                     .max_by_key(|s| s.last_used)
                 {
                     slot.in_flight += 1;
@@ -212,14 +226,16 @@ impl Pool {
                         init: None,
                     });
                 }
-                if (st.slots.len() as u32 + st.starting) < self.rev.spec.scale.max {
+                // Retiring instances do not count: a restart must not wait for them.
+                let live = st.slots.iter().filter(|s| !s.retiring).count() as u32;
+                if live + st.starting < self.rev.spec.scale.max {
                     st.starting += 1;
-                    true
+                    Some(st.generation)
                 } else {
-                    false
+                    None
                 }
             };
-            if start_new {
+            if let Some(generation) = start_new {
                 let t0 = Instant::now();
                 let started = sched.start_instance(&self.rev).await;
                 let mut st = self.state.lock();
@@ -227,12 +243,14 @@ impl Pool {
                 return match started {
                     Ok(inst) => {
                         let now = Instant::now();
+                        let retiring = generation != st.generation;
                         st.slots.push(Slot {
                             inst: inst.clone(),
                             in_flight: 1,
                             served: 1,
                             created: now,
                             last_used: now,
+                            retiring,
                         });
                         Ok(Lease {
                             inst,
@@ -278,7 +296,9 @@ impl Pool {
             let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(&s.inst, inst)) else {
                 return;
             };
-            if broken || self.ephemeral() || !st.slots[i].inst.is_alive() {
+            let s = &st.slots[i];
+            if broken || self.ephemeral() || !s.inst.is_alive() || (s.retiring && s.in_flight == 1)
+            {
                 Some(st.slots.swap_remove(i).inst)
             } else {
                 let s = &mut st.slots[i];
@@ -314,6 +334,39 @@ impl Pool {
         out
     }
 
+    /// Stops idle instances (ignoring `scale.min`); with `retire_busy`, busy ones stop taking
+    /// invocations and are stopped when their last one finishes.
+    fn replace(&self, retire_busy: bool) -> Replaced {
+        let mut out = Replaced::default();
+        let idle: Vec<Arc<dyn Instance>> = {
+            let mut st = self.state.lock();
+            if retire_busy {
+                st.generation += 1;
+            }
+            let mut idle = Vec::new();
+            let mut i = 0;
+            while i < st.slots.len() {
+                if st.slots[i].in_flight == 0 {
+                    idle.push(st.slots.swap_remove(i).inst);
+                    continue;
+                }
+                if retire_busy && !st.slots[i].retiring {
+                    st.slots[i].retiring = true;
+                    out.draining += 1;
+                }
+                i += 1;
+            }
+            idle
+        };
+        out.stopped = idle.len();
+        for inst in idle {
+            self.stops.spawn(inst);
+        }
+        // Waiters may now start fresh instances in the freed capacity.
+        self.freed.notify_waiters();
+        out
+    }
+
     fn drain(&self) -> Vec<Arc<dyn Instance>> {
         let mut st = self.state.lock();
         st.slots.drain(..).map(|s| s.inst).collect()
@@ -328,6 +381,8 @@ impl Pool {
                 revision: self.rev.number,
                 state: if !s.inst.is_alive() {
                     "dead"
+                } else if s.retiring {
+                    "draining"
                 } else if s.in_flight > 0 {
                     "busy"
                 } else {
@@ -666,6 +721,36 @@ impl Scheduler {
         }
     }
 
+    fn function_pools(&self, name: &str) -> Vec<Arc<Pool>> {
+        self.pools
+            .lock()
+            .iter()
+            .filter(|((f, _), _)| f == name)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// Graceful restart of a function (all revisions): idle instances are stopped now, busy
+    /// ones finish their in-flight invocations and are then stopped, and every new invocation
+    /// goes to a fresh instance.
+    pub fn restart(&self, name: &str) -> Replaced {
+        self.function_pools(name)
+            .iter()
+            .map(|p| p.replace(true))
+            .fold(Replaced::default(), |a, b| Replaced {
+                stopped: a.stopped + b.stopped,
+                draining: a.draining + b.draining,
+            })
+    }
+
+    /// Stops a function's idle instances now (all revisions, ignoring `scale.min`).
+    pub fn recycle(&self, name: &str) -> usize {
+        self.function_pools(name)
+            .iter()
+            .map(|p| p.replace(false).stopped)
+            .sum()
+    }
+
     /// Stops every instance and releases what the tier holds (server shutdown).
     pub async fn shutdown(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().drain().map(|(_, p)| p).collect();
@@ -681,14 +766,13 @@ impl Scheduler {
     /// Instances of a function, all revisions.
     pub fn instances(&self, name: &str) -> Vec<InstanceInfo> {
         let now = Instant::now();
-        let pools: Vec<Arc<Pool>> = self
-            .pools
-            .lock()
+        let mut out: Vec<InstanceInfo> = self
+            .function_pools(name)
             .iter()
-            .filter(|((f, _), _)| f == name)
-            .map(|(_, p)| p.clone())
+            .flat_map(|p| p.infos(now))
             .collect();
-        pools.iter().flat_map(|p| p.infos(now)).collect()
+        out.sort_by(|a, b| a.revision.cmp(&b.revision).then(b.age_ms.cmp(&a.age_ms)));
+        out
     }
 
     /// Number of live instances across all functions.

@@ -12,12 +12,14 @@
 //! Invocation records and logs go through a background writer ([`Store::record_invocation`])
 //! and never block the caller.
 
+mod aliases;
 mod artifacts;
 mod error;
 mod queue;
 mod schema;
 mod writer;
 
+pub use aliases::{AliasHistoryEntry, AliasTarget, Resolution};
 pub use artifacts::{valid_sha256, PackageInfo, MAX_ENTRIES, MAX_UNPACKED_BYTES};
 pub use error::StoreError;
 pub use queue::{EventCounts, EventRecord, EventState, NewEvent};
@@ -105,12 +107,17 @@ fn de_spec<'de, D: Deserializer<'de>>(d: D) -> Result<FunctionSpec, D::Error> {
     FunctionSpec::from_value(&v).map_err(serde::de::Error::custom)
 }
 
-/// A named pointer to a revision (`production`, `staging`...).
+/// A named pointer to a revision (`production`, `staging`...), or a weighted split across
+/// a few revisions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AliasRecord {
     pub function: String,
     pub name: String,
+    /// The revision, or for a split the one with the largest weight (first on ties).
     pub revision: u32,
+    /// The split, if this alias is one (weights sum to 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<skiff_core::split::Route>>,
     pub updated_at_ms: i64,
 }
 
@@ -288,15 +295,6 @@ impl RawRevision {
     }
 }
 
-fn alias_row(row: &Row<'_>) -> rusqlite::Result<AliasRecord> {
-    Ok(AliasRecord {
-        function: row.get(0)?,
-        name: row.get(1)?,
-        revision: row.get(2)?,
-        updated_at_ms: row.get(3)?,
-    })
-}
-
 fn function_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM functions WHERE name = ?1")?
@@ -432,17 +430,28 @@ impl Store {
     /// (queued, running or dead: a deleted function's events are dropped), in one transaction.
     /// Artifacts are left for [`Store::gc_artifacts`]. Returns false if it did not exist.
     pub fn delete_function(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.delete_function_packages(name)?.is_some())
+    }
+
+    /// [`Store::delete_function`], returning the package digests its revisions used (`None`
+    /// if it did not exist), for [`Store::remove_unreferenced_packages`].
+    pub fn delete_function_packages(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
         let mut conn = self.inner.conn.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let packages = tx
+            .prepare_cached("SELECT DISTINCT package_sha256 FROM revisions WHERE function = ?1")?
+            .query_map([name], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
         // Cascades cover revisions and aliases; be explicit anyway.
         tx.execute("DELETE FROM aliases WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM alias_history WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM revisions WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM invocations WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM logs WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM events WHERE function = ?1", [name])?;
         tx.commit()?;
-        Ok(n > 0)
+        Ok((n > 0).then_some(packages))
     }
 
     // ---------------------------------------------------------------- revisions
@@ -511,7 +520,7 @@ impl Store {
                 params![name, number, runtime, now],
             )?;
             if promote {
-                upsert_alias(&tx, name, PRODUCTION, number, now)?;
+                aliases::upsert(&tx, name, PRODUCTION, &AliasTarget::Revision(number), now)?;
             }
             tx.commit()?;
             number
@@ -549,114 +558,6 @@ impl Store {
             .query_map([name], revision_row)?
             .collect::<Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawRevision::into_record).collect()
-    }
-
-    /// Resolves a qualifier to a revision: `None` → alias `production`; `$LATEST` → newest
-    /// revision; digits → that revision; anything else → that alias.
-    pub fn resolve(
-        &self,
-        name: &str,
-        qualifier: Option<&str>,
-    ) -> Result<RevisionRecord, StoreError> {
-        let conn = self.inner.conn.lock();
-        let latest: u32 = conn
-            .prepare_cached("SELECT latest_revision FROM functions WHERE name = ?1")?
-            .query_row([name], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| function_nf(name))?;
-        let q = qualifier.unwrap_or(PRODUCTION);
-        let number = if q == LATEST {
-            if latest == 0 {
-                return Err(StoreError::not_found(format!(
-                    "revision $LATEST of function `{name}` (nothing deployed yet)"
-                )));
-            }
-            latest
-        } else if !q.is_empty() && q.bytes().all(|b| b.is_ascii_digit()) {
-            q.parse::<u32>()
-                .map_err(|_| StoreError::not_found(format!("revision {q} of function `{name}`")))?
-        } else {
-            conn.prepare_cached("SELECT revision FROM aliases WHERE function = ?1 AND name = ?2")?
-                .query_row([name, q], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| StoreError::not_found(format!("alias `{q}` of function `{name}`")))?
-        };
-        get_revision_in(&conn, name, number)?
-            .ok_or_else(|| StoreError::not_found(format!("revision {number} of function `{name}`")))
-    }
-
-    // ---------------------------------------------------------------- aliases
-
-    /// Points `alias` at an existing revision (creating or moving it).
-    pub fn set_alias(
-        &self,
-        name: &str,
-        alias: &str,
-        revision: u32,
-    ) -> Result<AliasRecord, StoreError> {
-        check_alias_name(alias)?;
-        let mut conn = self.inner.conn.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !function_exists(&tx, name)? {
-            return Err(function_nf(name));
-        }
-        let rev_exists = tx
-            .prepare_cached("SELECT 1 FROM revisions WHERE function = ?1 AND number = ?2")?
-            .exists(params![name, revision])?;
-        if !rev_exists {
-            return Err(StoreError::not_found(format!(
-                "revision {revision} of function `{name}`"
-            )));
-        }
-        let now = now_ms();
-        upsert_alias(&tx, name, alias, revision, now)?;
-        tx.execute(
-            "UPDATE functions SET updated_at_ms = ?2 WHERE name = ?1",
-            params![name, now],
-        )?;
-        tx.commit()?;
-        Ok(AliasRecord {
-            function: name.to_string(),
-            name: alias.to_string(),
-            revision,
-            updated_at_ms: now,
-        })
-    }
-
-    pub fn get_alias(&self, name: &str, alias: &str) -> Result<Option<AliasRecord>, StoreError> {
-        let conn = self.inner.conn.lock();
-        let rec = conn
-            .prepare_cached(
-                "SELECT function, name, revision, updated_at_ms FROM aliases WHERE function = ?1 AND name = ?2",
-            )?
-            .query_row([name, alias], alias_row)
-            .optional()?;
-        Ok(rec)
-    }
-
-    /// Aliases of a function, by name. `NotFound` if the function does not exist.
-    pub fn list_aliases(&self, name: &str) -> Result<Vec<AliasRecord>, StoreError> {
-        let conn = self.inner.conn.lock();
-        if !function_exists(&conn, name)? {
-            return Err(function_nf(name));
-        }
-        let mut stmt = conn.prepare_cached(
-            "SELECT function, name, revision, updated_at_ms FROM aliases WHERE function = ?1 ORDER BY name",
-        )?;
-        let rows = stmt
-            .query_map([name], alias_row)?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
-    /// Removes an alias. Returns false if it did not exist.
-    pub fn delete_alias(&self, name: &str, alias: &str) -> Result<bool, StoreError> {
-        let conn = self.inner.conn.lock();
-        let n = conn.execute(
-            "DELETE FROM aliases WHERE function = ?1 AND name = ?2",
-            [name, alias],
-        )?;
-        Ok(n > 0)
     }
 
     // ---------------------------------------------------------------- artifacts
@@ -798,6 +699,44 @@ impl Store {
                 Ok(()) => freed += size,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at(&path)(e)),
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Removes the stored package and unpacked code of each digest in `shas` that no revision
+    /// references and no upload in progress holds. Returns the bytes freed.
+    pub fn remove_unreferenced_packages(&self, shas: &[String]) -> Result<u64, StoreError> {
+        let mut freed = 0u64;
+        for sha in shas.iter().filter(|s| valid_sha256(s)) {
+            // Lock order: pending, then the connection. Holding `pending` across the check and
+            // the removal keeps a concurrent upload or deploy of the same digest safe.
+            let mut pending = self.inner.pending.lock();
+            pending.retain(|_, at| at.elapsed() < PENDING_GRACE);
+            if pending.contains_key(sha.as_str()) {
+                continue;
+            }
+            let referenced = self
+                .inner
+                .conn
+                .lock()
+                .prepare_cached("SELECT 1 FROM revisions WHERE package_sha256 = ?1")?
+                .exists([sha])?;
+            if referenced {
+                continue;
+            }
+            for path in [self.package_path(sha), self.code_path(sha)] {
+                let size = artifacts::du(&path);
+                let removed = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => freed += size,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_at(&path)(e)),
+                }
             }
         }
         Ok(freed)
@@ -1031,21 +970,6 @@ fn invocation_row(r: &Row<'_>) -> rusqlite::Result<InvocationRecord> {
         error: r.get(7)?,
         logs: Vec::new(),
     })
-}
-
-fn upsert_alias(
-    conn: &Connection,
-    function: &str,
-    alias: &str,
-    revision: u32,
-    now: i64,
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO aliases (function, name, revision, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(function, name) DO UPDATE SET revision = excluded.revision, updated_at_ms = excluded.updated_at_ms",
-    )?
-    .execute(params![function, alias, revision, now])?;
-    Ok(())
 }
 
 /// Removes leftovers of interrupted uploads and unpacks.

@@ -95,6 +95,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_due ON events(state, next_attempt_at_ms, seq);
     CREATE INDEX events_by_function ON events(function, state, seq);
     "#,
+    // 2 -> 3: weighted alias splits and alias history (see `aliases.rs`). `aliases.revision`
+    // stays the primary (largest-weight) revision of a split, so the foreign key still holds.
+    r#"
+    ALTER TABLE aliases ADD COLUMN routes TEXT;
+    CREATE TABLE alias_history (
+        id            INTEGER PRIMARY KEY,
+        function      TEXT NOT NULL,
+        alias         TEXT NOT NULL,
+        revision      INTEGER NOT NULL,
+        routes        TEXT,
+        changed_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX alias_history_by_alias ON alias_history(function, alias, id);
+    INSERT INTO alias_history (function, alias, revision, routes, changed_at_ms)
+        SELECT function, name, revision, NULL, updated_at_ms FROM aliases;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -937,3 +937,209 @@ fn measure_costs() {
         store.dropped_invocations()
     );
 }
+
+fn routes(r: &[(u32, u8)]) -> AliasTarget {
+    AliasTarget::Split(
+        r.iter()
+            .map(|&(revision, weight)| skiff_core::split::Route { revision, weight })
+            .collect(),
+    )
+}
+
+#[test]
+fn split_aliases_resolve_whole_and_persist() {
+    let (dir, store) = open();
+    for _ in 0..4 {
+        deploy(&store, "f", false);
+    }
+    store.set_alias("f", "production", 3).unwrap();
+    let a = store
+        .set_alias_target("f", "production", &routes(&[(3, 90), (4, 10)]))
+        .unwrap();
+    assert_eq!(a.revision, 3, "primary is the largest weight");
+    assert_eq!(a.routes.as_ref().map(Vec::len), Some(2));
+    // Ties go to the first route.
+    let b = store
+        .set_alias_target("f", "beta", &routes(&[(2, 50), (1, 50)]))
+        .unwrap();
+    assert_eq!(b.revision, 2);
+    let r = store.resolve_routes("f", None).unwrap();
+    assert!(r.enabled);
+    let got: Vec<(u32, u8)> = r.routes.iter().map(|(rec, w)| (rec.number, *w)).collect();
+    assert_eq!(got, [(3, 90), (4, 10)]);
+    // `resolve` gives the primary; plain qualifiers resolve to one route of weight 100.
+    assert_eq!(store.resolve("f", None).unwrap().number, 3);
+    let one = store.resolve_routes("f", Some("2")).unwrap();
+    assert_eq!(
+        (one.routes.len(), one.routes[0].0.number, one.routes[0].1),
+        (1, 2, 100)
+    );
+    assert_eq!(
+        store
+            .get_function("f")
+            .unwrap()
+            .unwrap()
+            .production_revision,
+        Some(3)
+    );
+    // Every revision of a split must exist.
+    let e = store
+        .set_alias_target("f", "beta", &routes(&[(2, 50), (9, 50)]))
+        .unwrap_err();
+    assert!(e.to_string().contains("revision 9"), "{e}");
+    // Disabled shows in the resolution.
+    store.set_function_enabled("f", false).unwrap();
+    assert!(!store.resolve_routes("f", None).unwrap().enabled);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.get_alias("f", "production").unwrap().unwrap();
+    assert_eq!(a.routes.unwrap()[1].weight, 10);
+}
+
+#[test]
+fn rollback_follows_alias_history() {
+    let (_d, store) = open();
+    deploy(&store, "f", true); // production: 1
+    deploy(&store, "f", true); // 2
+    deploy(&store, "f", false); // 3, waiting
+    store.set_alias("f", "production", 3).unwrap();
+    store.set_alias("f", "production", 3).unwrap(); // unchanged: not a history entry
+    let hist: Vec<u32> = store
+        .alias_history("f", "production")
+        .unwrap()
+        .iter()
+        .map(|h| h.revision)
+        .collect();
+    assert_eq!(hist, [3, 2, 1]);
+    assert_eq!(
+        store
+            .rollback_alias("f", "production", None)
+            .unwrap()
+            .revision,
+        2
+    );
+    // A second rollback undoes the first.
+    assert_eq!(
+        store
+            .rollback_alias("f", "production", None)
+            .unwrap()
+            .revision,
+        3
+    );
+    assert_eq!(
+        store
+            .rollback_alias("f", "production", Some(1))
+            .unwrap()
+            .revision,
+        1
+    );
+    assert!(store
+        .rollback_alias("f", "production", Some(7))
+        .unwrap_err()
+        .is_not_found());
+    assert!(store
+        .rollback_alias("f", "nope", None)
+        .unwrap_err()
+        .is_not_found());
+    // A split comes back whole.
+    store
+        .set_alias_target("f", "production", &routes(&[(2, 90), (3, 10)]))
+        .unwrap();
+    store.set_alias("f", "production", 3).unwrap();
+    let back = store.rollback_alias("f", "production", None).unwrap();
+    assert_eq!(back.routes.map(|r| r.len()), Some(2));
+    // Without history: the revision below the current one; none below is a conflict.
+    store
+        .inner
+        .conn
+        .lock()
+        .execute("DELETE FROM alias_history", [])
+        .unwrap();
+    store.set_alias("f", "beta", 1).unwrap();
+    store
+        .inner
+        .conn
+        .lock()
+        .execute("DELETE FROM alias_history", [])
+        .unwrap();
+    store.set_alias("f", "production", 3).unwrap();
+    store
+        .inner
+        .conn
+        .lock()
+        .execute("DELETE FROM alias_history", [])
+        .unwrap();
+    assert_eq!(
+        store
+            .rollback_alias("f", "production", None)
+            .unwrap()
+            .revision,
+        2
+    );
+    assert!(matches!(
+        store.rollback_alias("f", "beta", None).unwrap_err(),
+        StoreError::Conflict(_)
+    ));
+    // Deleting the alias drops its history.
+    store.delete_alias("f", "beta").unwrap();
+    assert!(store.alias_history("f", "beta").unwrap().is_empty());
+}
+
+#[test]
+fn migration_seeds_alias_history() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        deploy(&store, "f", true);
+        deploy(&store, "f", true);
+        // Pretend the database predates migration 3.
+        let conn = store.inner.conn.lock();
+        conn.execute_batch(
+            "DROP TABLE alias_history; ALTER TABLE aliases DROP COLUMN routes; PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let hist = store.alias_history("f", "production").unwrap();
+    assert_eq!(hist.len(), 1);
+    assert_eq!(hist[0].revision, 2);
+    // No earlier history: rollback falls back to the revision below.
+    assert_eq!(
+        store
+            .rollback_alias("f", "production", None)
+            .unwrap()
+            .revision,
+        1
+    );
+}
+
+#[test]
+fn deleting_a_function_removes_only_unshared_packages() {
+    let (_d, store) = open();
+    let (shared, n) = put(&store, b"shared package");
+    let (own, m) = put(&store, b"own package");
+    store.create_revision(&spec("a"), &shared, n, true).unwrap();
+    store.create_revision(&spec("b"), &shared, n, true).unwrap();
+    store.create_revision(&spec("b"), &own, m, true).unwrap();
+    std::fs::create_dir_all(store.code_path(&own)).unwrap();
+    let mut pkgs = store.delete_function_packages("b").unwrap().unwrap();
+    pkgs.sort();
+    let mut want = vec![shared.clone(), own.clone()];
+    want.sort();
+    assert_eq!(pkgs, want);
+    let freed = store.remove_unreferenced_packages(&pkgs).unwrap();
+    assert!(freed >= m, "freed {freed}");
+    assert!(!store.package_path(&own).exists());
+    assert!(!store.code_path(&own).exists());
+    assert!(store.package_path(&shared).exists(), "still used by `a`");
+    assert!(store.delete_function_packages("b").unwrap().is_none());
+    // An upload not yet deployed is protected.
+    let (pending, _) = put(&store, b"uploading");
+    assert_eq!(
+        store
+            .remove_unreferenced_packages(std::slice::from_ref(&pending))
+            .unwrap(),
+        0
+    );
+    assert!(store.package_path(&pending).exists());
+}

@@ -1,11 +1,13 @@
 //! Black-box tests of the real `skiff` binary over loopback HTTP: deploy, invoke, limits,
 //! sandbox security, auth, durability and concurrency. Run as root (the native sandbox needs it).
 
+mod aliases;
 mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
 mod lambda_runtime;
+mod runtime_ops;
 mod seed_api;
 
 use harness::*;
