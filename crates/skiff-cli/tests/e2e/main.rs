@@ -319,11 +319,14 @@ impl NetnsHost {
         sh(&format!(
             "ip addr add 10.214.{tag}.1/30 dev {veth}a && ip link set {veth}a up"
         ));
+        // `ip -n` and `nsenter --net` only switch the network namespace (`ip netns exec` also
+        // remounts /sys, which can fail while other namespaces come and go).
         sh(&format!(
-            "ip netns exec {name} sh -c 'ip addr add 10.214.{tag}.2/30 dev {veth}b && ip link set {veth}b up && ip link set lo up'"
+            "ip -n {name} addr add 10.214.{tag}.2/30 dev {veth}b && ip -n {name} link set {veth}b up && ip -n {name} link set lo up"
         ));
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, "python3", "-c"])
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{name}"))
+            .args(["python3", "-c"])
             .arg("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7777))\ns.listen(16)\nwhile True:\n c,_=s.accept(); c.sendall(b'hello from test host\\n'); c.close()\n")
             .spawn()
             .unwrap();
