@@ -3,6 +3,7 @@
 
 mod events;
 mod harness;
+mod http_runtime;
 mod http_trigger;
 mod lambda_api;
 mod lambda_runtime;
