@@ -85,6 +85,23 @@ fn http_runtime_proxies_requests() {
         "the connection to the instance is reused: {a} {b}"
     );
 
+    // Warm proxied latency (client → gateway → instance → back), for the record.
+    let mut lat: Vec<Duration> = (0..300)
+        .map(|_| {
+            let t = Instant::now();
+            let r = get(&s, "fx-http/nope");
+            assert_eq!(r.status().as_u16(), 404);
+            r.bytes().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    lat.sort();
+    eprintln!(
+        "http runtime warm request: p50 {:?}, p90 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 9 / 10]
+    );
+
     // `/v1` invoke POSTs the event to `/`.
     let (v, h) = s.invoke_ok("fx-http", &json!({"hello": "world"}));
     assert_eq!(v["event"], json!({"hello": "world"}));
