@@ -81,7 +81,9 @@ async fn probe(agent: Rc<Agent>, port: u16, started: Instant) {
             .is_ok()
         {
             let ready_us = started.elapsed().as_micros() as u64;
-            agent.out.json(Kind::HttpReady, &HttpReady { ready_us }, &[]);
+            agent
+                .out
+                .json(Kind::HttpReady, &HttpReady { ready_us }, &[]);
             return;
         }
         tokio::time::sleep(PROBE_EVERY).await;
@@ -109,9 +111,15 @@ async fn monitor(agent: Rc<Agent>, exit: oneshot::Receiver<i32>, closed: oneshot
         return;
     }
     let (code, signal) = decode_status(status);
-    agent
-        .out
-        .json(Kind::Exit, &Exit { id: None, code, signal }, &[]);
+    agent.out.json(
+        Kind::Exit,
+        &Exit {
+            id: None,
+            code,
+            signal,
+        },
+        &[],
+    );
     agent.out.exit(1);
 }
 

@@ -63,7 +63,10 @@ static IDLE: LazyLock<Mutex<HashMap<String, Vec<SendRequest<Body>>>>> =
     LazyLock::new(Mutex::default);
 
 /// A ready connection to the lease's instance: a pooled idle one, else a new one.
-async fn checkout(lease: &InstanceLease, ready_within: Duration) -> Result<SendRequest<Body>, Outcome> {
+async fn checkout(
+    lease: &InstanceLease,
+    ready_within: Duration,
+) -> Result<SendRequest<Body>, Outcome> {
     let id = lease.instance().id();
     loop {
         let idle = IDLE.lock().get_mut(id).and_then(Vec::pop);
@@ -223,10 +226,12 @@ pub(crate) async fn forward(
     }
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    let host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let host = headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let client_ip = parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -412,7 +417,9 @@ impl HttpBody for ProxyBody {
             }
             Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
             Poll::Ready(Some(Err(e))) => {
-                this.end(End::Broken(format!("the function's server broke the response: {e}")));
+                this.end(End::Broken(format!(
+                    "the function's server broke the response: {e}"
+                )));
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
@@ -462,7 +469,10 @@ pub(crate) async fn invoke(
     *req.uri_mut() = axum::http::Uri::from_static("/");
     let h = req.headers_mut();
     h.insert(header::HOST, HeaderValue::from_static("127.0.0.1"));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&inv.request_id) {
         h.insert("x-skiff-request-id", v);
     }

@@ -41,14 +41,21 @@ fn http_runtime_proxies_requests() {
     assert_eq!(r.status().as_u16(), 200);
     let h = r.headers().clone();
     assert_eq!(hdr(&h, "x-echo-method"), "GET");
-    assert_eq!(hdr(&h, "x-echo-path"), "/echo/a%20b/c?x=1&y=two%20words&x=2");
+    assert_eq!(
+        hdr(&h, "x-echo-path"),
+        "/echo/a%20b/c?x=1&y=two%20words&x=2"
+    );
     assert_eq!(hdr(&h, "x-skiff-cold-start"), "true");
     let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["a=1", "b=2"], "repeated headers pass back");
     let seen: Vec<(String, String)> = serde_json::from_str(&hdr(&h, "x-echo-headers")).unwrap();
     let get_h = |k: &str| seen.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     assert_eq!(get_h("x-custom"), Some("v1"));
-    assert_eq!(get_h("x-hop"), None, "headers named by Connection are dropped");
+    assert_eq!(
+        get_h("x-hop"),
+        None,
+        "headers named by Connection are dropped"
+    );
     assert_eq!(get_h("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
     assert_eq!(get_h("x-forwarded-proto"), Some("http"));
     let host = s.url.trim_start_matches("http://");
@@ -149,7 +156,10 @@ fn http_runtime_streams_and_serves_in_parallel() {
     let ids: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let took = t0.elapsed();
     assert!(ids.iter().all(|i| i == &ids[0]), "{ids:?}");
-    assert!(took < Duration::from_millis(1900), "ran in parallel: {took:?}");
+    assert!(
+        took < Duration::from_millis(1900),
+        "ran in parallel: {took:?}"
+    );
 }
 
 #[test]

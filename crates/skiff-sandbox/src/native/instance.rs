@@ -7,8 +7,7 @@ use crate::{Instance, InvokeRequest, InvokeResult, SandboxError};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use skiff_core::protocol::{
-    Done, Exit, Frame, HttpReady, InitError, Kind, Log, Ready, StreamChunk, StreamEnd,
-    StreamStart,
+    Done, Exit, Frame, HttpReady, InitError, Kind, Log, Ready, StreamChunk, StreamEnd, StreamStart,
 };
 use skiff_core::{ResponseStream, StreamError, StreamSender};
 use std::collections::HashMap;
@@ -409,7 +408,6 @@ impl NativeInstance {
         cgroup: Arc<InstanceCgroup>,
         limit_mb: u64,
         config_frame: Vec<u8>,
-        http: Option<HttpTarget>,
     ) -> io::Result<NativeInstance> {
         chan.set_nonblocking(true)?;
         let (rd, wr) = tokio::net::UnixStream::from_std(chan)?.into_split();
@@ -446,9 +444,15 @@ impl NativeInstance {
             tx,
             exited,
             slirp: Mutex::new(None),
-            http,
+            http: None,
             stopped: tokio::sync::Mutex::new(false),
         })
+    }
+
+    /// Makes this an `http` instance whose server is reached at `target`.
+    pub(crate) fn with_http(mut self, target: Option<HttpTarget>) -> Self {
+        self.http = target;
+        self
     }
 
     pub(crate) fn set_slirp(&self, s: Slirp) {

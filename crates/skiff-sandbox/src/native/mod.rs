@@ -550,8 +550,8 @@ impl Sandbox for NativeSandbox {
                 cg.clone(),
                 spec.spec.memory_mb(),
                 config_frame,
-                http,
             )
+            .map(|i| i.with_http(http))
             .map_err(|e| format!("cannot watch the sandbox agent: {e}"))
         });
         let inst = match launched {

@@ -56,7 +56,10 @@ fn socket_in(ns: &OwnedFd, host: &OwnedFd) -> io::Result<OwnedFd> {
         let err = io::Error::last_os_error();
         // Leave the instance's namespace so the thread does not keep it alive.
         if libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-            tracing::warn!("netns helper cannot return to the host namespace: {}", io::Error::last_os_error());
+            tracing::warn!(
+                "netns helper cannot return to the host namespace: {}",
+                io::Error::last_os_error()
+            );
         }
         if fd < 0 {
             return Err(err);
