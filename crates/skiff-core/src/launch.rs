@@ -234,6 +234,27 @@ mod tests {
     }
 
     #[test]
+    fn http_runtime_runs_the_handler_with_port_and_host() {
+        let spec = FunctionSpec::from_yaml(
+            "name: w\nruntime: http\nhandler: ./serve --fast\nenv: {PORT: '1'}\n",
+        )
+        .unwrap();
+        let (mode, argv) = program(&spec);
+        assert_eq!(mode, ExecMode::Http);
+        assert_eq!(argv, ["/var/task/serve", "--fast"]);
+        let env = environment(&LaunchInfo {
+            spec: &spec,
+            revision: 1,
+            workspace: "d",
+            secrets: &[],
+            otel_endpoint: None,
+        });
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PORT"), Some("8080"), "PORT is not overridable");
+        assert_eq!(get("HOST"), Some("127.0.0.1"));
+    }
+
+    #[test]
     fn arn_carries_the_qualifier() {
         assert_eq!(
             function_arn("f", Some("3")),
