@@ -245,10 +245,7 @@ pub(crate) async fn forward(
     *req.headers_mut() = headers;
     *req.uri_mut() = match uri.parse() {
         Ok(u) => u,
-        Err(_) => {
-            record.status = "ok".into();
-            return Err(ApiError::bad_request("invalid request path"));
-        }
+        Err(_) => return Err(ApiError::bad_request("invalid request path")),
     };
 
     let deadline = Instant::now() + rev.spec.timeout;
