@@ -13,6 +13,7 @@
 
 mod command;
 mod frames;
+mod http;
 mod rapi;
 mod seccomp;
 mod serve;

@@ -3,7 +3,7 @@
 //! `LocalSet`), so shared state is `Rc<RefCell<_>>`.
 
 use crate::frames::encode;
-use crate::{command, rapi};
+use crate::{command, http, rapi};
 use serde::Serialize;
 use skiff_core::protocol::{AgentConfig, ExecMode, Frame, Invoke, Kind};
 use std::cell::{Cell, RefCell};
@@ -218,17 +218,19 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
     tokio::task::spawn_local(reaper(agent.clone(), sigchld));
     tokio::task::spawn_local(forward_termination(agent.clone()));
 
-    let mode: Rc<dyn Mode> = match agent.cfg.exec_mode {
-        ExecMode::RuntimeApi => match rapi::start(agent.clone()) {
-            Ok(m) => m,
-            Err(msg) => {
-                eprintln!("skiff-agent: {msg}");
-                out.raw(Kind::SetupFailed, b"{}", msg.as_bytes());
-                out.exit(1);
-                return pending().await;
-            }
-        },
-        ExecMode::Command => Rc::new(command::Cmd::new(agent.clone())),
+    let started = match agent.cfg.exec_mode {
+        ExecMode::RuntimeApi => rapi::start(agent.clone()),
+        ExecMode::Http => http::start(agent.clone()),
+        ExecMode::Command => Ok(Rc::new(command::Cmd::new(agent.clone())) as Rc<dyn Mode>),
+    };
+    let mode: Rc<dyn Mode> = match started {
+        Ok(m) => m,
+        Err(msg) => {
+            eprintln!("skiff-agent: {msg}");
+            out.raw(Kind::SetupFailed, b"{}", msg.as_bytes());
+            out.exit(1);
+            return pending().await;
+        }
     };
     for f in early {
         dispatch(&*mode, &out, f);

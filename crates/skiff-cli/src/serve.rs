@@ -183,6 +183,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Connection info gives HTTP triggers the client's address (`sourceIp`).
         let app = skiff_gateway::router(state.clone())
             .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        // No Nagle: a streamed (or proxied) response writes its head before its body, and
+        // Nagle would hold the body back until the client's delayed ACK (≈40 ms).
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;

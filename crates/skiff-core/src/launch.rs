@@ -10,6 +10,8 @@ pub const TASK_ROOT: &str = "/var/task";
 pub const RUNTIME_DIR: &str = "/var/runtime";
 /// Port of the Runtime API served by the agent to worker 0.
 pub const RUNTIME_API_PORT: u16 = 9001;
+/// Port the server of an `http` function listens on (`$PORT`, on `$HOST` = 127.0.0.1).
+pub const HTTP_PORT: u16 = 8080;
 /// Region reported to functions.
 pub const REGION: &str = "local";
 
@@ -35,16 +37,19 @@ pub fn program(spec: &FunctionSpec) -> (ExecMode, Vec<String>) {
             ],
         ),
         Runtime::Provided => (ExecMode::RuntimeApi, vec![task_path(&spec.handler)]),
+        Runtime::Http => (ExecMode::Http, command_line(&spec.handler)),
         // command, and anything else handled by a process: the handler is the executable.
-        _ => (
-            ExecMode::Command,
-            shell_words(&spec.handler)
-                .into_iter()
-                .enumerate()
-                .map(|(i, w)| if i == 0 { task_path(&w) } else { w })
-                .collect(),
-        ),
+        _ => (ExecMode::Command, command_line(&spec.handler)),
     }
+}
+
+/// A handler command line as argv, its program resolved against the task root.
+fn command_line(handler: &str) -> Vec<String> {
+    shell_words(handler)
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| if i == 0 { task_path(&w) } else { w })
+        .collect()
 }
 
 /// Resolves a handler path relative to the task root (absolute paths are kept).
@@ -131,6 +136,11 @@ pub fn environment(info: &LaunchInfo<'_>) -> Vec<(String, String)> {
     }
     for (name, value) in info.secrets {
         upsert(&mut env, &secret_env_name(name), value);
+    }
+    if spec.runtime == crate::Runtime::Http {
+        // The agent waits for this port and the host connects to it: not overridable.
+        upsert(&mut env, "PORT", &HTTP_PORT.to_string());
+        upsert(&mut env, "HOST", "127.0.0.1");
     }
     env
 }
@@ -221,6 +231,27 @@ mod tests {
         let n = names.len();
         names.dedup();
         assert_eq!(names.len(), n, "duplicate names in {env:?}");
+    }
+
+    #[test]
+    fn http_runtime_runs_the_handler_with_port_and_host() {
+        let spec = FunctionSpec::from_yaml(
+            "name: w\nruntime: http\nhandler: ./serve --fast\nenv: {PORT: '1'}\n",
+        )
+        .unwrap();
+        let (mode, argv) = program(&spec);
+        assert_eq!(mode, ExecMode::Http);
+        assert_eq!(argv, ["/var/task/serve", "--fast"]);
+        let env = environment(&LaunchInfo {
+            spec: &spec,
+            revision: 1,
+            workspace: "d",
+            secrets: &[],
+            otel_endpoint: None,
+        });
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PORT"), Some("8080"), "PORT is not overridable");
+        assert_eq!(get("HOST"), Some("127.0.0.1"));
     }
 
     #[test]

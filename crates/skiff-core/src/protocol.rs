@@ -43,6 +43,8 @@ pub enum Kind {
     StreamChunk = 17,
     /// Agent → host: the stream ended ([`StreamEnd`]); body is error JSON when it failed.
     StreamEnd = 18,
+    /// Agent → host (`http` mode): the function's server accepts connections ([`HttpReady`]).
+    HttpReady = 19,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
             16 => Kind::StreamStart,
             17 => Kind::StreamChunk,
             18 => Kind::StreamEnd,
+            19 => Kind::HttpReady,
             _ => return None,
         })
     }
@@ -74,6 +77,9 @@ pub enum ExecMode {
     RuntimeApi,
     /// One process per invocation: payload on stdin, reply on stdout, logs on stderr.
     Command,
+    /// One long-running HTTP server listening on `127.0.0.1:{http_port}`; the host proxies
+    /// requests to it over sockets it creates in the sandbox's network namespace.
+    Http,
 }
 
 /// A read-only bind mount into the sandbox root.
@@ -122,6 +128,9 @@ pub struct AgentConfig {
     /// files and mountpoints stay on the tmpfs).
     #[serde(default)]
     pub rootfs: Option<String>,
+    /// `http` mode: the port the function's server listens on (on 127.0.0.1).
+    #[serde(default)]
+    pub http_port: u16,
 }
 
 /// Host → agent: run one invocation.
@@ -143,6 +152,13 @@ pub struct Invoke {
 pub struct Ready {
     /// Microseconds the agent spent on setup (mounts, privileges, seccomp).
     pub setup_us: u64,
+}
+
+/// Agent → host (`http` mode): the server accepted its first connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpReady {
+    /// Microseconds from starting the server process to its first accepted connection.
+    pub ready_us: u64,
 }
 
 /// Agent → host: an invocation finished. Body: the response, or an error JSON

@@ -82,6 +82,10 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
         })?),
     };
     let rev = resolve_sticky(state, name, qualifier, sticky_key(&parts.headers)).await?;
+    if rev.spec.runtime == skiff_core::Runtime::Http {
+        return crate::proxy::forward(state, &rev, raw_path.to_owned(), parts, body, request_id)
+            .await;
+    }
     let body = read_body(&parts.headers, body, MAX_PAYLOAD_BYTES).await?;
     let payload = event_json(
         &RequestInfo {

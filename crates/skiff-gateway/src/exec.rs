@@ -45,10 +45,14 @@ pub async fn run_with(
 ) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
-    let mut result = state
-        .scheduler
-        .invoke_with(rev, inv, wait_for_capacity)
-        .await;
+    let mut result = if rev.spec.runtime == skiff_core::Runtime::Http {
+        crate::proxy::invoke(state, rev, inv, wait_for_capacity).await
+    } else {
+        state
+            .scheduler
+            .invoke_with(rev, inv, wait_for_capacity)
+            .await
+    };
     let (status, error, cold, duration, logs) = match &result {
         Ok(out) => (
             if out.function_error.is_some() {

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 /// Runtimes and tiers this server can run today.
 fn check_supported(spec: &FunctionSpec) -> ApiResult<()> {
-    if matches!(spec.runtime, Runtime::Http | Runtime::Wasm | Runtime::Js) {
+    if matches!(spec.runtime, Runtime::Wasm | Runtime::Js) {
         return Err(ApiError::bad_request(format!(
-            "runtime: `{}` is not supported by this server yet (supported: python3, node, provided, command)",
+            "runtime: `{}` is not supported by this server yet (supported: python3, node, provided, command, http)",
             spec.runtime
         ))
         .with("field", "runtime"));

@@ -19,6 +19,7 @@ pub mod exec;
 mod functions;
 mod invoke;
 mod lambda;
+mod proxy;
 mod revisions;
 pub mod seed;
 mod stream;

@@ -68,6 +68,12 @@ pub enum SandboxError {
     /// The function process or the sandbox died without answering.
     #[error("{message}")]
     Crashed { message: String, log_tail: String },
+    /// An `http` function's server did not accept connections in time.
+    #[error("{message}")]
+    NotListening { message: String, log_tail: String },
+    /// The tier or the instance's mode does not offer this operation.
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// The instance was already stopped.
     #[error("instance is no longer running")]
     Gone,
@@ -79,9 +85,9 @@ impl SandboxError {
     /// The function's last output, when the error carries it.
     pub fn log_tail(&self) -> &str {
         match self {
-            SandboxError::OutOfMemory { log_tail, .. } | SandboxError::Crashed { log_tail, .. } => {
-                log_tail
-            }
+            SandboxError::OutOfMemory { log_tail, .. }
+            | SandboxError::Crashed { log_tail, .. }
+            | SandboxError::NotListening { log_tail, .. } => log_tail,
             _ => "",
         }
     }
@@ -115,5 +121,21 @@ pub trait Instance: Send + Sync {
     /// Peak memory use of the whole sandbox since it started, in bytes, when known.
     fn memory_peak(&self) -> Option<u64> {
         None
+    }
+    /// `http` mode: a new connection to the function's server. Waits until the server first
+    /// accepted a connection, at most `ready_within` (then [`SandboxError::NotListening`] with
+    /// the server's output); fails at once when the instance died.
+    async fn connect_http(
+        &self,
+        _ready_within: std::time::Duration,
+    ) -> Result<tokio::net::TcpStream, SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox tier cannot proxy HTTP yet".into(),
+        ))
+    }
+    /// Output the function wrote outside of any invocation (an `http` server's logs) since
+    /// the last call; taken, so each byte is returned once.
+    fn take_output(&self) -> Vec<u8> {
+        Vec::new()
     }
 }

@@ -690,6 +690,48 @@ impl Scheduler {
         res
     }
 
+    /// Leases an instance of `rev` for a request the caller delivers itself (an `http`
+    /// function's proxied request), under the same capacity rules as [`Scheduler::invoke_with`]:
+    /// a warm instance with a free slot, else a new one up to `scale.max`, else waiting up to
+    /// the function's timeout (or not at all without `wait_for_capacity`) → `throttled`. The
+    /// slot is held until the [`InstanceLease`] is dropped; see [`InstanceLease::fail`].
+    pub async fn lease(
+        &self,
+        rev: &Arc<Revision>,
+        wait_for_capacity: bool,
+    ) -> Result<InstanceLease, Outcome> {
+        let t0 = Instant::now();
+        let pool = self.pool(rev);
+        let wait = if wait_for_capacity {
+            rev.spec.timeout
+        } else {
+            Duration::ZERO
+        };
+        let lease = pool
+            .acquire(self, t0 + wait)
+            .await
+            .inspect_err(|o| self.metrics.count_outcome(o))?;
+        if lease.cold {
+            self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(InstanceLease {
+            pool,
+            inst: lease.inst,
+            cold: lease.cold,
+            init: lease.init,
+            broken: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Counts a request served through an [`InstanceLease`] in the metrics: `Ok` with
+    /// whether the function answered with an error, or the platform outcome.
+    pub fn record(&self, result: Result<bool, &Outcome>, duration: Duration) {
+        match result {
+            Ok(function_error) => self.metrics.count_ok(function_error, duration),
+            Err(o) => self.metrics.count_outcome(o),
+        }
+    }
+
     /// Stops idle-expired and dead instances.
     async fn reap(&self, now: Instant) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
@@ -782,6 +824,50 @@ impl Scheduler {
             .values()
             .map(|p| p.state.lock().slots.len())
             .sum()
+    }
+}
+
+/// One slot of an instance, held for a request the caller delivers itself. Dropping it returns
+/// the slot (the instance stays warm), unless [`InstanceLease::fail`] was called: then the
+/// instance is removed from its pool and stopped.
+pub struct InstanceLease {
+    pool: Arc<Pool>,
+    inst: Arc<dyn Instance>,
+    cold: bool,
+    init: Option<Duration>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl InstanceLease {
+    pub fn instance(&self) -> &Arc<dyn Instance> {
+        &self.inst
+    }
+    /// True when the instance was started for this lease.
+    pub fn cold(&self) -> bool {
+        self.cold
+    }
+    /// How long starting the instance took, for a cold lease.
+    pub fn init_duration(&self) -> Option<Duration> {
+        self.init
+    }
+    pub fn revision(&self) -> u32 {
+        self.pool.rev.number
+    }
+    /// The instance must not be reused (timed out, connection broken, server gone): it is
+    /// stopped when the lease is dropped.
+    pub fn fail(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+    /// A platform outcome for this lease's revision, for the caller's error reply.
+    pub fn outcome(&self, kind: ErrorKind, message: String, log_tail: String) -> Outcome {
+        outcome(&self.pool.rev, kind, message, log_tail, self.cold)
+    }
+}
+
+impl Drop for InstanceLease {
+    fn drop(&mut self) {
+        self.pool
+            .release(&self.inst, self.broken.load(Ordering::Acquire));
     }
 }
 

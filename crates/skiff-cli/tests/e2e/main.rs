@@ -4,6 +4,7 @@
 mod aliases;
 mod events;
 mod harness;
+mod http_runtime;
 mod http_trigger;
 mod lambda_api;
 mod lambda_runtime;

@@ -2,11 +2,12 @@
 
 use super::cgroup::InstanceCgroup;
 use super::net::Slirp;
+use super::netns;
 use crate::{Instance, InvokeRequest, InvokeResult, SandboxError};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use skiff_core::protocol::{
-    Done, Exit, Frame, InitError, Kind, Log, Ready, StreamChunk, StreamEnd, StreamStart,
+    Done, Exit, Frame, HttpReady, InitError, Kind, Log, Ready, StreamChunk, StreamEnd, StreamStart,
 };
 use skiff_core::{ResponseStream, StreamError, StreamSender};
 use std::collections::HashMap;
@@ -117,8 +118,24 @@ struct State {
     oom_seen: u64,
 }
 
+/// Where an `http` instance's server is.
+pub(crate) struct HttpTarget {
+    pub(crate) port: u16,
+    /// The sandbox's network namespace (`/proc/<agent>/ns/net`, opened at start).
+    pub(crate) netns: Arc<OwnedFd>,
+}
+
+/// Readiness of an `http` instance's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpState {
+    Starting,
+    Ready,
+    Dead,
+}
+
 /// State shared between the instance handle and its background tasks.
 pub(crate) struct Shared {
+    http: watch::Sender<HttpState>,
     id: String,
     state: Mutex<State>,
     alive: AtomicBool,
@@ -170,6 +187,7 @@ impl Shared {
             return;
         }
         self.alive.store(false, Ordering::Release);
+        self.http.send_replace(HttpState::Dead);
         let dead = match dead {
             Dead::Crashed(_) if self.oom_fired(&mut st) => Dead::Oom,
             d => d,
@@ -278,6 +296,18 @@ impl Shared {
                     .unwrap_or_else(|| String::from_utf8_lossy(&f.body).into_owned());
                 return Some((tx, Err(StreamError::new(ty, message))));
             }
+            Kind::HttpReady => {
+                if let Ok(r) = f.header::<HttpReady>() {
+                    tracing::debug!(instance = %self.id, ready_us = r.ready_us, "http server ready");
+                }
+                self.http.send_if_modified(|s| {
+                    let starting = *s == HttpState::Starting;
+                    if starting {
+                        *s = HttpState::Ready;
+                    }
+                    starting
+                });
+            }
             Kind::Ready => {
                 if let Ok(r) = f.header::<Ready>() {
                     tracing::debug!(instance = %self.id, setup_us = r.setup_us, "sandbox ready");
@@ -332,6 +362,7 @@ pub struct NativeInstance {
     tx: mpsc::UnboundedSender<Vec<u8>>,
     exited: watch::Receiver<Option<ExitStatus>>,
     slirp: Mutex<Option<Slirp>>,
+    http: Option<HttpTarget>,
     /// Set once `stop` finished cleaning up.
     stopped: tokio::sync::Mutex<bool>,
 }
@@ -381,6 +412,7 @@ impl NativeInstance {
         chan.set_nonblocking(true)?;
         let (rd, wr) = tokio::net::UnixStream::from_std(chan)?.into_split();
         let shared = Arc::new(Shared {
+            http: watch::Sender::new(HttpState::Starting),
             id,
             state: Mutex::new(State::default()),
             alive: AtomicBool::new(true),
@@ -412,8 +444,15 @@ impl NativeInstance {
             tx,
             exited,
             slirp: Mutex::new(None),
+            http: None,
             stopped: tokio::sync::Mutex::new(false),
         })
+    }
+
+    /// Makes this an `http` instance whose server is reached at `target`.
+    pub(crate) fn with_http(mut self, target: Option<HttpTarget>) -> Self {
+        self.http = target;
+        self
     }
 
     pub(crate) fn set_slirp(&self, s: Slirp) {
@@ -435,6 +474,21 @@ impl NativeInstance {
                 std::ptr::null::<libc::siginfo_t>(),
                 0u32,
             );
+        }
+    }
+
+    /// Why the instance cannot serve (it is dead).
+    fn dead_error(&self) -> SandboxError {
+        let st = self.shared.state.lock();
+        match &st.dead {
+            None => SandboxError::Gone,
+            Some(d) => match self.shared.dead_result(d, &st) {
+                Err(e) => e,
+                Ok(_) => SandboxError::Crashed {
+                    message: "the runtime failed to initialise".into(),
+                    log_tail: st.tail.text(),
+                },
+            },
         }
     }
 
@@ -605,6 +659,49 @@ impl Instance for NativeInstance {
 
     fn memory_peak(&self) -> Option<u64> {
         self.shared.cgroup.memory_peak()
+    }
+
+    async fn connect_http(
+        &self,
+        ready_within: Duration,
+    ) -> Result<tokio::net::TcpStream, SandboxError> {
+        let Some(target) = &self.http else {
+            return Err(SandboxError::Unsupported(
+                "the instance does not run an HTTP server".into(),
+            ));
+        };
+        let mut state = self.shared.http.subscribe();
+        match tokio::time::timeout(ready_within, state.wait_for(|s| *s != HttpState::Starting))
+            .await
+        {
+            Err(_) => {
+                return Err(SandboxError::NotListening {
+                    message: format!(
+                        "the HTTP server did not accept connections on 127.0.0.1:{} within {:.2} s",
+                        target.port,
+                        ready_within.as_secs_f64()
+                    ),
+                    log_tail: self.shared.state.lock().tail.text(),
+                })
+            }
+            Ok(Ok(s)) if *s == HttpState::Ready => {}
+            Ok(_) => return Err(self.dead_error()),
+        }
+        match netns::connect(&target.netns, target.port).await {
+            Ok(c) => Ok(c),
+            Err(_) if !self.is_alive() => Err(self.dead_error()),
+            Err(e) => Err(SandboxError::Crashed {
+                message: format!(
+                    "cannot connect to the HTTP server on 127.0.0.1:{}: {e}",
+                    target.port
+                ),
+                log_tail: self.shared.state.lock().tail.text(),
+            }),
+        }
+    }
+
+    fn take_output(&self) -> Vec<u8> {
+        std::mem::take(&mut self.shared.state.lock().unattributed)
     }
 }
 

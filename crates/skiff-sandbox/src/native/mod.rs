@@ -10,6 +10,7 @@
 mod cgroup;
 mod instance;
 mod net;
+mod netns;
 mod spawn;
 
 pub use instance::NativeInstance;
@@ -17,8 +18,8 @@ pub use instance::NativeInstance;
 use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
 use async_trait::async_trait;
 use cgroup::{CgroupRoot, InstanceCgroup};
-use skiff_core::launch::{RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
-use skiff_core::protocol::{AgentConfig, Bind, Frame, Kind};
+use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
+use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind};
 use skiff_core::{Mode, Network};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -361,6 +362,7 @@ impl NativeSandbox {
             wait_for_network: outbound,
             seccomp: self.cfg.seccomp,
             rootfs,
+            http_port: HTTP_PORT,
         })
     }
 }
@@ -540,15 +542,32 @@ impl Sandbox for NativeSandbox {
         } = self.spawner.take_or_prepare(&spec)?;
         self.spawner.refill();
         let cg = Arc::new(cg);
-        let inst = match NativeInstance::launch(
-            spec.instance_id.clone(),
-            pidfd,
-            host,
-            err_r,
-            cg.clone(),
-            spec.spec.memory_mb(),
-            config_frame,
-        ) {
+        // The agent is not reaped before `launch` watches it, so the pid is still its own.
+        let http = match spec.exec_mode {
+            ExecMode::Http => netns::open_ns(&format!("/proc/{pid}/ns/net"))
+                .map(|ns| {
+                    Some(instance::HttpTarget {
+                        port: HTTP_PORT,
+                        netns: Arc::new(ns),
+                    })
+                })
+                .map_err(|e| format!("cannot open the sandbox's network namespace: {e}")),
+            _ => Ok(None),
+        };
+        let launched = http.and_then(|http| {
+            NativeInstance::launch(
+                spec.instance_id.clone(),
+                pidfd,
+                host,
+                err_r,
+                cg.clone(),
+                spec.spec.memory_mb(),
+                config_frame,
+            )
+            .map(|i| i.with_http(http))
+            .map_err(|e| format!("cannot watch the sandbox agent: {e}"))
+        });
+        let inst = match launched {
             Ok(i) => i,
             Err(e) => {
                 // Dropping the pidfd does not kill: do it by pid (not reaped yet, so no reuse).
@@ -558,9 +577,7 @@ impl Sandbox for NativeSandbox {
                 // SAFETY: reaping our own child.
                 unsafe { libc::waitpid(pid, &mut st, 0) };
                 cg.remove().await;
-                return Err(SandboxError::Start(format!(
-                    "cannot watch the sandbox agent: {e}"
-                )));
+                return Err(SandboxError::Start(e));
             }
         };
         if let Some(bin) = slirp_bin {

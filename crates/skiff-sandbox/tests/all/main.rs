@@ -113,6 +113,7 @@ async fn run_all(filters: Vec<String>) -> i32 {
         ("fork_bomb_contained", |c| Box::pin(fork_bomb_contained(c))),
         ("network_none", |c| Box::pin(network_none(c))),
         ("network_outbound", |c| Box::pin(network_outbound(c))),
+        ("http_server", |c| Box::pin(http_server(c))),
         ("runtime_api", |c| Box::pin(runtime_api(c))),
         ("runtime_api_init_error", |c| {
             Box::pin(runtime_api_init_error(c))
@@ -589,6 +590,54 @@ async fn memory_hog_oom(ctx: Arc<Ctx>) -> Result<(), String> {
         other => return Err(format!("expected OutOfMemory, got {other:?}")),
     }
     assert_gone(&ctx.sb, &id, ctx.uid).await
+}
+
+/// `http` mode: the host connects to the server on the sandbox's loopback (network none)
+/// through a socket made in the sandbox's network namespace; a deaf server is reported.
+async fn http_server(ctx: Arc<Ctx>) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    def do_GET(self):\n        b = ('hi ' + self.path).encode()\n        self.send_response(200); self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\nprint('up', flush=True)\nh.HTTPServer(('127.0.0.1', 8080), H).serve_forever()\n";
+    let spec = ispec(
+        fspec(""),
+        ExecMode::Http,
+        &["/usr/bin/python3", "-c", server],
+        ctx.code.path(),
+    );
+    let inst = ctx.sb.start(spec).await.map_err(|e| e.to_string())?;
+    let mut conn = inst
+        .connect_http(Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("connect_http: {e}"))?;
+    conn.write_all(b"GET /x?y=1 HTTP/1.0\r\nHost: a\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?;
+    check(
+        resp.starts_with("HTTP/1.0 200") && resp.ends_with("hi /x?y=1"),
+        || resp.clone(),
+    )?;
+    let id = inst.id().to_string();
+    inst.stop().await;
+    assert_gone(&ctx.sb, &id, ctx.uid).await?;
+
+    let spec = ispec(
+        fspec(""),
+        ExecMode::Http,
+        &sh("echo deaf; sleep 30"),
+        ctx.code.path(),
+    );
+    let inst = ctx.sb.start(spec).await.map_err(|e| e.to_string())?;
+    let err = inst.connect_http(Duration::from_millis(500)).await.err();
+    let shown = format!("{err:?}");
+    check(
+        matches!(&err, Some(SandboxError::NotListening { log_tail, .. }) if log_tail.contains("deaf")),
+        || shown.clone(),
+    )?;
+    inst.stop().await;
+    Ok(())
 }
 
 async fn fork_bomb_contained(ctx: Arc<Ctx>) -> Result<(), String> {
