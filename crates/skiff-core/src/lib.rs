@@ -5,10 +5,12 @@
 pub mod invocation;
 pub mod launch;
 pub mod protocol;
+pub mod routes;
 pub mod spec;
 pub mod units;
 
 pub use invocation::{ErrorKind, FunctionError, Invocation, InvokeOutput, Outcome};
+pub use routes::{Cors, RateLimit, Route, RouteAuth};
 pub use spec::{FunctionSpec, Mode, Network, Runtime, SandboxKind, Scale, SpecError};
 pub use units::{format_size, parse_duration, parse_size};
 
