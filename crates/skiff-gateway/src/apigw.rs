@@ -9,11 +9,13 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::invoke::{read_body, skiff_headers};
+use crate::policy::CompiledRoute;
 use crate::revisions::resolve;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
@@ -22,7 +24,7 @@ use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeCo
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use skiff_core::{Invocation, MAX_PAYLOAD_BYTES};
+use skiff_core::Invocation;
 use std::borrow::Cow;
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::net::{IpAddr, SocketAddr};
@@ -61,7 +63,56 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let request_id = crate::exec::request_id();
-    match trigger(&state, req, &request_id).await {
+    let (parts, body) = req.into_parts();
+    let target = split_path(parts.uri.path())
+        .ok_or_else(|| ApiError::not_found("no such route"))
+        .and_then(|(name, _)| {
+            let qualifier = match parts.headers.get(QUALIFIER_HEADER) {
+                None => None,
+                Some(v) => Some(v.to_str().ok().filter(|q| !q.is_empty()).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{QUALIFIER_HEADER} must name an alias or revision"
+                    ))
+                })?),
+            };
+            let rest_len = parts.uri.path().len() - "/fn/".len() - name.len();
+            Ok((name.to_string(), qualifier.map(str::to_string), rest_len))
+        });
+    let result = match target {
+        Ok((name, qualifier, rest_len)) => {
+            trigger(
+                &state,
+                parts,
+                body,
+                &request_id,
+                &name,
+                qualifier.as_deref(),
+                rest_len,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    finish(result, request_id)
+}
+
+/// Serves a request routed by its `Host` (`{slug}.{domain}` or `{alias}--{slug}.{domain}`):
+/// the whole path goes to the function.
+pub(crate) async fn host_trigger(
+    state: &Arc<AppState>,
+    req: Request,
+    slug: &str,
+    alias: Option<&str>,
+) -> Response {
+    let request_id = crate::exec::request_id();
+    let (parts, body) = req.into_parts();
+    let rest_len = parts.uri.path().len();
+    let result = trigger(state, parts, body, &request_id, slug, alias, rest_len).await;
+    finish(result, request_id)
+}
+
+fn finish(result: ApiResult<Response>, request_id: String) -> Response {
+    match result {
         Ok(resp) => resp,
         Err(e) => e
             .gateway()
@@ -70,31 +121,124 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     }
 }
 
-async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiResult<Response> {
-    let (parts, body) = req.into_parts();
-    let (name, raw_path) =
-        split_path(parts.uri.path()).ok_or_else(|| ApiError::not_found("no such route"))?;
-    let qualifier = match parts.headers.get(QUALIFIER_HEADER) {
-        None => None,
-        Some(v) => Some(v.to_str().ok().filter(|q| !q.is_empty()).ok_or_else(|| {
-            ApiError::bad_request(format!("{QUALIFIER_HEADER} must name an alias or revision"))
-        })?),
-    };
+/// Runs an HTTP trigger: `name`/`qualifier` pick the revision, the last `rest_len` bytes of the
+/// URI path are the function's `rawPath`. The revision's route policy applies first.
+async fn trigger(
+    state: &Arc<AppState>,
+    mut parts: Parts,
+    body: Body,
+    request_id: &str,
+    name: &str,
+    qualifier: Option<&str>,
+    rest_len: usize,
+) -> ApiResult<Response> {
     let rev = resolve(state, name, qualifier).await?;
-    let body = read_body(&parts.headers, body, MAX_PAYLOAD_BYTES).await?;
+    let policy = state.policies.get(&rev);
+    let path = parts.uri.path();
+    let raw_path = match &path[path.len() - rest_len..] {
+        "" => "/",
+        p => p,
+    };
+    let normalized = crate::policy::normalize(raw_path).map_err(ApiError::bad_request)?;
+    let route = policy
+        .route(&normalized)
+        .ok_or_else(|| ApiError::not_found("no route matches this path"))?;
+    let origin = match &route.cors {
+        Some(_) => parts.headers.get(header::ORIGIN).cloned(),
+        None => None,
+    };
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+        if parts.method == Method::OPTIONS {
+            if let Some(want) = parts.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD) {
+                let asked = parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+                let headers = cors.preflight(origin, want, asked).map_err(|reason| {
+                    ApiError::new(StatusCode::FORBIDDEN, "cors_forbidden", reason)
+                })?;
+                let mut resp = StatusCode::NO_CONTENT.into_response();
+                resp.headers_mut().extend(headers);
+                return Ok(resp);
+            }
+        }
+    }
+    let rewritten = route.rewrite(&normalized);
+    let raw_path = rewritten.as_deref().unwrap_or(raw_path).to_string();
+    drop(normalized);
+    let result = guarded(
+        state, &rev, qualifier, route, &mut parts, body, request_id, &raw_path,
+    )
+    .await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => e
+            .gateway()
+            .header("x-skiff-request-id", request_id.to_string())
+            .into_response(),
+    };
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+        cors.apply(origin, resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// The checks after routing (method, auth, rate limit, body limit), then the invocation under
+/// the route's timeout.
+async fn guarded(
+    state: &Arc<AppState>,
+    rev: &Arc<skiff_scheduler::Revision>,
+    qualifier: Option<&str>,
+    route: &CompiledRoute,
+    parts: &mut Parts,
+    body: Body,
+    request_id: &str,
+    raw_path: &str,
+) -> ApiResult<Response> {
+    if !route.allows(&parts.method) {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed here", parts.method),
+        )
+        .header_value(header::ALLOW, route.allow_header().clone()));
+    }
+    if let Some(check) = &route.auth {
+        check.verify(&parts.headers, &rev.function).map_err(|d| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d.message)
+                .header("www-authenticate", d.challenge)
+        })?;
+    }
+    if let Some(bucket) = &route.limiter {
+        bucket.try_take().map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "the route's rate limit is exceeded",
+            )
+            .header(
+                "retry-after",
+                crate::policy::ratelimit::retry_after_secs(wait).to_string(),
+            )
+        })?;
+    }
+    let body = read_body(&parts.headers, body, route.max_body).await?;
+    let source_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    reset_forwarded(
+        &mut parts.headers,
+        source_ip,
+        parts.uri.authority().map(|a| a.as_str()),
+    );
     let payload = event_json(
         &RequestInfo {
-            function: name,
+            function: &rev.function,
             method: parts.method.as_str(),
             raw_path,
             raw_query: parts.uri.query().unwrap_or(""),
             version: parts.version,
             headers: &parts.headers,
             authority: parts.uri.authority().map(|a| a.as_str()),
-            source_ip: parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip()),
+            source_ip,
             request_id,
             time_ms: skiff_core::units::now_ms(),
         },
@@ -103,13 +247,15 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
     drop(body);
     let inv = Invocation {
         request_id: request_id.to_string(),
-        function: name.to_string(),
+        function: rev.function.clone(),
         qualifier: qualifier.map(str::to_string),
         payload,
         client_context: None,
         trace_id: None,
     };
-    let out = crate::exec::run(state, &rev, inv).await?;
+    let timeout = route.timeout.unwrap_or(rev.spec.timeout);
+    let out = crate::exec::run_within(state, rev, inv, true, timeout).await?;
+    let name = rev.function.as_str();
     let mut resp = match out.function_error {
         Some(fe) => ApiError::function_error(fe.error_type, fe.message)
             .gateway()
@@ -134,8 +280,34 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
     Ok(resp)
 }
 
+/// Client-sent `X-Forwarded-*` and `Forwarded` headers are not trusted: they are removed and
+/// set by the gateway (`X-Forwarded-For` = the peer's address, `-Proto`, `-Host`).
+fn reset_forwarded(h: &mut HeaderMap, peer: Option<IpAddr>, authority: Option<&str>) {
+    let is_forwarded =
+        |n: &HeaderName| n.as_str().starts_with("x-forwarded-") || *n == header::FORWARDED;
+    if h.keys().any(is_forwarded) {
+        let names: Vec<HeaderName> = h.keys().filter(|n| is_forwarded(n)).cloned().collect();
+        for n in names {
+            h.remove(n);
+        }
+    }
+    if let Some(ip) = peer {
+        if let Ok(v) = HeaderValue::from_str(&ip.to_canonical().to_string()) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let host = h
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    if let Some(host) = host {
+        h.insert("x-forwarded-host", host);
+    }
+}
+
 /// Splits `/fn/{name}/rest` into the function name and the raw path after it (`/` if none).
-fn split_path(path: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/fn/")?;
     Some(match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),

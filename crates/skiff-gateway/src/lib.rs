@@ -17,8 +17,10 @@ pub mod error;
 pub mod events;
 pub mod exec;
 mod functions;
+pub mod host;
 mod invoke;
 mod lambda;
+pub mod policy;
 mod revisions;
 
 pub use auth::Auth;
@@ -36,16 +38,38 @@ pub struct AppState {
     pub revisions: RevisionCache,
     /// Async invocation queue: wake-ups, shutdown and counters (see [`events`]).
     pub events: events::EventQueue,
+    /// Compiled route policies per revision (see [`policy`]).
+    pub policies: policy::PolicyCache,
+    /// Domain whose subdomains are function hosts (see [`host`]); `None` = host routing off.
+    pub function_domain: Option<String>,
+}
+
+/// Gateway settings from `skiff serve`.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// `--function-domain`, normalized with [`host::parse_domain`].
+    pub function_domain: Option<String>,
 }
 
 impl AppState {
     pub fn new(store: Store, scheduler: Arc<Scheduler>, auth: Auth) -> Arc<AppState> {
+        AppState::with_options(store, scheduler, auth, Options::default())
+    }
+
+    pub fn with_options(
+        store: Store,
+        scheduler: Arc<Scheduler>,
+        auth: Auth,
+        options: Options,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             store,
             scheduler,
             auth,
             revisions: RevisionCache::default(),
             events: events::EventQueue::default(),
+            policies: policy::PolicyCache::default(),
+            function_domain: options.function_domain,
         })
     }
 }
@@ -84,6 +108,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(functions::put_alias)
                 .get(functions::get_alias)
                 .delete(functions::delete_alias),
+        )
+        .route(
+            "/v1/functions/{name}/routes",
+            get(functions::get_routes).put(functions::put_routes),
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
@@ -130,7 +158,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key_lambda,
         ));
-    Router::new()
+    let host_routing = state.function_domain.is_some();
+    let app = Router::new()
         .route("/health", get(functions::health))
         .merge(apigw::routes())
         .merge(api)
@@ -146,6 +175,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             } else {
                 ApiError::not_found("no such route").into_response()
             }
-        })
+        });
+    if host_routing {
+        // A layer on the whole router sees every request, before routing.
+        app.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            host::route_by_host,
+        ))
         .with_state(state)
+    } else {
+        app.with_state(state)
+    }
 }
