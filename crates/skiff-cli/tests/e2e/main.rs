@@ -5,6 +5,7 @@ mod events;
 mod harness;
 mod http_trigger;
 mod lambda_api;
+mod routing;
 
 use harness::*;
 use serde_json::{json, Value};
