@@ -163,10 +163,14 @@ async fn trigger(
     let rewritten = route.rewrite(&normalized);
     let raw_path = rewritten.as_deref().unwrap_or(raw_path).to_string();
     drop(normalized);
-    let result = guarded(
-        state, &rev, qualifier, route, &mut parts, body, request_id, &raw_path,
-    )
-    .await;
+    let call = Call {
+        rev: &rev,
+        qualifier,
+        route,
+        request_id,
+        raw_path: &raw_path,
+    };
+    let result = guarded(state, call, &mut parts, body).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => e
@@ -180,18 +184,30 @@ async fn trigger(
     Ok(resp)
 }
 
+/// What a routed request runs: the revision, its matched route and the function's `rawPath`.
+struct Call<'a> {
+    rev: &'a Arc<skiff_scheduler::Revision>,
+    qualifier: Option<&'a str>,
+    route: &'a CompiledRoute,
+    request_id: &'a str,
+    raw_path: &'a str,
+}
+
 /// The checks after routing (method, auth, rate limit, body limit), then the invocation under
 /// the route's timeout.
 async fn guarded(
     state: &Arc<AppState>,
-    rev: &Arc<skiff_scheduler::Revision>,
-    qualifier: Option<&str>,
-    route: &CompiledRoute,
+    call: Call<'_>,
     parts: &mut Parts,
     body: Body,
-    request_id: &str,
-    raw_path: &str,
 ) -> ApiResult<Response> {
+    let Call {
+        rev,
+        qualifier,
+        route,
+        request_id,
+        raw_path,
+    } = call;
     if !route.allows(&parts.method) {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,

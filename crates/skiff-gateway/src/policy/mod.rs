@@ -136,7 +136,7 @@ impl Policy {
             .enumerate()
             .map(|(i, r)| CompiledRoute::compile(i, r))
             .collect();
-        compiled.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        compiled.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Policy {
             routes: compiled.into(),
         }
