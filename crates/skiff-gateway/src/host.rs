@@ -26,8 +26,8 @@ pub enum HostMatch<'a> {
     Invalid,
 }
 
-/// Classifies a `Host` value (port ignored, case-insensitive, one trailing `.` allowed)
-/// against `domain` (lower case, no leading or trailing `.`).
+/// Classifies a lower-case `Host` value (port ignored, one trailing `.` allowed) against
+/// `domain` (lower case, no leading or trailing `.`).
 pub fn classify<'a>(host: &'a str, domain: &str) -> HostMatch<'a> {
     if host.starts_with('[') {
         return HostMatch::Plain; // an IPv6 literal
@@ -47,7 +47,7 @@ pub fn classify<'a>(host: &'a str, domain: &str) -> HostMatch<'a> {
         return HostMatch::Plain;
     }
     let label = &host[..label_len];
-    // Function names are lower case (browsers send host names in lower case).
+    // Callers lower-case the host first; anything else is not a function name.
     if label.bytes().any(|b| b.is_ascii_uppercase()) {
         return HostMatch::Invalid;
     }
@@ -77,6 +77,14 @@ pub async fn route_by_host(
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
+    // Host names are case-insensitive; function names are lower case.
+    let lower;
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        lower = host.to_ascii_lowercase();
+        lower.as_str()
+    } else {
+        host
+    };
     match classify(host, domain) {
         HostMatch::Plain => next.run(req).await,
         HostMatch::Invalid => ApiError::not_found(format!("no function at host `{host}`"))

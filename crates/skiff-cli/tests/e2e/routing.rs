@@ -280,7 +280,7 @@ fn host_routing_and_routes_api() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["event"]["rawPath"], "/v1/functions");
     // `{alias}--{slug}` picks the alias.
-    let (st, h, v) = parts(host("canary--fx.fn.localhost", "/x"));
+    let (st, h, v) = parts(host("Canary--FX.fn.LocalHost", "/x"));
     assert_eq!(st, 200, "{v}");
     assert_eq!(hdr(&h, "x-skiff-revision"), "1");
     assert_eq!(v["version"], "1");
