@@ -1,11 +1,14 @@
 //! HTTP triggers: `ANY /fn/{name}[/{*path}]`. The request becomes an API Gateway HTTP API
-//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run`], and the reply is
+//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run_within`], and the reply is
 //! mapped back by the 2.0 rules ([`reply_response`]), as API Gateway and Lambda function URLs do.
 //!
 //! Public by design, like a function URL with auth `NONE`: these routes sit outside the API-key
 //! layer. The query string belongs to the function, so the alias or revision is chosen with the
 //! [`QUALIFIER_HEADER`] header (default `production`). Errors use API Gateway's `{"message"}`
 //! shape ([`crate::error::Shape::Gateway`]).
+//!
+//! Function hosts (`{slug}.{domain}`, see [`crate::host`]) enter through [`host_trigger`] with
+//! the whole path. Both run the revision's route policy ([`crate::policy`]) before invoking.
 
 use crate::error::{ApiError, ApiResult};
 use crate::invoke::{read_body, skiff_headers};
