@@ -38,6 +38,21 @@ fn parts(r: Response) -> (u16, reqwest::header::HeaderMap, Value) {
     (st, h, v)
 }
 
+/// Status of a GET sent as is (reqwest would resolve `..` in the URL).
+fn raw_status(s: &Server, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let addr = s.url.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn req(s: &Server, method: &str, rest: &str) -> RequestBuilder {
     s.http.request(
         method.parse().unwrap(),
@@ -162,6 +177,14 @@ fn route_policy_statuses() {
     // An escaped path does not dodge the route: /%70rivate is /private.
     let (st, _, _) = parts(req(&s, "GET", "/%70rivate/x").send().unwrap());
     assert_eq!(st, 401);
+    // Dot segments (which clients normally resolve) are refused, not guessed at.
+    for path in ["/echo/../private", "/echo/%2e%2E/private"] {
+        assert_eq!(
+            raw_status(&s, &format!("/fn/fx-routes{path}")),
+            400,
+            "{path}"
+        );
+    }
     // API-key header auth.
     let r = req(&s, "GET", "/key")
         .header("X-Api-Key", "key-1")
