@@ -2,6 +2,7 @@
 //! examples and measures, in one run on one machine:
 //! - warm invoke latency through the gateway (keep-alive HTTP/1.1, sequential);
 //! - cold start through the gateway (`mode: ephemeral` gives every call a fresh sandbox);
+//! - warm HTTP triggers (`/fn/`) without and with a route policy, interleaved;
 //! - raw floors: `unshare --pid --fork --mount --net --ipc --uts BIN` and a plain fork+exec.
 //!
 //! Usage: `bench/run.sh` (builds release and runs this). Prints a Markdown table.
@@ -11,6 +12,13 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Route policy of the `b-http-policy` function: two routes, CORS, bearer auth
+/// (`printf %s bench-token | sha256sum`) and a rate limit too high to trigger.
+const BENCH_ROUTES: &str = "[{path_prefix: /api, methods: [GET, POST], \
+    cors: {allow_origins: ['https://app.test'], allow_headers: [authorization], max_age: 600}, \
+    auth: {type: bearer, tokens_sha256: [7137e16f75a1d75b6fd65930672814806cdc1a0d6e0aa38611afc996a402258b]}, \
+    rate_limit: {rps: 1000000, burst: 1000000}}, {path_prefix: /health, methods: [GET]}]";
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -44,8 +52,19 @@ impl Conn {
 
     /// Sends one request and returns (status, headers text, body).
     fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+        self.request_with(method, path, "", body)
+    }
+
+    /// [`Conn::request`] with extra header lines (each ending in `\r\n`).
+    fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        extra: &str,
+        body: &[u8],
+    ) -> (u16, String, Vec<u8>) {
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
             self.host,
             body.len()
         );
@@ -245,6 +264,18 @@ fn main() {
         variant(src, &dir, name, extra);
         deploy(&skiff, &addr, &dir);
     }
+    // The same function behind HTTP triggers, without and with a route policy.
+    for (name, extra) in [
+        ("b-http-open", "network: none\n".to_string()),
+        (
+            "b-http-policy",
+            format!("network: none\nroutes: {BENCH_ROUTES}\n"),
+        ),
+    ] {
+        let dir = tmp.join(name);
+        variant(&provided, &dir, name, &extra);
+        deploy(&skiff, &addr, &dir);
+    }
     println!("| path | n | p50 µs | p99 µs | mean µs |");
     println!("|---|---|---|---|---|");
     // Raw floors, same binary the provided example uses (it exits at once with --exit).
@@ -329,6 +360,61 @@ fn main() {
         row(
             "warm invoke, provided, via the Lambda Invoke API",
             &stats(v),
+        );
+    }
+    // HTTP triggers without and with a route policy, interleaved so drift hits both alike.
+    // Both get the same request (CORS origin and bearer token), so only the policy differs.
+    {
+        let extra = "Origin: https://app.test\r\nAuthorization: Bearer bench-token\r\n";
+        let paths = ["/fn/b-http-open/api/items", "/fn/b-http-policy/api/items"];
+        for path in paths {
+            for _ in 0..50 {
+                let _ = conn.request_with("GET", path, extra, b"");
+            }
+        }
+        // The policy is really applied: CORS headers with the token, 401 without.
+        let (_, headers, _) = conn.request_with("GET", paths[1], extra, b"");
+        assert!(
+            headers.contains("access-control-allow-origin: https://app.test"),
+            "{headers}"
+        );
+        let (status, _, _) = conn.request("GET", paths[1], b"");
+        assert_eq!(status, 401);
+        let mut samples = [Vec::with_capacity(warm_n), Vec::with_capacity(warm_n)];
+        let mut diffs = Vec::with_capacity(warm_n);
+        for i in 0..warm_n {
+            // Alternate which goes first, so neither always follows the other.
+            let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut pair = [0.0; 2];
+            for k in order {
+                let t = Instant::now();
+                let (status, headers, resp) = conn.request_with("GET", paths[k], extra, b"");
+                pair[k] = t.elapsed().as_secs_f64() * 1e6;
+                assert_eq!(
+                    status,
+                    200,
+                    "{}: {}",
+                    paths[k],
+                    String::from_utf8_lossy(&resp)
+                );
+                assert!(headers.contains("x-skiff-cold-start: false"), "{headers}");
+            }
+            samples[0].push(pair[0]);
+            samples[1].push(pair[1]);
+            diffs.push(pair[1] - pair[0]);
+        }
+        diffs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let paired_median = diffs[diffs.len() / 2];
+        let [open, policy] = samples.map(stats);
+        row("warm HTTP trigger (/fn/), provided, no route policy", &open);
+        row(
+            "warm HTTP trigger (/fn/), provided, route policy (2 routes, CORS, bearer auth, rate limit)",
+            &policy,
+        );
+        println!(
+            "route policy cost: p50 {:+.1} µs, median of paired differences {:+.1} µs (budget ≤ 20 µs p50)",
+            policy.p50 - open.p50,
+            paired_median
         );
     }
     // Cold starts on a host that was idle for a moment (no back-to-back warm-up effects).

@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Attempts of an async invocation before it is dead-lettered.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     event_max_attempts: u32,
+    /// Serve functions on `{name}.DOMAIN` and `{alias}--{name}.DOMAIN` hosts (e.g.
+    /// fn.localhost); off when unset.
+    #[arg(long, env = "SKIFF_FUNCTION_DOMAIN", value_parser = skiff_gateway::host::parse_domain)]
+    function_domain: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -150,7 +154,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 ..Default::default()
             },
         );
-        let state = AppState::new(store.clone(), scheduler.clone(), Auth::new(&api_keys));
+        let state = AppState::with_options(
+            store.clone(),
+            scheduler.clone(),
+            Auth::new(&api_keys),
+            skiff_gateway::Options {
+                function_domain: args.function_domain.clone(),
+            },
+        );
         state
             .seed
             .configure(skiff_gateway::seed::SeedConfig {
@@ -180,6 +191,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "skiff listening on http://{addr} ({mode}); data in {}",
             data_dir.display()
         );
+        if let Some(d) = &args.function_domain {
+            eprintln!("functions served on http://{{name}}.{d} and http://{{alias}}--{{name}}.{d}");
+        }
         // Connection info gives HTTP triggers the client's address (`sourceIp`).
         let app = skiff_gateway::router(state.clone())
             .into_make_service_with_connect_info::<std::net::SocketAddr>();

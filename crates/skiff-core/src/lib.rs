@@ -5,6 +5,7 @@
 pub mod invocation;
 pub mod launch;
 pub mod protocol;
+pub mod routes;
 pub mod spec;
 pub mod split;
 pub mod units;
@@ -13,6 +14,7 @@ pub use invocation::{
     ErrorKind, FunctionError, Invocation, InvokeOutput, OnStreamEnd, Outcome, ResponseStream,
     StreamError, StreamSender,
 };
+pub use routes::{Cors, RateLimit, Route, RouteAuth};
 pub use spec::{FunctionSpec, Mode, Network, Runtime, SandboxKind, Scale, SpecError};
 pub use units::{format_size, parse_duration, parse_size};
 

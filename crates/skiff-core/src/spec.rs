@@ -33,7 +33,7 @@ pub struct SpecError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+pub(crate) fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError {
         field: field.into(),
         message: message.into(),
@@ -117,13 +117,16 @@ pub struct FunctionSpec {
     #[serde(serialize_with = "ser_size")]
     pub tmp: u64,
     pub mode: Mode,
+    /// HTTP trigger route policy (`routes:`); `None` = one open default route `/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<crate::routes::Route>>,
 }
 
-fn ser_size<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_size<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_size(*v))
 }
 
-fn ser_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
     let ms = v.as_millis();
     if ms.is_multiple_of(1000) {
         s.serialize_str(&format!("{}s", ms / 1000))
@@ -146,6 +149,7 @@ const TOP_KEYS: &[&str] = &[
     "network",
     "tmp",
     "mode",
+    "routes",
 ];
 
 /// Environment variables Skiff sets itself; a spec may not override them.
@@ -231,6 +235,7 @@ impl FunctionSpec {
             enum_field(map, "network", Network::parse, Network::ALL)?.unwrap_or(Network::Outbound);
         let tmp = size_field(map, "tmp", TMP_DEFAULT, TMP_MIN, TMP_MAX)?;
         let mode = enum_field(map, "mode", Mode::parse, Mode::ALL)?.unwrap_or(Mode::Warm);
+        let routes = crate::routes::parse_routes(map.get("routes"), timeout)?;
         Ok(FunctionSpec {
             name,
             runtime,
@@ -245,6 +250,7 @@ impl FunctionSpec {
             network,
             tmp,
             mode,
+            routes,
         })
     }
 
@@ -273,7 +279,7 @@ pub fn secret_env_name(secret: &str) -> String {
         .collect()
 }
 
-fn opt_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, SpecError> {
+pub(crate) fn opt_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, SpecError> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -285,7 +291,7 @@ fn req_str(map: &Map<String, Value>, key: &str) -> Result<String, SpecError> {
     opt_str(map, key)?.ok_or_else(|| err(key, "is required"))
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -310,7 +316,7 @@ fn enum_field<T>(
     }
 }
 
-fn scalar_text(v: &Value) -> Option<String> {
+pub(crate) fn scalar_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -326,7 +332,17 @@ fn size_field(
     min: u64,
     max: u64,
 ) -> Result<u64, SpecError> {
-    let Some(v) = map.get(key).filter(|v| !v.is_null()) else {
+    size_value(map.get(key), key, default, min, max)
+}
+
+pub(crate) fn size_value(
+    v: Option<&Value>,
+    key: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, SpecError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(default);
     };
     let range = format!("allowed {}..{}", format_size(min), format_size(max));
@@ -350,7 +366,7 @@ fn duration_field(
     duration_value(map.get(key), key, default, min, max)
 }
 
-fn duration_value(
+pub(crate) fn duration_value(
     v: Option<&Value>,
     key: &str,
     default: Duration,
@@ -375,7 +391,7 @@ fn duration_value(
     Ok(d)
 }
 
-fn int_value(
+pub(crate) fn int_value(
     v: Option<&Value>,
     key: &str,
     default: u32,

@@ -1,5 +1,5 @@
 //! HTTP triggers: `ANY /fn/{name}[/{*path}]`. The request becomes an API Gateway HTTP API
-//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run`], and the reply is
+//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run_within`], and the reply is
 //! mapped back by the 2.0 rules ([`reply_response`]), as API Gateway and Lambda function URLs do.
 //!
 //! Public by design, like a function URL with auth `NONE`: these routes sit outside the API-key
@@ -7,14 +7,19 @@
 //! [`QUALIFIER_HEADER`] header (default `production`); a split alias picks by the
 //! `X-Skiff-Sticky` key when sent. Errors use API Gateway's `{"message"}`
 //! shape ([`crate::error::Shape::Gateway`]).
+//!
+//! Function hosts (`{slug}.{domain}`, see [`crate::host`]) enter through [`host_trigger`] with
+//! the whole path. Both run the revision's route policy ([`crate::policy`]) before invoking.
 
 use crate::error::{ApiError, ApiResult};
 use crate::invoke::{read_body, skiff_headers};
+use crate::policy::CompiledRoute;
 use crate::revisions::{resolve_sticky, sticky_key};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
@@ -23,7 +28,7 @@ use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeCo
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use skiff_core::{Invocation, MAX_PAYLOAD_BYTES};
+use skiff_core::Invocation;
 use std::borrow::Cow;
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::net::{IpAddr, SocketAddr};
@@ -62,7 +67,56 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let request_id = crate::exec::request_id();
-    match trigger(&state, req, &request_id).await {
+    let (parts, body) = req.into_parts();
+    let target = split_path(parts.uri.path())
+        .ok_or_else(|| ApiError::not_found("no such route"))
+        .and_then(|(name, _)| {
+            let qualifier = match parts.headers.get(QUALIFIER_HEADER) {
+                None => None,
+                Some(v) => Some(v.to_str().ok().filter(|q| !q.is_empty()).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{QUALIFIER_HEADER} must name an alias or revision"
+                    ))
+                })?),
+            };
+            let rest_len = parts.uri.path().len() - "/fn/".len() - name.len();
+            Ok((name.to_string(), qualifier.map(str::to_string), rest_len))
+        });
+    let result = match target {
+        Ok((name, qualifier, rest_len)) => {
+            trigger(
+                &state,
+                parts,
+                body,
+                &request_id,
+                &name,
+                qualifier.as_deref(),
+                rest_len,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    finish(result, request_id)
+}
+
+/// Serves a request routed by its `Host` (`{slug}.{domain}` or `{alias}--{slug}.{domain}`):
+/// the whole path goes to the function.
+pub(crate) async fn host_trigger(
+    state: &Arc<AppState>,
+    req: Request,
+    slug: &str,
+    alias: Option<&str>,
+) -> Response {
+    let request_id = crate::exec::request_id();
+    let (parts, body) = req.into_parts();
+    let rest_len = parts.uri.path().len();
+    let result = trigger(state, parts, body, &request_id, slug, alias, rest_len).await;
+    finish(result, request_id)
+}
+
+fn finish(result: ApiResult<Response>, request_id: String) -> Response {
+    match result {
         Ok(resp) => resp,
         Err(e) => e
             .gateway()
@@ -71,35 +125,147 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     }
 }
 
-async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiResult<Response> {
-    let (parts, body) = req.into_parts();
-    let (name, raw_path) =
-        split_path(parts.uri.path()).ok_or_else(|| ApiError::not_found("no such route"))?;
-    let qualifier = match parts.headers.get(QUALIFIER_HEADER) {
-        None => None,
-        Some(v) => Some(v.to_str().ok().filter(|q| !q.is_empty()).ok_or_else(|| {
-            ApiError::bad_request(format!("{QUALIFIER_HEADER} must name an alias or revision"))
-        })?),
-    };
+/// Runs an HTTP trigger: `name`/`qualifier` pick the revision, the last `rest_len` bytes of the
+/// URI path are the function's `rawPath`. The revision's route policy applies first.
+async fn trigger(
+    state: &Arc<AppState>,
+    mut parts: Parts,
+    body: Body,
+    request_id: &str,
+    name: &str,
+    qualifier: Option<&str>,
+    rest_len: usize,
+) -> ApiResult<Response> {
     let rev = resolve_sticky(state, name, qualifier, sticky_key(&parts.headers)).await?;
+    let policy = state.policies.get(&rev);
+    let path = parts.uri.path();
+    let raw_path = match &path[path.len() - rest_len..] {
+        "" => "/",
+        p => p,
+    };
+    let normalized = crate::policy::normalize(raw_path).map_err(ApiError::bad_request)?;
+    let route = policy
+        .route(&normalized)
+        .ok_or_else(|| ApiError::not_found("no route matches this path"))?;
+    let origin = match &route.cors {
+        Some(_) => parts.headers.get(header::ORIGIN).cloned(),
+        None => None,
+    };
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+        if parts.method == Method::OPTIONS {
+            if let Some(want) = parts.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD) {
+                let asked = parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+                let headers = cors.preflight(origin, want, asked).map_err(|reason| {
+                    ApiError::new(StatusCode::FORBIDDEN, "cors_forbidden", reason)
+                })?;
+                let mut resp = StatusCode::NO_CONTENT.into_response();
+                resp.headers_mut().extend(headers);
+                return Ok(resp);
+            }
+        }
+    }
+    let rewritten = route.rewrite(&normalized);
+    let raw_path = rewritten.as_deref().unwrap_or(raw_path).to_string();
+    drop(normalized);
+    let call = Call {
+        rev: &rev,
+        qualifier,
+        route,
+        request_id,
+        raw_path: &raw_path,
+    };
+    let result = guarded(state, call, &mut parts, body).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => e
+            .gateway()
+            .header("x-skiff-request-id", request_id.to_string())
+            .into_response(),
+    };
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+        cors.apply(origin, resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// What a routed request runs: the revision, its matched route and the function's `rawPath`.
+struct Call<'a> {
+    rev: &'a Arc<skiff_scheduler::Revision>,
+    qualifier: Option<&'a str>,
+    route: &'a CompiledRoute,
+    request_id: &'a str,
+    raw_path: &'a str,
+}
+
+/// The checks after routing (method, auth, rate limit, body limit), then the invocation under
+/// the route's timeout.
+async fn guarded(
+    state: &Arc<AppState>,
+    call: Call<'_>,
+    parts: &mut Parts,
+    body: Body,
+) -> ApiResult<Response> {
+    let Call {
+        rev,
+        qualifier,
+        route,
+        request_id,
+        raw_path,
+    } = call;
+    if !route.allows(&parts.method) {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed here", parts.method),
+        )
+        .header_value(header::ALLOW, route.allow_header().clone()));
+    }
+    if let Some(check) = &route.auth {
+        check.verify(&parts.headers, &rev.function).map_err(|d| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d.message)
+                .header("www-authenticate", d.challenge)
+        })?;
+    }
+    if let Some(bucket) = &route.limiter {
+        bucket.try_take().map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "the route's rate limit is exceeded",
+            )
+            .header(
+                "retry-after",
+                crate::policy::ratelimit::retry_after_secs(wait).to_string(),
+            )
+        })?;
+    }
     if rev.spec.runtime == skiff_core::Runtime::Http {
-        return crate::proxy::forward(state, &rev, raw_path.to_owned(), parts, body, request_id)
+        // HTTP-server functions get the request itself, streamed (the proxy sets the
+        // X-Forwarded-* headers and applies the function's timeout).
+        let owned = std::mem::replace(parts, axum::http::Request::new(()).into_parts().0);
+        return crate::proxy::forward(state, rev, raw_path.to_owned(), owned, body, request_id)
             .await;
     }
-    let body = read_body(&parts.headers, body, MAX_PAYLOAD_BYTES).await?;
+    let body = read_body(&parts.headers, body, route.max_body).await?;
+    let source_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    reset_forwarded(
+        &mut parts.headers,
+        source_ip,
+        parts.uri.authority().map(|a| a.as_str()),
+    );
     let payload = event_json(
         &RequestInfo {
-            function: name,
+            function: &rev.function,
             method: parts.method.as_str(),
             raw_path,
             raw_query: parts.uri.query().unwrap_or(""),
             version: parts.version,
             headers: &parts.headers,
             authority: parts.uri.authority().map(|a| a.as_str()),
-            source_ip: parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip()),
+            source_ip,
             request_id,
             time_ms: skiff_core::units::now_ms(),
         },
@@ -108,14 +274,19 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
     drop(body);
     let inv = Invocation {
         request_id: request_id.to_string(),
-        function: name.to_string(),
+        function: rev.function.clone(),
         qualifier: qualifier.map(str::to_string),
         payload,
         client_context: None,
         trace_id: None,
     };
     // Replies are mapped whole (a streamed one is collected first).
-    let out = crate::exec::run(state, &rev, inv).await?.collect().await;
+    let timeout = route.timeout.unwrap_or(rev.spec.timeout);
+    let out = crate::exec::run_within(state, rev, inv, true, timeout)
+        .await?
+        .collect()
+        .await;
+    let name = rev.function.as_str();
     let mut resp = match out.function_error {
         Some(fe) => ApiError::function_error(fe.error_type, fe.message)
             .gateway()
@@ -140,8 +311,34 @@ async fn trigger(state: &Arc<AppState>, req: Request, request_id: &str) -> ApiRe
     Ok(resp)
 }
 
+/// Client-sent `X-Forwarded-*` and `Forwarded` headers are not trusted: they are removed and
+/// set by the gateway (`X-Forwarded-For` = the peer's address, `-Proto`, `-Host`).
+fn reset_forwarded(h: &mut HeaderMap, peer: Option<IpAddr>, authority: Option<&str>) {
+    let is_forwarded =
+        |n: &HeaderName| n.as_str().starts_with("x-forwarded-") || *n == header::FORWARDED;
+    if h.keys().any(is_forwarded) {
+        let names: Vec<HeaderName> = h.keys().filter(|n| is_forwarded(n)).cloned().collect();
+        for n in names {
+            h.remove(n);
+        }
+    }
+    if let Some(ip) = peer {
+        if let Ok(v) = HeaderValue::from_str(&ip.to_canonical().to_string()) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let host = h
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    if let Some(host) = host {
+        h.insert("x-forwarded-host", host);
+    }
+}
+
 /// Splits `/fn/{name}/rest` into the function name and the raw path after it (`/` if none).
-fn split_path(path: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/fn/")?;
     Some(match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),

@@ -1,7 +1,7 @@
 //! The one place where errors become HTTP responses: `{"error":{"code","message",…}}` for the
 //! API, `{"message"}` (API Gateway's shape) for public HTTP triggers.
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use skiff_core::{ErrorKind, Outcome, SpecError};
@@ -30,7 +30,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub extra: Map<String, Value>,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     pub shape: Shape,
 }
 
@@ -113,8 +113,15 @@ impl ApiError {
         self.extra.insert(key.to_string(), value.into());
         self
     }
-    /// Adds a response header.
+    /// Adds a response header (dropped if `value` is not a valid header value).
     pub fn header(mut self, name: &'static str, value: String) -> ApiError {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            self.headers.push((HeaderName::from_static(name), v));
+        }
+        self
+    }
+    /// Adds a prepared response header.
+    pub fn header_value(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
         self.headers.push((name, value));
         self
     }
@@ -159,9 +166,7 @@ impl IntoResponse for ApiError {
             }
         };
         for (k, v) in self.headers {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                resp.headers_mut().insert(k, v);
-            }
+            resp.headers_mut().insert(k, v);
         }
         resp
     }

@@ -43,6 +43,17 @@ pub async fn run_with(
     inv: Invocation,
     wait_for_capacity: bool,
 ) -> Result<InvokeOutput, Outcome> {
+    run_within(state, rev, inv, wait_for_capacity, rev.spec.timeout).await
+}
+
+/// [`run_with`] under a `timeout` no longer than the function's (a route's upstream timeout).
+pub async fn run_within(
+    state: &AppState,
+    rev: &Arc<Revision>,
+    inv: Invocation,
+    wait_for_capacity: bool,
+    timeout: Duration,
+) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
     let mut result = if rev.spec.runtime == skiff_core::Runtime::Http {
@@ -50,7 +61,7 @@ pub async fn run_with(
     } else {
         state
             .scheduler
-            .invoke_with(rev, inv, wait_for_capacity)
+            .invoke_within(rev, inv, wait_for_capacity, timeout)
             .await
     };
     let (status, error, cold, duration, logs) = match &result {

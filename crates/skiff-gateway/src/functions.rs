@@ -130,6 +130,7 @@ pub async fn delete(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))?;
     state.revisions.invalidate(&name);
+    state.policies.forget(&name);
     // Instances have the code mounted: stop them before removing it.
     state.scheduler.remove_function(&name).await;
     let st = state.clone();
@@ -575,6 +576,72 @@ pub async fn delete_secret(
     } else {
         Err(ApiError::not_found("secret not found"))
     }
+}
+
+#[derive(Deserialize)]
+pub struct RoutesQuery {
+    qualifier: Option<String>,
+    promote: Option<bool>,
+}
+
+/// `GET /v1/functions/{name}/routes[?qualifier=]`: the route policy of a revision
+/// (default `production`); `routes: null` means the open default route `/`.
+pub async fn get_routes(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<RoutesQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let st = state.clone();
+    let rec = blocking(move || Ok(st.store.resolve(&name, q.qualifier.as_deref())?)).await?;
+    Ok(Json(json!({
+        "function": rec.function,
+        "revision": rec.number,
+        "routes": rec.spec.routes,
+    })))
+}
+
+/// `PUT /v1/functions/{name}/routes[?promote=false]` with `{"routes": [...]}` (or `null` for
+/// the open default): creates a new revision with the `production` revision's package and
+/// spec and these routes, and points `production` at it unless `promote=false`. Revisions stay
+/// immutable.
+pub async fn put_routes(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<RoutesQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    let value: Value = read_json(&headers, body, 1 << 20).await?;
+    let obj = value.as_object().ok_or_else(|| {
+        ApiError::bad_request("routes: body must be {\"routes\": [...]}").with("field", "routes")
+    })?;
+    if let Some(k) = obj.keys().find(|k| *k != "routes") {
+        return Err(
+            ApiError::bad_request(format!("{k}: unknown field (allowed: routes)"))
+                .with("field", k.clone()),
+        );
+    }
+    let routes = obj.get("routes").cloned().ok_or_else(|| {
+        ApiError::bad_request("routes: is required (null for the open default route)")
+            .with("field", "routes")
+    })?;
+    let st = state.clone();
+    let promote = q.promote.unwrap_or(true);
+    let n = name.clone();
+    let rev = blocking(move || {
+        let base = st.store.resolve(&n, None)?;
+        let mut spec = base.spec.to_value();
+        if let Some(map) = spec.as_object_mut() {
+            map.insert("routes".into(), routes);
+        }
+        let spec = FunctionSpec::from_value(&spec)?;
+        Ok(st
+            .store
+            .create_revision(&spec, &base.package_sha256, base.package_size, promote)?)
+    })
+    .await?;
+    state.revisions.invalidate(&name);
+    Ok((StatusCode::CREATED, Json(json!(rev))))
 }
 
 #[cfg(test)]

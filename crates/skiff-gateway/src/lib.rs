@@ -17,8 +17,10 @@ pub mod error;
 pub mod events;
 pub mod exec;
 mod functions;
+pub mod host;
 mod invoke;
 mod lambda;
+pub mod policy;
 mod proxy;
 mod revisions;
 pub mod seed;
@@ -41,10 +43,30 @@ pub struct AppState {
     pub events: events::EventQueue,
     /// The seed-compatible ad-hoc invoke API (see [`seed`]).
     pub seed: seed::SeedState,
+    /// Compiled route policies per revision (see [`policy`]).
+    pub policies: policy::PolicyCache,
+    /// Domain whose subdomains are function hosts (see [`host`]); `None` = host routing off.
+    pub function_domain: Option<String>,
+}
+
+/// Gateway settings from `skiff serve`.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// `--function-domain`, normalized with [`host::parse_domain`].
+    pub function_domain: Option<String>,
 }
 
 impl AppState {
     pub fn new(store: Store, scheduler: Arc<Scheduler>, auth: Auth) -> Arc<AppState> {
+        AppState::with_options(store, scheduler, auth, Options::default())
+    }
+
+    pub fn with_options(
+        store: Store,
+        scheduler: Arc<Scheduler>,
+        auth: Auth,
+        options: Options,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             store,
             scheduler,
@@ -52,6 +74,8 @@ impl AppState {
             revisions: RevisionCache::default(),
             events: events::EventQueue::default(),
             seed: seed::SeedState::default(),
+            policies: policy::PolicyCache::default(),
+            function_domain: options.function_domain,
         })
     }
 }
@@ -92,6 +116,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(functions::put_alias)
                 .get(functions::get_alias)
                 .delete(functions::delete_alias),
+        )
+        .route(
+            "/v1/functions/{name}/routes",
+            get(functions::get_routes).put(functions::put_routes),
         )
         .route("/v1/functions/{name}/invoke", post(invoke::invoke))
         .route("/v1/functions/{name}/logs", get(functions::logs))
@@ -160,7 +188,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key_seed,
         ));
-    Router::new()
+    let host_routing = state.function_domain.is_some();
+    let app = Router::new()
         .route("/health", get(functions::health))
         .merge(seed_api)
         .merge(apigw::routes())
@@ -177,6 +206,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             } else {
                 ApiError::not_found("no such route").into_response()
             }
-        })
+        });
+    if host_routing {
+        // A layer on the whole router sees every request, before routing.
+        app.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            host::route_by_host,
+        ))
         .with_state(state)
+    } else {
+        app.with_state(state)
+    }
 }

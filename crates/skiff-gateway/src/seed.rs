@@ -256,6 +256,7 @@ fn spec_for(call: &AdHoc) -> FunctionSpec {
         network: Network::None,
         tmp: TMP_BYTES,
         mode: Mode::Ephemeral,
+        routes: None,
     }
 }
 

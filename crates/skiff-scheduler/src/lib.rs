@@ -581,8 +581,21 @@ impl Scheduler {
         inv: Invocation,
         wait_for_capacity: bool,
     ) -> Result<InvokeOutput, Outcome> {
+        self.invoke_within(rev, inv, wait_for_capacity, rev.spec.timeout)
+            .await
+    }
+
+    /// [`Scheduler::invoke_with`] under a `timeout` shorter than the function's (an HTTP
+    /// route's upstream timeout); longer values are capped at the function's.
+    pub async fn invoke_within(
+        &self,
+        rev: &Arc<Revision>,
+        inv: Invocation,
+        wait_for_capacity: bool,
+        timeout: Duration,
+    ) -> Result<InvokeOutput, Outcome> {
         let t0 = Instant::now();
-        let timeout = rev.spec.timeout;
+        let timeout = timeout.min(rev.spec.timeout);
         let pool = self.pool(rev);
         // Waiting for capacity is bounded by the function's timeout.
         let wait = if wait_for_capacity {
