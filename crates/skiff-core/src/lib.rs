@@ -5,6 +5,7 @@
 pub mod invocation;
 pub mod launch;
 pub mod protocol;
+pub mod publish;
 pub mod routes;
 pub mod spec;
 pub mod split;

@@ -48,6 +48,28 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
+    /// 409 `not_publishable`: revision `n` has publish blockers (listed with their codes).
+    pub fn not_publishable(n: u32, blockers: &[skiff_core::publish::Blocker]) -> ApiError {
+        let codes: Vec<&str> = blockers.iter().map(|b| b.code).collect();
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_publishable",
+            format!(
+                "revision {n} is not publishable: {} ({})",
+                codes.join(", "),
+                blockers
+                    .iter()
+                    .map(|b| b.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        )
+        .with("revision", n)
+        .with(
+            "blockers",
+            serde_json::to_value(blockers).unwrap_or_default(),
+        )
+    }
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -293,7 +315,7 @@ impl From<ApiError> for LambdaError {
             "throttled" => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
             "unauthorized" => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
             "missing_secret" => (StatusCode::BAD_GATEWAY, "ResourceNotReadyException"),
-            "conflict" => (StatusCode::CONFLICT, "ResourceConflictException"),
+            "conflict" | "not_publishable" => (StatusCode::CONFLICT, "ResourceConflictException"),
             // Lambda has no "disabled"; a function that cannot run in its current state is
             // `ResourceConflictException` (409), which SDKs raise without retrying.
             "function_disabled" => (StatusCode::CONFLICT, "ResourceConflictException"),

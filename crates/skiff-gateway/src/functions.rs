@@ -10,37 +10,31 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use skiff_core::{FunctionSpec, Runtime, SandboxKind};
+use skiff_core::FunctionSpec;
 use skiff_store::{AliasTarget, Store};
 use std::sync::Arc;
 
 /// Runtimes and tiers this server can run today.
-fn check_supported(spec: &FunctionSpec) -> ApiResult<()> {
-    if matches!(spec.runtime, Runtime::Wasm | Runtime::Js) {
-        return Err(ApiError::bad_request(format!(
-            "runtime: `{}` is not supported by this server yet (supported: python3, node, provided, command, http)",
-            spec.runtime
-        ))
-        .with("field", "runtime"));
-    }
-    if spec.sandbox != SandboxKind::Native {
-        return Err(ApiError::bad_request(format!(
-            "sandbox: `{}` is not available on this server yet (available: native)",
-            spec.sandbox
-        ))
-        .with("field", "sandbox"));
-    }
-    if !matches!(
-        spec.mode,
-        skiff_core::Mode::Warm | skiff_core::Mode::Ephemeral
-    ) {
-        return Err(ApiError::bad_request(format!(
-            "mode: `{}` is not supported by this server yet (supported: warm, ephemeral)",
-            spec.mode
-        ))
-        .with("field", "mode"));
+/// Refuses to point an alias at revisions that have publish blockers (409 listing them).
+fn check_publishable(store: &Store, name: &str, revisions: &[u32]) -> ApiResult<()> {
+    for &n in revisions {
+        if let Some(rec) = store.get_revision(name, n)? {
+            let blockers = skiff_core::publish::blockers(&rec.spec);
+            if !blockers.is_empty() {
+                return Err(ApiError::not_publishable(n, &blockers));
+            }
+        }
     }
     Ok(())
+}
+
+/// A revision resource: the stored record plus its publish blockers.
+fn revision_json(rev: &skiff_store::RevisionRecord) -> Value {
+    let mut v = json!(rev);
+    let blockers = skiff_core::publish::blockers(&rev.spec);
+    v["publishable"] = json!(blockers.is_empty());
+    v["blockers"] = json!(blockers);
+    v
 }
 
 fn check_name(name: &str) -> ApiResult<()> {
@@ -83,7 +77,6 @@ pub async fn create(
 ) -> ApiResult<impl IntoResponse> {
     let value: Value = read_json(&headers, body, 1 << 20).await?;
     let spec = FunctionSpec::from_value(&value)?;
-    check_supported(&spec)?;
     let st = state.clone();
     let rec = blocking(move || Ok(st.store.create_function(&spec)?)).await?;
     Ok((StatusCode::CREATED, Json(json!(rec))))
@@ -202,7 +195,15 @@ pub async fn upload_revision(
             ))
             .with("field", "name"));
         }
-        check_supported(&spec)?;
+        // A revision with blockers may be stored to wait, never promoted.
+        let blockers = skiff_core::publish::blockers(&spec);
+        if promote && !blockers.is_empty() {
+            let next = st
+                .store
+                .get_function(&n)?
+                .map_or(1, |f| f.latest_revision + 1);
+            return Err(ApiError::not_publishable(next, &blockers));
+        }
         let sha = st.store.put_package(&package)?;
         st.store.unpack(&sha)?;
         Ok(st
@@ -211,7 +212,7 @@ pub async fn upload_revision(
     })
     .await?;
     state.revisions.invalidate(&name);
-    Ok((StatusCode::CREATED, Json(json!(rev))))
+    Ok((StatusCode::CREATED, Json(revision_json(&rev))))
 }
 
 pub async fn list_revisions(
@@ -224,7 +225,9 @@ pub async fn list_revisions(
         Ok(st.store.list_revisions(&name)?)
     })
     .await?;
-    Ok(Json(json!({ "revisions": revs })))
+    Ok(Json(
+        json!({ "revisions": revs.iter().map(revision_json).collect::<Vec<_>>() }),
+    ))
 }
 
 pub async fn get_revision(
@@ -242,7 +245,7 @@ pub async fn get_revision(
             .ok_or_else(|| ApiError::not_found(format!("revision {number} of `{name}` not found")))
     })
     .await?;
-    Ok(Json(json!(rev)))
+    Ok(Json(revision_json(&rev)))
 }
 
 pub async fn list_aliases(
@@ -363,6 +366,11 @@ pub async fn put_alias(
     let n = name.clone();
     let a = blocking(move || {
         require_function(&st.store, &n)?;
+        let revisions: Vec<u32> = match &target {
+            AliasTarget::Revision(r) => vec![*r],
+            AliasTarget::Split(routes) => routes.iter().map(|r| r.revision).collect(),
+        };
+        check_publishable(&st.store, &n, &revisions)?;
         Ok(st.store.set_alias_target(&n, &alias, &target)?)
     })
     .await?;
@@ -412,7 +420,13 @@ pub async fn rollback(
     };
     let st = state.clone();
     let n = name.clone();
-    let a = blocking(move || Ok(st.store.rollback_alias(&n, &alias, to)?)).await?;
+    let a = blocking(move || {
+        if let Some(to) = to {
+            check_publishable(&st.store, &n, &[to])?;
+        }
+        Ok(st.store.rollback_alias(&n, &alias, to)?)
+    })
+    .await?;
     state.revisions.invalidate(&name);
     Ok(Json(json!(a)))
 }
@@ -635,13 +649,21 @@ pub async fn put_routes(
             map.insert("routes".into(), routes);
         }
         let spec = FunctionSpec::from_value(&spec)?;
+        let blockers = skiff_core::publish::blockers(&spec);
+        if promote && !blockers.is_empty() {
+            let next = st
+                .store
+                .get_function(&n)?
+                .map_or(1, |f| f.latest_revision + 1);
+            return Err(ApiError::not_publishable(next, &blockers));
+        }
         Ok(st
             .store
             .create_revision(&spec, &base.package_sha256, base.package_size, promote)?)
     })
     .await?;
     state.revisions.invalidate(&name);
-    Ok((StatusCode::CREATED, Json(json!(rev))))
+    Ok((StatusCode::CREATED, Json(revision_json(&rev))))
 }
 
 #[cfg(test)]

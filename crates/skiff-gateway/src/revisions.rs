@@ -189,6 +189,12 @@ async fn load(
 
 /// Unpacks a revision's code and resolves its secrets into a launchable [`Revision`].
 fn prepare(st: &AppState, rec: skiff_store::RevisionRecord) -> Result<Arc<Revision>, ApiError> {
+    // A revision that cannot run here (publish blockers other than `not_public`) is refused
+    // before anything is unpacked or started.
+    let blockers = skiff_core::publish::blockers(&rec.spec);
+    if blockers.iter().any(|b| !b.allows_invoke()) {
+        return Err(ApiError::not_publishable(rec.number, &blockers));
+    }
     let code_dir = st.store.unpack(&rec.package_sha256)?;
     let mut secrets = Vec::with_capacity(rec.spec.secrets.len());
     for name in &rec.spec.secrets {

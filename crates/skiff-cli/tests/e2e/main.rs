@@ -8,6 +8,7 @@ mod http_runtime;
 mod http_trigger;
 mod lambda_api;
 mod lambda_runtime;
+mod publish;
 mod routing;
 mod runtime_ops;
 mod seed_api;

@@ -1,0 +1,110 @@
+//! Publish blockers: why a revision cannot be promoted to serve traffic. A revision with
+//! blockers can be stored (`promote=false`) and inspected, but no alias may point at it and it
+//! is never started. Codes follow Sandbox0's service model, mapped onto `function.yaml`.
+
+use crate::spec::{FunctionSpec, Mode, Runtime, SandboxKind};
+use serde::Serialize;
+
+/// One reason a revision is not publishable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Blocker {
+    /// Stable code: `not_public`, `missing_runtime`, `manual_runtime`, `missing_command`
+    /// (`missing_warm_process_name` does not arise: the handler is the process).
+    pub code: &'static str,
+    /// What to change, naming the `function.yaml` field.
+    pub message: String,
+}
+
+impl Blocker {
+    /// Whether the revision could still run for direct (non-HTTP) invocations.
+    pub fn allows_invoke(&self) -> bool {
+        self.code == "not_public"
+    }
+}
+
+/// The blockers of a revision with this spec on this server (empty = publishable).
+pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
+    let mut out = Vec::new();
+    if spec.routes.as_ref().is_some_and(Vec::is_empty) {
+        out.push(Blocker {
+            code: "not_public",
+            message: "routes: is empty, so no request path reaches the function (omit `routes` \
+                      for the open default route `/`)"
+                .into(),
+        });
+    }
+    if matches!(spec.runtime, Runtime::Wasm | Runtime::Js) {
+        out.push(Blocker {
+            code: "missing_runtime",
+            message: format!(
+                "runtime: `{}` is not available on this server (available: python3, node, \
+                 provided, command, http)",
+                spec.runtime
+            ),
+        });
+    }
+    if spec.sandbox != SandboxKind::Native {
+        out.push(Blocker {
+            code: "missing_runtime",
+            message: format!(
+                "sandbox: `{}` is not available on this server (available: native)",
+                spec.sandbox
+            ),
+        });
+    }
+    if !matches!(spec.mode, Mode::Warm | Mode::Ephemeral) {
+        out.push(Blocker {
+            code: "manual_runtime",
+            message: format!(
+                "mode: `{}` instances cannot be started on demand by this server yet \
+                 (available: warm, ephemeral)",
+                spec.mode
+            ),
+        });
+    }
+    if spec.handler.trim().is_empty() {
+        out.push(Blocker {
+            code: "missing_command",
+            message: format!(
+                "handler: runtime `{}` needs the command that starts the function",
+                spec.runtime
+            ),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codes(yaml: &str) -> Vec<&'static str> {
+        blockers(&FunctionSpec::from_yaml(yaml).unwrap())
+            .into_iter()
+            .map(|b| b.code)
+            .collect()
+    }
+
+    #[test]
+    fn blockers_by_spec() {
+        assert!(codes("name: a\nruntime: python3\n").is_empty());
+        assert!(codes("name: a\nruntime: http\nhandler: ./server\n").is_empty());
+        assert_eq!(codes("name: a\nruntime: http\n"), ["missing_command"]);
+        assert_eq!(
+            codes("name: a\nruntime: python3\nroutes: []\n"),
+            ["not_public"]
+        );
+        assert_eq!(
+            codes("name: a\nruntime: wasm\nhandler: app.wasm\n"),
+            ["missing_runtime"]
+        );
+        assert_eq!(
+            codes("name: a\nruntime: python3\nmode: persistent\n"),
+            ["manual_runtime"]
+        );
+        let b =
+            blockers(&FunctionSpec::from_yaml("name: a\nruntime: python3\nroutes: []\n").unwrap());
+        assert!(b[0].allows_invoke());
+        assert!(b[0].message.starts_with("routes:"));
+    }
+}
