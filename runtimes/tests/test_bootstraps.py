@@ -710,7 +710,7 @@ def node_bad_event_json():
 # Examples and fixtures
 
 TOP_KEYS = {"name", "runtime", "handler", "sandbox", "memory", "timeout", "concurrency", "scale", "env",
-            "secrets", "network", "tmp", "mode"}
+            "secrets", "network", "tmp", "mode", "routes"}
 
 
 def read_spec(directory):
@@ -784,7 +784,7 @@ def specs_are_well_formed():
         assert not unknown, "%s: unknown keys %s" % (d, unknown)
         eq(spec["name"], os.path.basename(d), "name matches directory")
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", spec["name"]), spec["name"]
-        assert spec["runtime"] in ("python3", "node", "provided", "command"), spec
+        assert spec["runtime"] in ("python3", "node", "provided", "command", "http"), spec
         assert spec["name"] not in names, "duplicate name " + spec["name"]
         names.add(spec["name"])
         if spec["runtime"] in ("python3", "node"):
