@@ -43,8 +43,9 @@ const B64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// Connection-level headers that are never passed between client and function.
-const HOP_BY_HOP: [&str; 9] = [
+/// Connection-level headers that are never passed between client and function (plus those
+/// named by `Connection`).
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",

@@ -16,6 +16,7 @@
 //! connection stops the instance. A cold instance's server must accept connections within
 //! [`START_TIMEOUT`] (or the function's timeout, if shorter), else 502 with its output.
 
+use crate::apigw::HOP_BY_HOP;
 use crate::error::{ApiError, ApiResult};
 use crate::exec::status_name;
 use crate::AppState;
@@ -44,19 +45,6 @@ use std::time::{Duration, Instant};
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Connection-level headers never passed through (plus those named by `Connection`).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Idle keep-alive connections per instance id.
 static IDLE: LazyLock<Mutex<HashMap<String, Vec<SendRequest<Body>>>>> =

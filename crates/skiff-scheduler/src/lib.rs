@@ -562,6 +562,29 @@ impl Scheduler {
             .clone()
     }
 
+    /// A slot on an instance of `pool`: waits for capacity up to `timeout` (not at all
+    /// without `wait_for_capacity`), counting cold starts and throttles.
+    async fn acquire(
+        &self,
+        pool: &Arc<Pool>,
+        wait_for_capacity: bool,
+        timeout: Duration,
+    ) -> Result<Lease, Outcome> {
+        let wait = if wait_for_capacity {
+            timeout
+        } else {
+            Duration::ZERO
+        };
+        let lease = pool
+            .acquire(self, Instant::now() + wait)
+            .await
+            .inspect_err(|o| self.metrics.count_outcome(o))?;
+        if lease.cold {
+            self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(lease)
+    }
+
     /// Runs one invocation of `rev`. `Err` is a platform outcome (timeout, OOM, crash,
     /// throttled); a function's own error is `Ok` with `function_error` set.
     pub async fn invoke(
@@ -594,22 +617,9 @@ impl Scheduler {
         wait_for_capacity: bool,
         timeout: Duration,
     ) -> Result<InvokeOutput, Outcome> {
-        let t0 = Instant::now();
         let timeout = timeout.min(rev.spec.timeout);
         let pool = self.pool(rev);
-        // Waiting for capacity is bounded by the function's timeout.
-        let wait = if wait_for_capacity {
-            timeout
-        } else {
-            Duration::ZERO
-        };
-        let lease = pool
-            .acquire(self, t0 + wait)
-            .await
-            .inspect_err(|o| self.metrics.count_outcome(o))?;
-        if lease.cold {
-            self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
-        }
+        let lease = self.acquire(&pool, wait_for_capacity, timeout).await?;
         let started = Instant::now();
         let deadline = started + timeout;
         let deadline_ms = SystemTime::now()
@@ -713,20 +723,10 @@ impl Scheduler {
         rev: &Arc<Revision>,
         wait_for_capacity: bool,
     ) -> Result<InstanceLease, Outcome> {
-        let t0 = Instant::now();
         let pool = self.pool(rev);
-        let wait = if wait_for_capacity {
-            rev.spec.timeout
-        } else {
-            Duration::ZERO
-        };
-        let lease = pool
-            .acquire(self, t0 + wait)
-            .await
-            .inspect_err(|o| self.metrics.count_outcome(o))?;
-        if lease.cold {
-            self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
-        }
+        let lease = self
+            .acquire(&pool, wait_for_capacity, rev.spec.timeout)
+            .await?;
         Ok(InstanceLease {
             pool,
             inst: lease.inst,

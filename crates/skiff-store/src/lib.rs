@@ -689,17 +689,7 @@ impl Store {
             if pending.contains_key(&sha) {
                 continue;
             }
-            let size = artifacts::du(&path);
-            let removed = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            match removed {
-                Ok(()) => freed += size,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_at(&path)(e)),
-            }
+            freed += remove_path(&path)?;
         }
         Ok(freed)
     }
@@ -726,17 +716,7 @@ impl Store {
                 continue;
             }
             for path in [self.package_path(sha), self.code_path(sha)] {
-                let size = artifacts::du(&path);
-                let removed = if path.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
-                match removed {
-                    Ok(()) => freed += size,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_at(&path)(e)),
-                }
+                freed += remove_path(&path)?;
             }
         }
         Ok(freed)
@@ -988,3 +968,18 @@ fn cleanup_temporaries(data_dir: &Path) {
 
 #[cfg(test)]
 mod tests;
+
+/// Removes a file or directory tree; returns the bytes freed (0 if it was already gone).
+fn remove_path(path: &std::path::Path) -> Result<u64, StoreError> {
+    let size = artifacts::du(path);
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => Ok(size),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_at(path)(e)),
+    }
+}
