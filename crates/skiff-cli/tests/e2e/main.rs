@@ -302,31 +302,41 @@ impl NetnsHost {
         let name = format!("skiff-e2e-{}-{tag}", std::process::id());
         let veth = format!("ske{}{tag}", std::process::id() % 10000);
         let sh = |c: &str| {
-            let st = std::process::Command::new("sh")
+            std::process::Command::new("sh")
                 .arg("-c")
                 .arg(c)
                 .status()
-                .unwrap();
-            assert!(st.success(), "{c}");
+                .unwrap()
+                .success()
         };
-        // Leftovers of an earlier run that died with the same pid would make `add` fail.
-        let _ = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
+        // The veth is created with its peer already in the namespace, and the whole set-up is
+        // retried from scratch: a failed step (seen once in CI: the host side vanished between
+        // two `ip` calls) must not fail the test that needs the host.
+        let setup = [
+            format!("ip netns add {name}"),
+            format!("ip link add {veth}a type veth peer name {veth}b netns {name}"),
+            format!("ip addr add 10.214.{tag}.1/30 dev {veth}a && ip link set {veth}a up"),
+            // `ip -n` only switches the network namespace (`ip netns exec` also remounts /sys).
+            format!(
+                "ip -n {name} addr add 10.214.{tag}.2/30 dev {veth}b && ip -n {name} link set {veth}b up && ip -n {name} link set lo up"
+            ),
+        ];
+        let mut attempt = 0;
+        loop {
+            // Leftovers of an earlier attempt (or a run that died with the same pid).
+            sh(&format!(
                 "ip link del {veth}a 2>/dev/null; ip netns del {name} 2>/dev/null"
-            ))
-            .status();
-        sh(&format!("ip netns add {name}"));
-        sh(&format!("ip link add {veth}a type veth peer name {veth}b"));
-        sh(&format!("ip link set {veth}b netns {name}"));
-        sh(&format!(
-            "ip addr add 10.214.{tag}.1/30 dev {veth}a && ip link set {veth}a up"
-        ));
-        // `ip -n` and `nsenter --net` only switch the network namespace (`ip netns exec` also
-        // remounts /sys, which can fail while other namespaces come and go).
-        sh(&format!(
-            "ip -n {name} addr add 10.214.{tag}.2/30 dev {veth}b && ip -n {name} link set {veth}b up && ip -n {name} link set lo up"
-        ));
+            ));
+            match setup.iter().find(|c| !sh(c)) {
+                None => break,
+                Some(failed) => {
+                    attempt += 1;
+                    sh("ip -br link >&2");
+                    assert!(attempt < 3, "test host set-up failed 3 times at: {failed}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
         let child = std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{name}"))
             .args(["python3", "-c"])
