@@ -67,6 +67,37 @@ impl JsSandbox {
     }
 }
 
+/// Module resolver and loader that refuse everything: a function is one self-contained
+/// module, and neither `import` statements nor dynamic `import()` can load code.
+struct NoImports;
+
+impl rquickjs::loader::Resolver for NoImports {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        base: &str,
+        name: &str,
+        _attributes: Option<rquickjs::loader::ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
+        Err(rquickjs::Error::new_resolving_message(
+            base,
+            name,
+            "imports are not available in the js tier (bundle the function into one module)",
+        ))
+    }
+}
+
+impl rquickjs::loader::Loader for NoImports {
+    fn load<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<rquickjs::loader::ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, rquickjs::module::Declared>> {
+        Err(rquickjs::Error::new_loading(name))
+    }
+}
+
 /// State shared between an instance handle and its thread.
 struct Shared {
     stop: AtomicBool,
@@ -217,10 +248,7 @@ impl Instance for JsInstance {
 fn module_path(code_dir: &Path, handler: &str) -> Result<PathBuf, CompileError> {
     let h = handler.trim().trim_start_matches("./");
     let rel = Path::new(h);
-    let ok_ext = matches!(
-        rel.extension().and_then(|e| e.to_str()),
-        Some("js" | "mjs")
-    );
+    let ok_ext = matches!(rel.extension().and_then(|e| e.to_str()), Some("js" | "mjs"));
     if h.is_empty()
         || !ok_ext
         || rel.is_absolute()
@@ -236,6 +264,7 @@ fn module_path(code_dir: &Path, handler: &str) -> Result<PathBuf, CompileError> 
 /// Compiles an ES module to QuickJS bytecode (in a throwaway runtime that has `eval`).
 pub fn compile(name: &str, source: &str) -> Result<Vec<u8>, CompileError> {
     let rt = Runtime::new().map_err(|e| CompileError::Syntax(e.to_string()))?;
+    rt.set_loader(NoImports, NoImports);
     let ctx = Context::full(&rt).map_err(|e| CompileError::Syntax(e.to_string()))?;
     ctx.with(|ctx| {
         let declared = Module::declare(ctx.clone(), name, source)
@@ -320,6 +349,7 @@ fn run_isolate(
             return;
         }
     };
+    rt.set_loader(NoImports, NoImports);
     rt.set_memory_limit(limit as usize);
     rt.set_max_stack_size(JS_STACK);
     let shared = setup.shared.clone();
@@ -626,8 +656,7 @@ impl<'js> Isolate<'js> {
                 let doc: Option<String> = self.describe.call((v,)).ok();
                 let _ = ctx.catch();
                 let doc = doc.unwrap_or_else(|| {
-                    r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#
-                        .into()
+                    r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#.into()
                 });
                 let error_type = serde_json::from_str::<serde_json::Value>(&doc)
                     .ok()

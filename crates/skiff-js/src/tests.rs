@@ -78,10 +78,7 @@ async fn echoes_event_logs_and_reads_env() {
     assert_eq!(v["uuid"], 36);
     assert_eq!(v["n"], 1);
     let logs = String::from_utf8(r.logs).unwrap();
-    assert_eq!(
-        logs,
-        "[Function] got ada {\"a\":1}\n[Function] ERROR bad\n"
-    );
+    assert_eq!(logs, "[Function] got ada {\"a\":1}\n[Function] ERROR bad\n");
     // Warm: same isolate, module state kept, logs per invocation.
     let r = call(&f, r#"{"name":"bob"}"#).await.unwrap();
     assert_eq!(json(&r)["n"], 2);
@@ -144,6 +141,8 @@ async fn eval_function_import_require_are_unavailable() {
           }
           try { await import("./other.js"); out.import = "allowed"; }
           catch (e) { out.import = e.name + ": " + e.message; }
+          try { await import("./index.js"); out.selfImport = "allowed"; }
+          catch (e) { out.selfImport = e.name + ": " + e.message; }
           return out;
         };"#,
     )
@@ -158,6 +157,7 @@ async fn eval_function_import_require_are_unavailable() {
         "require",
         "process",
         "import",
+        "selfImport",
     ] {
         let s = v[k].as_str().unwrap();
         assert_ne!(s, "allowed", "{k} must throw: {v}");
@@ -204,6 +204,11 @@ async fn bad_modules_fail_to_start_with_the_reason() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("SyntaxError"), "{e}");
+    let e = start_with("import x from './x.js'; export default x;", "")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("imports are not available"), "{e}");
     let e = start_with("export const x = 1;", "").await.err().unwrap();
     assert!(e.to_string().contains("export default"), "{e}");
     let e = start_with("throw new Error('init boom');", "")
