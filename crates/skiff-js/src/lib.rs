@@ -55,10 +55,13 @@ pub enum CompileError {
     Syntax(String),
 }
 
+/// Module bytecode per (function, revision, code dir).
+type BytecodeCache = Arc<Mutex<HashMap<(String, u32, PathBuf), Arc<Vec<u8>>>>>;
+
 /// The JS tier. Cheap to create; holds the bytecode cache.
 #[derive(Default)]
 pub struct JsSandbox {
-    cache: Arc<Mutex<HashMap<(String, u32, PathBuf), Arc<Vec<u8>>>>>,
+    cache: BytecodeCache,
 }
 
 impl JsSandbox {
@@ -137,7 +140,7 @@ pub struct JsInstance {
 /// What an instance thread needs to start.
 struct Setup {
     spec: InstanceSpec,
-    cache: Arc<Mutex<HashMap<(String, u32, PathBuf), Arc<Vec<u8>>>>>,
+    cache: BytecodeCache,
     shared: Arc<Shared>,
 }
 

@@ -194,7 +194,7 @@ async fn memory_hog_is_out_of_memory() {
         matches!(r, Err(SandboxError::OutOfMemory { limit_mb: 64, .. })),
         "{r:?}"
     );
-    assert!(!f.inst.is_alive() || matches!(call(&f, "{}").await, Err(_)));
+    assert!(!f.inst.is_alive() || call(&f, "{}").await.is_err());
 }
 
 #[tokio::test]
