@@ -251,3 +251,34 @@ fn handler_paths_stay_inside_the_package() {
         assert!(module_path(d, bad).is_err(), "{bad}");
     }
 }
+
+/// Tier overhead without the gateway: `cargo test --release -p skiff-js -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_tier_overhead() {
+    let src = "export default async (req) => ({ message: `Hello, ${req.name}!` });";
+    let mut cold = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let f = start(src).await;
+        call(&f, r#"{"name":"x"}"#).await.unwrap();
+        cold.push(t.elapsed());
+        f.inst.stop().await;
+    }
+    let f = start(src).await;
+    let mut warm = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        call(&f, r#"{"name":"x"}"#).await.unwrap();
+        warm.push(t.elapsed());
+    }
+    cold.sort();
+    warm.sort();
+    println!(
+        "js tier: cold p50 {:?}, warm p50 {:?} p99 {:?}, idle isolate {} KiB",
+        cold[cold.len() / 2],
+        warm[warm.len() / 2],
+        warm[warm.len() * 99 / 100],
+        f.inst.memory_usage().unwrap() / 1024
+    );
+}
