@@ -282,3 +282,66 @@ async fn measure_tier_overhead() {
         f.inst.memory_usage().unwrap() / 1024
     );
 }
+
+#[tokio::test]
+async fn deep_recursion_is_a_function_error_not_a_crash() {
+    let f = start(
+        r#"const down = (n) => down(n + 1) + 1;
+        export default async (req) => { if (req.deep) return down(0); return "ok"; };"#,
+    )
+    .await;
+    let r = call(&f, r#"{"deep":true}"#).await.unwrap();
+    assert_eq!(r.error_type.as_deref(), Some("RangeError"), "{:?}", r.body);
+    let body = String::from_utf8_lossy(&r.body).to_lowercase();
+    assert!(body.contains("stack"), "{body}");
+    assert_eq!(call(&f, "{}").await.unwrap().body, br#""ok""#);
+}
+
+#[tokio::test]
+async fn unsettled_promise_is_reported() {
+    let f = start("export default () => new Promise(() => {});").await;
+    let r = call(&f, "{}").await;
+    assert!(
+        matches!(&r, Err(SandboxError::Crashed { message, .. }) if message.contains("never settled")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn bytecode_is_compiled_once_per_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("index.js"),
+        "export default async () => 'v1';",
+    )
+    .unwrap();
+    let sandbox = JsSandbox::new();
+    let spec = |n: u32| InstanceSpec {
+        instance_id: format!("t-{n}"),
+        function: "t".into(),
+        revision: 1,
+        spec: FunctionSpec::from_yaml("name: t\nruntime: js\n").unwrap(),
+        code_dir: dir.path().to_path_buf(),
+        env: vec![],
+        exec_mode: ExecMode::Command,
+        argv: vec![],
+        rootfs: None,
+    };
+    let a = sandbox.start(spec(1)).await.unwrap();
+    // A changed file is not read again: the revision's second instance loads the cached bytecode.
+    std::fs::write(
+        dir.path().join("index.js"),
+        "export default async () => 'v2';",
+    )
+    .unwrap();
+    let b = sandbox.start(spec(2)).await.unwrap();
+    assert_eq!(sandbox.cache.lock().len(), 1);
+    for inst in [&a, &b] {
+        let r = inst
+            .invoke(req("{}", Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(r.body, br#""v1""#);
+    }
+    assert_ne!(a.id(), b.id());
+}
