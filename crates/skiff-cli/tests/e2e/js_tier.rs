@@ -30,6 +30,11 @@ fn js_example_v1_and_http_trigger_warm_reuse_logs_env() {
     assert_eq!(hdr(&h2, "x-skiff-cold-start"), "false");
     assert_eq!(hdr(&h1, "x-skiff-instance"), hdr(&h2, "x-skiff-instance"));
 
+    // The idle isolate's memory (QuickJS heap) is reported, and small.
+    let rt: Value = s.get("/v1/functions/js-hello/runtime").json().unwrap();
+    let mem = rt["instances"][0]["memory_bytes"].as_u64().unwrap_or(0);
+    assert!(mem > 0 && mem < 2 << 20, "{rt}");
+
     // HTTP trigger: API Gateway v2 event in, reply object mapped to the HTTP response.
     let r = s
         .http
