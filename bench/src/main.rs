@@ -236,6 +236,7 @@ fn main() {
     )
     .unwrap();
     let python = root.join("examples/python-hello");
+    let js = root.join("examples/js-hello");
     let fns = [
         ("b-provided", &provided, "network: none\n", false),
         (
@@ -257,6 +258,8 @@ fn main() {
             "network: outbound\nmode: ephemeral\n",
             true,
         ),
+        ("b-js", &js, "", false),
+        ("b-js-cold", &js, "mode: ephemeral\n", true),
     ];
     let (mut server, addr) = start_server(&skiff, &tmp.join("data"));
     for (name, src, extra, _) in &fns {
@@ -333,6 +336,8 @@ fn main() {
             "b-provided-cold" => "cold start, provided example (network none)",
             "b-python" => "warm invoke, python example",
             "b-python-cold" => "cold start, python example (network none)",
+            "b-js" => "warm invoke, js example (QuickJS isolate)",
+            "b-js-cold" => "cold start, js example (new isolate + module + call)",
             _ => "cold start, provided example (network outbound, slirp4netns)",
         };
         row(label, &s);

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_gateway::events::EventConfig;
 use skiff_gateway::{AppState, Auth};
-use skiff_sandbox::{NativeConfig, NativeSandbox};
+use skiff_sandbox::{NativeConfig, NativeSandbox, Tiers};
 use skiff_scheduler::{Scheduler, SchedulerConfig};
 use skiff_store::Store;
 use std::net::SocketAddr;
@@ -141,7 +141,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut cfg = NativeConfig::new(exe, data_dir.join("run"), runtime_dir);
     cfg.pids_max = args.pids_max;
     cfg.prewarm = args.prewarm;
-    let sandbox = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
+    let native = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
+    let sandbox = Tiers {
+        native: Arc::new(native),
+        js: Some(Arc::new(skiff_js::JsSandbox::new())),
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

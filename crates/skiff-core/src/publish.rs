@@ -33,17 +33,18 @@ pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
                 .into(),
         });
     }
-    if matches!(spec.runtime, Runtime::Wasm | Runtime::Js) {
+    if spec.runtime == Runtime::Wasm {
         out.push(Blocker {
             code: "missing_runtime",
             message: format!(
                 "runtime: `{}` is not available on this server (available: python3, node, \
-                 provided, command, http)",
+                 provided, command, http, js)",
                 spec.runtime
             ),
         });
     }
-    if spec.sandbox != SandboxKind::Native {
+    // js runs in an in-process isolate; `sandbox` applies to the process tiers only.
+    if spec.sandbox != SandboxKind::Native && spec.runtime != Runtime::Js {
         out.push(Blocker {
             code: "missing_runtime",
             message: format!(
@@ -89,6 +90,7 @@ mod tests {
     fn blockers_by_spec() {
         assert!(codes("name: a\nruntime: python3\n").is_empty());
         assert!(codes("name: a\nruntime: http\nhandler: ./server\n").is_empty());
+        assert!(codes("name: a\nruntime: js\nhandler: index.js\n").is_empty());
         assert_eq!(codes("name: a\nruntime: http\n"), ["missing_command"]);
         assert_eq!(
             codes("name: a\nruntime: python3\nroutes: []\n"),

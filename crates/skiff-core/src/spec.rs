@@ -15,6 +15,10 @@ pub const MEMORY_MAX: u64 = 2 << 30;
 /// Default and bounds for `timeout`.
 pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(900);
+/// Bounds of `memory` and `timeout` for `runtime: js` (an in-process isolate).
+pub const JS_MEMORY_MAX: u64 = 512 << 20;
+pub const JS_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+pub const JS_TIMEOUT_MAX: Duration = Duration::from_secs(30);
 /// Default and bounds for `tmp`.
 pub const TMP_DEFAULT: u64 = 512 << 20;
 pub const TMP_MIN: u64 = 1 << 20;
@@ -205,6 +209,7 @@ impl FunctionSpec {
                 Runtime::Provided => "bootstrap".to_string(),
                 Runtime::Python3 => "main.handler".to_string(),
                 Runtime::Node => "index.handler".to_string(),
+                Runtime::Js => "index.js".to_string(),
                 // Stored, but a publish blocker (`missing_command`): see `publish`.
                 Runtime::Http => String::new(),
                 _ => return Err(err("handler", format!("is required for runtime {runtime}"))),
@@ -232,6 +237,27 @@ impl FunctionSpec {
             Duration::from_millis(1),
             TIMEOUT_MAX,
         )?;
+        if runtime == Runtime::Js {
+            if !(handler.ends_with(".js") || handler.ends_with(".mjs")) {
+                return Err(err(
+                    "handler",
+                    "runtime js: must be the module file (e.g. index.js)",
+                ));
+            }
+            if memory > JS_MEMORY_MAX {
+                return Err(err(
+                    "memory",
+                    format!(
+                        "runtime js: must be between {} and {}",
+                        format_size(MEMORY_MIN),
+                        format_size(JS_MEMORY_MAX)
+                    ),
+                ));
+            }
+            if !(JS_TIMEOUT_MIN..=JS_TIMEOUT_MAX).contains(&timeout) {
+                return Err(err("timeout", "runtime js: must be between 1s and 30s"));
+            }
+        }
         let concurrency = int_field(map, "concurrency", 1, 1, CONCURRENCY_MAX)?;
         let scale = parse_scale(map.get("scale"))?;
         let env = parse_env(map.get("env"))?;
@@ -609,6 +635,19 @@ mod tests {
             let e = parse(y).unwrap_err();
             assert_eq!(e.field, field, "{y} gave {e}");
         }
+        for (y, field) in [
+            ("name: a\nruntime: js\nhandler: index.py\n", "handler"),
+            ("name: a\nruntime: js\nmemory: 1Gi\n", "memory"),
+            ("name: a\nruntime: js\ntimeout: 500ms\n", "timeout"),
+            ("name: a\nruntime: js\ntimeout: 31s\n", "timeout"),
+        ] {
+            assert_eq!(parse(y).unwrap_err().field, field, "{y}");
+        }
+        let js = parse("name: a\nruntime: js\n").unwrap();
+        assert_eq!(
+            (js.handler.as_str(), js.memory),
+            ("index.js", MEMORY_DEFAULT)
+        );
         let e = parse("name: a\nruntime: python3\nmemory: 4Gi\n").unwrap_err();
         assert!(e.message.contains("64Mi..2Gi"), "{e}");
     }

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod native;
+pub mod tiers;
 
 pub use native::{NativeConfig, NativeSandbox};
+pub use tiers::Tiers;
 
 /// Everything needed to start one instance of a revision.
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@ mod events;
 mod harness;
 mod http_runtime;
 mod http_trigger;
+mod js_tier;
 mod lambda_api;
 mod lambda_runtime;
 mod publish;

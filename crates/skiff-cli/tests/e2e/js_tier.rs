@@ -1,0 +1,172 @@
+//! The `js` edge tier: ES modules in QuickJS isolates, through every layer of the real server.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A function directory with this `function.yaml` tail and `index.js`.
+fn js_function(name: &str, yaml: &str, source: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("name: {name}\nruntime: js\nhandler: index.js\n{yaml}");
+    std::fs::write(dir.path().join("function.yaml"), spec).unwrap();
+    std::fs::write(dir.path().join("index.js"), source).unwrap();
+    dir
+}
+
+fn deploy(s: &Server, dir: &Path) {
+    s.deploy(dir);
+}
+
+#[test]
+fn js_example_v1_and_http_trigger_warm_reuse_logs_env() {
+    let s = Server::start();
+    deploy(&s, &example("js-hello"));
+    let (v1, h1) = s.invoke_ok("js-hello", &json!({"name": "Skiff"}));
+    assert_eq!(v1, json!({"message": "Hello, Skiff!", "calls": 1}));
+    assert_eq!(hdr(&h1, "x-skiff-cold-start"), "true");
+    let (v2, h2) = s.invoke_ok("js-hello", &json!({"name": "again"}));
+    assert_eq!(v2["calls"], 2, "module state survives: same isolate");
+    assert_eq!(hdr(&h2, "x-skiff-cold-start"), "false");
+    assert_eq!(hdr(&h1, "x-skiff-instance"), hdr(&h2, "x-skiff-instance"));
+
+    // The idle isolate's memory (QuickJS heap) is reported, and small.
+    let rt: Value = s.get("/v1/functions/js-hello/runtime").json().unwrap();
+    let mem = rt["instances"][0]["memory_bytes"].as_u64().unwrap_or(0);
+    assert!(mem > 0 && mem < 2 << 20, "{rt}");
+
+    // HTTP trigger: API Gateway v2 event in, reply object mapped to the HTTP response.
+    let r = s
+        .http
+        .post(format!("{}/fn/js-hello/greet/x?name=edge", s.url))
+        .body("ignored")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(r.headers(), "content-type"), "text/plain");
+    assert_eq!(hdr(r.headers(), "x-calls"), "3");
+    assert_eq!(r.text().unwrap(), "Hello, edge! (POST /greet/x)");
+
+    // console output is in the function's logs, with the [Function] prefix.
+    let logs: Value = s.get("/v1/functions/js-hello/logs").json().unwrap();
+    let text = logs.to_string();
+    assert!(
+        text.contains("[Function] invoked with name=Skiff"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[Function] POST /greet/x name=edge"),
+        "{text}"
+    );
+    assert!(s.healthy());
+}
+
+#[test]
+fn js_errors_timeouts_and_memory_are_contained() {
+    let s = Server::start();
+    let src = r#"export default async (req) => {
+      if (req.op === "throw") throw new RangeError("bad op: " + req.op);
+      if (req.op === "loop") for (;;) {}
+      if (req.op === "hog") { const a = []; for (;;) a.push("x".repeat(1 << 20) + a.length); }
+      return { ok: true, secret: env.TOKEN };
+    };"#;
+    let dir = js_function(
+        "js-limits",
+        "timeout: 1s\nmemory: 64Mi\nenv: {TOKEN: t0k}\n",
+        src,
+    );
+    deploy(&s, dir.path());
+    let (v, _) = s.invoke_ok("js-limits", &json!({}));
+    assert_eq!(v, json!({"ok": true, "secret": "t0k"}));
+
+    // A thrown error: 500 function_error with the message; the isolate survives.
+    let r = s.invoke("js-limits", &json!({"op": "throw"}));
+    assert_eq!(hdr(r.headers(), "x-skiff-function-error"), "RangeError");
+    let (st, e) = error_of(r);
+    assert_eq!(st, 500, "{e}");
+    assert_eq!(e["code"], "function_error");
+    assert_eq!(e["type"], "RangeError");
+    assert!(
+        e["message"].as_str().unwrap().contains("bad op: throw"),
+        "{e}"
+    );
+    let (_, h) = s.invoke_ok("js-limits", &json!({}));
+    assert_eq!(hdr(&h, "x-skiff-cold-start"), "false");
+
+    // An infinite loop: 504 after the timeout, the instance is dropped, the server is fine.
+    let t0 = Instant::now();
+    let (st, e) = error_of(s.invoke("js-limits", &json!({"op": "loop"})));
+    assert_eq!(st, 504, "{e}");
+    assert_eq!(e["message"], "Task timed out after 1.00 seconds");
+    assert!(
+        t0.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(s.healthy());
+    let (_, h) = s.invoke_ok("js-limits", &json!({}));
+    assert_eq!(hdr(&h, "x-skiff-cold-start"), "true");
+
+    // A memory hog: 502 out_of_memory naming the limit, then a fresh isolate works.
+    let (st, e) = error_of(s.invoke("js-limits", &json!({"op": "hog"})));
+    assert_eq!(st, 502, "{e}");
+    assert_eq!(e["code"], "out_of_memory", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("64 MiB"), "{e}");
+    assert!(s.healthy());
+    let (v, h) = s.invoke_ok("js-limits", &json!({}));
+    assert_eq!(v["ok"], true);
+    assert_eq!(hdr(&h, "x-skiff-cold-start"), "true");
+}
+
+#[test]
+fn js_has_no_eval_function_import_or_require() {
+    let s = Server::start();
+    let src = r#"const tries = {
+      eval: () => eval("1+1"),
+      newFunction: () => new Function("return 1")(),
+      ctor: () => (() => {}).constructor("return 1")(),
+      require: () => require("fs"),
+      process: () => process.exit(1),
+    };
+    export default async () => {
+      const out = {};
+      for (const [k, f] of Object.entries(tries)) {
+        try { f(); out[k] = "allowed"; } catch (e) { out[k] = e.name; }
+      }
+      try { await import("./index.js"); out.import = "allowed"; } catch (e) { out.import = e.name; }
+      out.globals = ["setTimeout", "URL", "URLSearchParams", "TextEncoder", "TextDecoder", "JSON"]
+        .filter((g) => typeof globalThis[g] === "undefined");
+      out.uuid = /^[0-9a-f-]{36}$/.test(crypto.randomUUID());
+      return out;
+    };"#;
+    let dir = js_function("js-deny", "", src);
+    deploy(&s, dir.path());
+    let (v, _) = s.invoke_ok("js-deny", &json!({}));
+    for k in [
+        "eval",
+        "newFunction",
+        "ctor",
+        "require",
+        "process",
+        "import",
+    ] {
+        assert!(
+            v[k].as_str().is_some_and(|e| e != "allowed"),
+            "{k} must throw: {v}"
+        );
+    }
+    assert_eq!(v["require"], "ReferenceError");
+    assert_eq!(v["globals"], json!([]), "{v}");
+    assert_eq!(v["uuid"], true);
+}
+
+#[test]
+fn js_spec_limits_are_validated() {
+    let s = Server::start();
+    let dir = js_function("js-big", "memory: 1Gi\n", "export default async () => 1;");
+    let out = s.cli(&["deploy", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(err.contains("memory"), "{err}");
+}

@@ -1,0 +1,347 @@
+use super::*;
+use skiff_core::protocol::{ExecMode, Invoke};
+use skiff_core::FunctionSpec;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    inst: Arc<dyn Instance>,
+}
+
+async fn start_with(source: &str, extra: &str) -> Result<Fixture, SandboxError> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.js"), source).unwrap();
+    let spec =
+        FunctionSpec::from_yaml(&format!("name: t\nruntime: js\nhandler: index.js\n{extra}"))
+            .unwrap();
+    let inst = JsSandbox::new()
+        .start(InstanceSpec {
+            instance_id: "t-1".into(),
+            function: "t".into(),
+            revision: 1,
+            spec,
+            code_dir: dir.path().to_path_buf(),
+            env: vec![("GREETING".into(), "hi".into())],
+            exec_mode: ExecMode::Command,
+            argv: vec![],
+            rootfs: None,
+        })
+        .await?;
+    Ok(Fixture { _dir: dir, inst })
+}
+
+async fn start(source: &str) -> Fixture {
+    start_with(source, "").await.unwrap()
+}
+
+fn req(payload: &str, within: Duration) -> InvokeRequest {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    InvokeRequest {
+        invoke: Invoke {
+            id: "req-1".into(),
+            deadline_ms: (now + within).as_millis() as u64,
+            function_arn: "arn".into(),
+            trace_id: "trace".into(),
+            client_context: None,
+            cognito_identity: None,
+        },
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+async fn call(f: &Fixture, payload: &str) -> Result<InvokeResult, SandboxError> {
+    f.inst.invoke(req(payload, Duration::from_secs(5))).await
+}
+
+fn json(r: &InvokeResult) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[tokio::test]
+async fn echoes_event_logs_and_reads_env() {
+    let f = start(
+        r#"let n = 0;
+        export default async (req, ctx) => {
+          console.log("got", req.name, {a: 1});
+          console.error("bad");
+          n += 1;
+          return { n, name: req.name, greeting: env.GREETING, id: ctx.awsRequestId,
+                   uuid: crypto.randomUUID().length };
+        };"#,
+    )
+    .await;
+    let r = call(&f, r#"{"name":"ada"}"#).await.unwrap();
+    assert_eq!(r.error_type, None);
+    let v = json(&r);
+    assert_eq!(v["name"], "ada");
+    assert_eq!(v["greeting"], "hi");
+    assert_eq!(v["id"], "req-1");
+    assert_eq!(v["uuid"], 36);
+    assert_eq!(v["n"], 1);
+    let logs = String::from_utf8(r.logs).unwrap();
+    assert_eq!(logs, "[Function] got ada {\"a\":1}\n[Function] ERROR bad\n");
+    // Warm: same isolate, module state kept, logs per invocation.
+    let r = call(&f, r#"{"name":"bob"}"#).await.unwrap();
+    assert_eq!(json(&r)["n"], 2);
+    assert!(!String::from_utf8(r.logs).unwrap().contains("ada"));
+    assert!(f.inst.memory_usage().unwrap() > 0);
+    f.inst.stop().await;
+    assert!(!f.inst.is_alive());
+}
+
+#[tokio::test]
+async fn plain_values_non_json_payloads_and_timers() {
+    let f = start(
+        r#"export default async (req) => {
+          await new Promise((r) => setTimeout(r, 20));
+          if (req === "undef") return undefined;
+          return typeof req === "string" ? "text:" + req : 42;
+        };"#,
+    )
+    .await;
+    let t = Instant::now();
+    assert_eq!(call(&f, "{}").await.unwrap().body, b"42");
+    assert!(t.elapsed() >= Duration::from_millis(19)); // Date.now() has ms granularity
+    assert_eq!(call(&f, "hello").await.unwrap().body, br#""text:hello""#);
+    assert_eq!(call(&f, r#""undef""#).await.unwrap().body, b"null");
+}
+
+#[tokio::test]
+async fn thrown_error_is_a_function_error_and_instance_survives() {
+    let f = start(
+        r#"export default async (req) => {
+          if (req.fail) throw new TypeError("boom " + req.fail);
+          return "ok";
+        };"#,
+    )
+    .await;
+    let r = call(&f, r#"{"fail":"x"}"#).await.unwrap();
+    assert_eq!(r.error_type.as_deref(), Some("TypeError"));
+    let v = json(&r);
+    assert_eq!(v["errorMessage"], "boom x");
+    assert!(v["stackTrace"].to_string().contains("index.js"), "{v}");
+    assert_eq!(call(&f, "{}").await.unwrap().body, br#""ok""#);
+}
+
+#[tokio::test]
+async fn eval_function_import_require_are_unavailable() {
+    let f = start(
+        r#"const tries = {
+          eval: () => eval("1+1"),
+          indirectEval: () => (0, globalThis.eval)("1+1"),
+          newFunction: () => new Function("return 1")(),
+          fnCtor: () => (function () {}).constructor("return 1")(),
+          asyncCtor: () => (async function () {}).constructor("return 1")(),
+          require: () => require("fs"),
+          process: () => process.env,
+        };
+        export default async () => {
+          const out = {};
+          for (const [k, f] of Object.entries(tries)) {
+            try { f(); out[k] = "allowed"; } catch (e) { out[k] = e.name + ": " + e.message; }
+          }
+          try { await import("./other.js"); out.import = "allowed"; }
+          catch (e) { out.import = e.name + ": " + e.message; }
+          try { await import("./index.js"); out.selfImport = "allowed"; }
+          catch (e) { out.selfImport = e.name + ": " + e.message; }
+          return out;
+        };"#,
+    )
+    .await;
+    let v = json(&call(&f, "{}").await.unwrap());
+    for k in [
+        "eval",
+        "indirectEval",
+        "newFunction",
+        "fnCtor",
+        "asyncCtor",
+        "require",
+        "process",
+        "import",
+        "selfImport",
+    ] {
+        let s = v[k].as_str().unwrap();
+        assert_ne!(s, "allowed", "{k} must throw: {v}");
+    }
+}
+
+#[tokio::test]
+async fn infinite_loop_is_interrupted_on_stop() {
+    let f = start("export default async () => { for (;;) {} };").await;
+    let inst = f.inst.clone();
+    let fut = tokio::spawn(async move { inst.invoke(req("{}", Duration::from_millis(200))).await });
+    // The isolate interrupts itself past the deadline (+ grace) even without a stop.
+    let r = tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .expect("interrupted")
+        .unwrap();
+    assert!(matches!(r, Err(SandboxError::Crashed { .. })), "{r:?}");
+    let t = Instant::now();
+    f.inst.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(!f.inst.is_alive());
+}
+
+#[tokio::test]
+async fn memory_hog_is_out_of_memory() {
+    let f = start_with(
+        r#"export default async () => { const a = []; for (;;) a.push("x".repeat(1 << 20) + a.length); };"#,
+        "memory: 64Mi\n",
+    )
+    .await
+    .unwrap();
+    let r = call(&f, "{}").await;
+    assert!(
+        matches!(r, Err(SandboxError::OutOfMemory { limit_mb: 64, .. })),
+        "{r:?}"
+    );
+    assert!(!f.inst.is_alive() || call(&f, "{}").await.is_err());
+}
+
+#[tokio::test]
+async fn bad_modules_fail_to_start_with_the_reason() {
+    let e = start_with("export default async () => {", "")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("SyntaxError"), "{e}");
+    let e = start_with("import x from './x.js'; export default x;", "")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("imports are not available"), "{e}");
+    let e = start_with("export const x = 1;", "").await.err().unwrap();
+    assert!(e.to_string().contains("export default"), "{e}");
+    let e = start_with("throw new Error('init boom');", "")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("init boom"), "{e}");
+}
+
+#[tokio::test]
+async fn url_and_text_codecs() {
+    let f = start(
+        r#"export default async () => {
+          const u = new URL("https://Example.com:443/a/./b/../c?x=1&y=two+words#frag");
+          u.searchParams.append("z", "a&b");
+          const bytes = new TextEncoder().encode("héllo €");
+          return { host: u.host, path: u.pathname, y: u.searchParams.get("y"), href: u.href,
+                   len: bytes.length, back: new TextDecoder().decode(bytes) };
+        };"#,
+    )
+    .await;
+    let v = json(&call(&f, "{}").await.unwrap());
+    assert_eq!(v["host"], "example.com");
+    assert_eq!(v["path"], "/a/c");
+    assert_eq!(v["y"], "two words");
+    assert_eq!(
+        v["href"],
+        "https://example.com/a/c?x=1&y=two+words&z=a%26b#frag"
+    );
+    assert_eq!(v["len"], 10);
+    assert_eq!(v["back"], "héllo €");
+}
+
+#[test]
+fn handler_paths_stay_inside_the_package() {
+    let d = Path::new("/code");
+    assert!(module_path(d, "index.js").is_ok());
+    assert!(module_path(d, "./src/app.mjs").is_ok());
+    for bad in ["../x.js", "/etc/x.js", "index.py", "", "a/../../b.js"] {
+        assert!(module_path(d, bad).is_err(), "{bad}");
+    }
+}
+
+/// Tier overhead without the gateway: `cargo test --release -p skiff-js -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_tier_overhead() {
+    let src = "export default async (req) => ({ message: `Hello, ${req.name}!` });";
+    let mut cold = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let f = start(src).await;
+        call(&f, r#"{"name":"x"}"#).await.unwrap();
+        cold.push(t.elapsed());
+        f.inst.stop().await;
+    }
+    let f = start(src).await;
+    let mut warm = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        call(&f, r#"{"name":"x"}"#).await.unwrap();
+        warm.push(t.elapsed());
+    }
+    cold.sort();
+    warm.sort();
+    println!(
+        "js tier: cold p50 {:?}, warm p50 {:?} p99 {:?}, idle isolate {} KiB",
+        cold[cold.len() / 2],
+        warm[warm.len() / 2],
+        warm[warm.len() * 99 / 100],
+        f.inst.memory_usage().unwrap() / 1024
+    );
+}
+
+#[tokio::test]
+async fn deep_recursion_is_a_function_error_not_a_crash() {
+    let f = start(
+        r#"const down = (n) => down(n + 1) + 1;
+        export default async (req) => { if (req.deep) return down(0); return "ok"; };"#,
+    )
+    .await;
+    let r = call(&f, r#"{"deep":true}"#).await.unwrap();
+    assert_eq!(r.error_type.as_deref(), Some("RangeError"), "{:?}", r.body);
+    let body = String::from_utf8_lossy(&r.body).to_lowercase();
+    assert!(body.contains("stack"), "{body}");
+    assert_eq!(call(&f, "{}").await.unwrap().body, br#""ok""#);
+}
+
+#[tokio::test]
+async fn unsettled_promise_is_reported() {
+    let f = start("export default () => new Promise(() => {});").await;
+    let r = call(&f, "{}").await;
+    assert!(
+        matches!(&r, Err(SandboxError::Crashed { message, .. }) if message.contains("never settled")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn bytecode_is_compiled_once_per_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("index.js"),
+        "export default async () => 'v1';",
+    )
+    .unwrap();
+    let sandbox = JsSandbox::new();
+    let spec = |n: u32| InstanceSpec {
+        instance_id: format!("t-{n}"),
+        function: "t".into(),
+        revision: 1,
+        spec: FunctionSpec::from_yaml("name: t\nruntime: js\n").unwrap(),
+        code_dir: dir.path().to_path_buf(),
+        env: vec![],
+        exec_mode: ExecMode::Command,
+        argv: vec![],
+        rootfs: None,
+    };
+    let a = sandbox.start(spec(1)).await.unwrap();
+    // A changed file is not read again: the revision's second instance loads the cached bytecode.
+    std::fs::write(
+        dir.path().join("index.js"),
+        "export default async () => 'v2';",
+    )
+    .unwrap();
+    let b = sandbox.start(spec(2)).await.unwrap();
+    assert_eq!(sandbox.cache.lock().len(), 1);
+    for inst in [&a, &b] {
+        let r = inst
+            .invoke(req("{}", Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(r.body, br#""v1""#);
+    }
+    assert_ne!(a.id(), b.id());
+}

@@ -1,0 +1,36 @@
+//! [`Tiers`]: one [`Sandbox`] that hands each instance to the tier its runtime needs, so the
+//! scheduler never knows which tier runs a revision.
+
+use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
+use async_trait::async_trait;
+use skiff_core::Runtime;
+use std::sync::Arc;
+
+/// The tiers of this server: process runtimes go to `native`, `runtime: js` to `js`.
+pub struct Tiers {
+    pub native: Arc<dyn Sandbox>,
+    /// The JS isolate tier; `None` refuses `runtime: js` instances.
+    pub js: Option<Arc<dyn Sandbox>>,
+}
+
+#[async_trait]
+impl Sandbox for Tiers {
+    async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError> {
+        match spec.spec.runtime {
+            Runtime::Js => match &self.js {
+                Some(js) => js.start(spec).await,
+                None => Err(SandboxError::Unsupported(
+                    "runtime js is not available on this server".into(),
+                )),
+            },
+            _ => self.native.start(spec).await,
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Some(js) = &self.js {
+            js.shutdown().await;
+        }
+        self.native.shutdown().await;
+    }
+}
