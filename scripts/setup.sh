@@ -11,9 +11,9 @@ need=()
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # network: outbound (userspace NAT)
 command -v ip >/dev/null || need+=(iproute2)                # test hosts in network namespaces
 [ -x /usr/bin/python3 ] || need+=(python3)                  # runtime python3
-/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # vendoring test deps
 [ -x /usr/bin/node ] || need+=(nodejs)                      # runtime node
-python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # test clients (boto3, awslambdaric)
+# pip for the test clients (boto3, awscli) and fixtures (awslambdaric), installed with --target.
+{ /usr/bin/python3 -m pip --version && python3 -m pip --version; } >/dev/null 2>&1 || need+=(python3-pip)
 command -v cc >/dev/null || need+=(build-essential)         # bundled SQLite, zstd
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -21,5 +21,3 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
   echo "installed: ${need[*]}"
 fi
-# Test fixtures with third-party dependencies (cached: skipped when already vendored).
-"$(dirname "$0")/../tests/fixtures/fx-ric-python/vendor.sh"

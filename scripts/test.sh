@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Test fixtures with third-party dependencies (cached: skipped when already vendored).
+tests/fixtures/fx-ric-python/vendor.sh
 python3 runtimes/tests/test_bootstraps.py
 cargo test --workspace --all-targets -- --test-threads=2
