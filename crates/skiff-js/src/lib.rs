@@ -142,6 +142,10 @@ struct Setup {
     spec: InstanceSpec,
     cache: BytecodeCache,
     shared: Arc<Shared>,
+    /// Precompiled module (ad-hoc [`execute`]); `None` reads `spec.handler` from `code_dir`.
+    bytecode: Option<Arc<Vec<u8>>>,
+    /// The module export to call.
+    export: String,
 }
 
 #[async_trait]
@@ -153,6 +157,17 @@ impl Sandbox for JsSandbox {
                 spec.spec.runtime
             )));
         }
+        self.start_isolate(spec, None, "default".into()).await
+    }
+}
+
+impl JsSandbox {
+    async fn start_isolate(
+        &self,
+        spec: InstanceSpec,
+        bytecode: Option<Arc<Vec<u8>>>,
+        export: String,
+    ) -> Result<Arc<dyn Instance>, SandboxError> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             exited: AtomicBool::new(false),
@@ -169,6 +184,8 @@ impl Sandbox for JsSandbox {
             spec,
             cache: self.cache.clone(),
             shared: shared.clone(),
+            bytecode,
+            export,
         };
         std::thread::Builder::new()
             .name(format!("js-{id}"))
@@ -285,6 +302,9 @@ fn prelude_bytecode() -> &'static [u8] {
 
 /// The module's bytecode, from the cache or compiled now.
 fn module_bytecode(setup: &Setup) -> Result<Arc<Vec<u8>>, CompileError> {
+    if let Some(b) = &setup.bytecode {
+        return Ok(b.clone());
+    }
     let spec = &setup.spec;
     let key = (spec.function.clone(), spec.revision, spec.code_dir.clone());
     if let Some(b) = setup.cache.lock().get(&key) {
@@ -519,8 +539,14 @@ impl<'js> Isolate<'js> {
             }
             Settled::Fatal(Fatal::Engine(e)) => return Err(e),
         }
-        let handler: Value = user.get("default").map_err(err)?;
+        let handler: Value = user.get(setup.export.as_str()).map_err(err)?;
         let Some(handler) = handler.into_function() else {
+            if setup.export != "default" {
+                return Err(format!(
+                    "TypeError: the module has no exported function named `{}`",
+                    setup.export
+                ));
+            }
             return Err(format!(
                 "{} must `export default` a function, e.g. `export default async (req) => ({{ statusCode: 200, body: \"ok\" }})`",
                 setup.spec.spec.handler
@@ -719,6 +745,9 @@ fn is_oom_value(v: &Value<'_>) -> bool {
 fn is_interrupt_value(v: &Value<'_>) -> bool {
     error_message(v).is_some_and(|m| m == "interrupted")
 }
+
+mod adhoc;
+pub use adhoc::{execute, AdHoc, AdHocError};
 
 #[cfg(test)]
 mod tests;
