@@ -76,6 +76,8 @@ pub async fn execute(job: AdHoc) -> Result<String, AdHocError> {
         .map_err(|e| AdHocError::from_text(&e.to_string()))?;
     spec.memory = memory;
     spec.timeout = timeout;
+    // Ad-hoc code has no owner whose network policy could allow `fetch`.
+    spec.network = skiff_core::Network::None;
     let id = uuid::Uuid::new_v4().to_string();
     let inst = JsSandbox::new()
         .start_isolate(
@@ -223,10 +225,14 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("timed out"), "{e:?}");
 
-        let e = execute(job(
-            "export default () => { const a = []; for (;;) a.push('x'.repeat(1 << 20) + a.length); };",
-            "default",
-        ))
+        // A generous timeout: under load the hog must still reach the memory limit first.
+        let e = execute(AdHoc {
+            timeout: Duration::from_secs(20),
+            ..job(
+                "export default () => { const a = []; for (;;) a.push('x'.repeat(1 << 20) + a.length); };",
+                "default",
+            )
+        })
         .await
         .unwrap_err();
         assert!(e.message.contains("Out of memory"), "{e:?}");
