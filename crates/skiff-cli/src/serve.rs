@@ -142,9 +142,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.pids_max = args.pids_max;
     cfg.prewarm = args.prewarm;
     let native = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
+    let js = Arc::new(skiff_js::JsSandbox::new());
     let sandbox = Tiers {
         native: Arc::new(native),
-        js: Some(Arc::new(skiff_js::JsSandbox::new())),
+        js: Some(js.clone() as Arc<dyn skiff_sandbox::Sandbox>),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -186,6 +187,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
+        // JS `fetch` must never call back into this gateway.
+        js.net().set_gateway(addr);
         let mode = if keys_configured {
             "API keys required"
         } else {

@@ -131,6 +131,16 @@ pub async fn require_key_seed(
     Ok(next.run(req).await)
 }
 
+/// [`require_key`] for `POST /execute`: failures in its `{"success": false, "error"}` shape.
+pub async fn require_key_execute(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check(&state, req.headers()).map_err(ApiError::execute)?;
+    Ok(next.run(req).await)
+}
+
 /// [`require_key`] for the Lambda API: failures in Lambda's error shape (403
 /// `UnrecognizedClientException`, as AWS answers an unknown access key).
 pub async fn require_key_lambda(

@@ -21,6 +21,9 @@ pub enum Shape {
     /// The seed-compatible API's shape: `{"error": message}`, plus `"field"` when one
     /// request field is at fault. The code goes in `x-skiff-error`.
     Seed,
+    /// `POST /execute`'s shape: `{"success": false, "error": message}`, plus `"field"` when
+    /// one request field is at fault. The code goes in `x-skiff-error`.
+    Execute,
 }
 
 /// An API error with its status, stable code and human message.
@@ -125,6 +128,11 @@ impl ApiError {
         self.shape = Shape::Seed;
         self
     }
+    /// Renders this error in `POST /execute`'s shape.
+    pub fn execute(mut self) -> ApiError {
+        self.shape = Shape::Execute;
+        self
+    }
     /// Renders this error in API Gateway's shape (public HTTP triggers).
     pub fn gateway(mut self) -> ApiError {
         self.shape = Shape::Gateway;
@@ -159,8 +167,11 @@ impl IntoResponse for ApiError {
                 err.extend(self.extra);
                 (self.status, axum::Json(json!({ "error": err }))).into_response()
             }
-            Shape::Seed => {
+            Shape::Seed | Shape::Execute => {
                 let mut body = Map::new();
+                if self.shape == Shape::Execute {
+                    body.insert("success".into(), Value::from(false));
+                }
                 body.insert("error".into(), Value::from(self.message));
                 if let Some(f) = self.extra.get("field") {
                     body.insert("field".into(), f.clone());

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod execute;
 mod functions;
 pub mod host;
 mod invoke;
@@ -188,10 +189,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key_seed,
         ));
+    let execute_api = Router::new()
+        .route("/execute", post(execute::execute))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key_execute,
+        ));
     let host_routing = state.function_domain.is_some();
     let app = Router::new()
         .route("/health", get(functions::health))
         .merge(seed_api)
+        .merge(execute_api)
         .merge(apigw::routes())
         .merge(api)
         .merge(lambda_api)

@@ -12,9 +12,9 @@ use rquickjs::context::intrinsic;
 use rquickjs::module::WriteOptions;
 use rquickjs::prelude::Rest;
 use rquickjs::{Context, Ctx, Function, Module, Object, Promise, Runtime, Value};
-use skiff_core::Runtime as SpecRuntime;
+use skiff_core::{Network, Runtime as SpecRuntime};
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -58,15 +58,29 @@ pub enum CompileError {
 /// Module bytecode per (function, revision, code dir).
 type BytecodeCache = Arc<Mutex<HashMap<(String, u32, PathBuf), Arc<Vec<u8>>>>>;
 
-/// The JS tier. Cheap to create; holds the bytecode cache.
+/// The JS tier. Cheap to create; holds the bytecode cache and the `fetch` policy.
 #[derive(Default)]
 pub struct JsSandbox {
     cache: BytecodeCache,
+    net: Arc<NetPolicy>,
 }
 
 impl JsSandbox {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A tier whose `fetch` follows `net` (tests use [`NetPolicy::allowing_private_for_tests`]).
+    pub fn with_net(net: NetPolicy) -> Self {
+        JsSandbox {
+            cache: BytecodeCache::default(),
+            net: Arc::new(net),
+        }
+    }
+
+    /// The `fetch` policy, e.g. to tell it the gateway's address once bound.
+    pub fn net(&self) -> &Arc<NetPolicy> {
+        &self.net
     }
 }
 
@@ -142,6 +156,13 @@ struct Setup {
     spec: InstanceSpec,
     cache: BytecodeCache,
     shared: Arc<Shared>,
+    /// Precompiled module (ad-hoc [`execute`]); `None` reads `spec.handler` from `code_dir`.
+    bytecode: Option<Arc<Vec<u8>>>,
+    /// The module export to call.
+    export: String,
+    net: Arc<NetPolicy>,
+    /// Runtime that runs `fetch` requests (`None` outside tokio: `fetch` rejects).
+    rt: Option<tokio::runtime::Handle>,
 }
 
 #[async_trait]
@@ -153,6 +174,17 @@ impl Sandbox for JsSandbox {
                 spec.spec.runtime
             )));
         }
+        self.start_isolate(spec, None, "default".into()).await
+    }
+}
+
+impl JsSandbox {
+    async fn start_isolate(
+        &self,
+        spec: InstanceSpec,
+        bytecode: Option<Arc<Vec<u8>>>,
+        export: String,
+    ) -> Result<Arc<dyn Instance>, SandboxError> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             exited: AtomicBool::new(false),
@@ -169,6 +201,10 @@ impl Sandbox for JsSandbox {
             spec,
             cache: self.cache.clone(),
             shared: shared.clone(),
+            bytecode,
+            export,
+            net: self.net.clone(),
+            rt: tokio::runtime::Handle::try_current().ok(),
         };
         std::thread::Builder::new()
             .name(format!("js-{id}"))
@@ -285,6 +321,9 @@ fn prelude_bytecode() -> &'static [u8] {
 
 /// The module's bytecode, from the cache or compiled now.
 fn module_bytecode(setup: &Setup) -> Result<Arc<Vec<u8>>, CompileError> {
+    if let Some(b) = &setup.bytecode {
+        return Ok(b.clone());
+    }
     let spec = &setup.spec;
     let key = (spec.function.clone(), spec.revision, spec.code_dir.clone());
     if let Some(b) = setup.cache.lock().get(&key) {
@@ -447,7 +486,15 @@ struct Isolate<'js> {
     timer_wait: Function<'js>,
     run_timers: Function<'js>,
     reset_timers: Function<'js>,
+    fetch_done: Function<'js>,
+    fetches: Fetches,
     logs: Rc<RefCell<Vec<u8>>>,
+}
+
+/// Requests of one isolate in flight on the host.
+struct Fetches {
+    rx: mpsc::Receiver<fetch::Done>,
+    inflight: Rc<Cell<usize>>,
 }
 
 impl<'js> Isolate<'js> {
@@ -483,6 +530,50 @@ impl<'js> Isolate<'js> {
             env.set(k.as_str(), v.as_str()).map_err(err)?;
         }
         g.set("__skiff_env", env).map_err(err)?;
+        let (fetch_tx, fetch_rx) = mpsc::channel();
+        let inflight: Rc<Cell<usize>> = Rc::default();
+        let host_fetch = {
+            let inflight = inflight.clone();
+            let network = setup.spec.spec.network;
+            let net = setup.net.clone();
+            let rt = setup.rt.clone();
+            let shared = setup.shared.clone();
+            let fallback = setup.spec.spec.timeout;
+            Function::new(
+                ctx.clone(),
+                move |id: u32,
+                      url: String,
+                      method: String,
+                      headers: String,
+                      body: Option<String>|
+                      -> String {
+                    if network == Network::None {
+                        return "fetch is not allowed: the function's network is `none`".into();
+                    }
+                    let Some(rt) = &rt else {
+                        return "fetch is not available here".into();
+                    };
+                    let headers: Vec<(String, String)> =
+                        serde_json::from_str(&headers).unwrap_or_default();
+                    let req = fetch::Request {
+                        url,
+                        method,
+                        headers,
+                        body,
+                    };
+                    let timeout = shared.remaining().unwrap_or(fallback);
+                    match fetch::start(&net, rt, id, req, timeout, fetch_tx.clone()) {
+                        Ok(()) => {
+                            inflight.set(inflight.get() + 1);
+                            String::new()
+                        }
+                        Err(e) => e,
+                    }
+                },
+            )
+            .map_err(err)?
+        };
+        g.set("__skiff_fetch", host_fetch).map_err(err)?;
 
         // SAFETY: the bytecode was produced by `compile` with this QuickJS build.
         let prelude = unsafe { Module::load(ctx.clone(), prelude_bytecode()) }.map_err(err)?;
@@ -501,6 +592,11 @@ impl<'js> Isolate<'js> {
             timer_wait: isolate_get("timerWait")?,
             run_timers: isolate_get("runTimers")?,
             reset_timers: isolate_get("resetTimers")?,
+            fetch_done: isolate_get("fetchDone")?,
+            fetches: Fetches {
+                rx: fetch_rx,
+                inflight,
+            },
             logs,
         };
         // Top-level await may wait on timers: drive them like an invocation.
@@ -519,8 +615,14 @@ impl<'js> Isolate<'js> {
             }
             Settled::Fatal(Fatal::Engine(e)) => return Err(e),
         }
-        let handler: Value = user.get("default").map_err(err)?;
+        let handler: Value = user.get(setup.export.as_str()).map_err(err)?;
         let Some(handler) = handler.into_function() else {
+            if setup.export != "default" {
+                return Err(format!(
+                    "TypeError: the module has no exported function named `{}`",
+                    setup.export
+                ));
+            }
             return Err(format!(
                 "{} must `export default` a function, e.g. `export default async (req) => ({{ statusCode: 200, body: \"ok\" }})`",
                 setup.spec.spec.handler
@@ -576,21 +678,62 @@ impl<'js> Isolate<'js> {
                 Ok(w) => w,
                 Err(e) => return self.failed(ctx, e),
             };
-            if wait < 0.0 {
+            let fetching = self.fetches.inflight.get() > 0;
+            if wait < 0.0 && !fetching {
                 return Settled::Fatal(Fatal::Engine(
                     "the handler's promise never settled (nothing left to wait for)".into(),
                 ));
             }
-            let until = Instant::now() + Duration::from_secs_f64(wait / 1000.0);
-            while Instant::now() < until {
+            let until =
+                (wait >= 0.0).then(|| Instant::now() + Duration::from_secs_f64(wait / 1000.0));
+            let mut fetched = None;
+            while until.is_none_or(|u| Instant::now() < u) {
                 if shared.should_interrupt() {
                     return Settled::Fatal(Fatal::Interrupted);
                 }
-                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
+                let step = until.map_or(Duration::from_millis(5), |u| {
+                    (u - Instant::now()).min(Duration::from_millis(5))
+                });
+                if fetching {
+                    if let Ok(done) = self.fetches.rx.recv_timeout(step) {
+                        fetched = Some(done);
+                        break;
+                    }
+                } else {
+                    std::thread::sleep(step);
+                }
+            }
+            if let Some(done) = fetched {
+                if let Err(e) = self.deliver(done) {
+                    return self.failed(ctx, e);
+                }
+                continue;
             }
             if let Err(e) = self.run_timers.call::<_, ()>(()) {
                 return self.failed(ctx, e);
             }
+        }
+    }
+
+    /// Hands a finished `fetch` to the prelude, which settles its promise.
+    fn deliver(&self, done: fetch::Done) -> rquickjs::Result<()> {
+        self.fetches
+            .inflight
+            .set(self.fetches.inflight.get().saturating_sub(1));
+        match done.result {
+            Ok(r) => {
+                let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
+                self.fetch_done.call::<_, ()>((
+                    done.id,
+                    rquickjs::Null,
+                    r.status,
+                    r.status_text,
+                    r.url,
+                    headers,
+                    r.body,
+                ))
+            }
+            Err(e) => self.fetch_done.call::<_, ()>((done.id, e)),
         }
     }
 
@@ -689,6 +832,16 @@ impl<'js> Isolate<'js> {
 }
 
 impl Shared {
+    /// Time left before the invocation's deadline (without the grace), if one is set.
+    fn remaining(&self) -> Option<Duration> {
+        let d = self.deadline.load(Ordering::Relaxed);
+        if d == 0 {
+            return None;
+        }
+        let left = Duration::from_nanos(d).saturating_sub(self.base.elapsed() + DEADLINE_GRACE);
+        Some(left.max(Duration::from_millis(1)))
+    }
+
     fn set_deadline(&self, within: Duration) {
         let at = self.base.elapsed() + within + DEADLINE_GRACE;
         self.deadline
@@ -719,6 +872,11 @@ fn is_oom_value(v: &Value<'_>) -> bool {
 fn is_interrupt_value(v: &Value<'_>) -> bool {
     error_message(v).is_some_and(|m| m == "interrupted")
 }
+
+mod adhoc;
+pub mod fetch;
+pub use adhoc::{execute, AdHoc, AdHocError};
+pub use fetch::NetPolicy;
 
 #[cfg(test)]
 mod tests;

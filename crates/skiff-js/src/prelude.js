@@ -1,12 +1,15 @@
 // Skiff JS tier prelude: evaluated (as bytecode) in every isolate before the user's module.
-// Rust provides __skiff_log(level, text), __skiff_uuid() and __skiff_env (an object); they are
-// captured here and removed from the global object.
+// Rust provides __skiff_log(level, text), __skiff_uuid(), __skiff_env (an object) and
+// __skiff_fetch(id, url, method, headersJson, body) (starts a request, returns "" or the reason
+// it refused); they are captured here and removed from the global object.
 const log = globalThis.__skiff_log;
 const uuid = globalThis.__skiff_uuid;
 const envVars = globalThis.__skiff_env;
+const hostFetch = globalThis.__skiff_fetch;
 delete globalThis.__skiff_log;
 delete globalThis.__skiff_uuid;
 delete globalThis.__skiff_env;
+delete globalThis.__skiff_fetch;
 
 function fmt(v) {
   if (typeof v === "string") return v;
@@ -46,8 +49,72 @@ export function runTimers() {
   timers = timers.filter((t) => t.at > now);
   for (const t of due) t.fn(...t.args);
 }
-/** Drops timers left over by the previous invocation. */
-export function resetTimers() { timers = []; }
+/** Drops timers and fetches left over by the previous invocation. */
+export function resetTimers() { timers = []; fetches.clear(); }
+
+// fetch: the host runs the request; fetchDone settles the promise. Text bodies only.
+class Headers {
+  #map = new Map();
+  constructor(init) {
+    if (init instanceof Headers) init = [...init];
+    else if (init && typeof init === "object" && typeof init[Symbol.iterator] !== "function") init = Object.entries(init);
+    for (const [k, v] of init || []) this.append(k, v);
+  }
+  append(k, v) { k = String(k).toLowerCase(); const o = this.#map.get(k); this.#map.set(k, o === undefined ? String(v) : `${o}, ${v}`); }
+  set(k, v) { this.#map.set(String(k).toLowerCase(), String(v)); }
+  get(k) { const v = this.#map.get(String(k).toLowerCase()); return v === undefined ? null : v; }
+  has(k) { return this.#map.has(String(k).toLowerCase()); }
+  delete(k) { this.#map.delete(String(k).toLowerCase()); }
+  forEach(fn, self) { for (const [k, v] of this) fn.call(self, v, k, this); }
+  keys() { return [...this].map(([k]) => k)[Symbol.iterator](); }
+  values() { return [...this].map(([, v]) => v)[Symbol.iterator](); }
+  entries() { return [...this.#map].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))[Symbol.iterator](); }
+  [Symbol.iterator]() { return this.entries(); }
+}
+globalThis.Headers = Headers;
+class Response {
+  #body; #used = false;
+  constructor(body = null, init = {}) {
+    this.#body = body == null ? "" : String(body);
+    this.status = init.status ?? 200;
+    this.statusText = init.statusText ?? "";
+    this.headers = new Headers(init.headers);
+    this.url = init.url ?? "";
+    this.ok = this.status >= 200 && this.status < 300;
+  }
+  get bodyUsed() { return this.#used; }
+  async text() {
+    if (this.#used) throw new TypeError("Response body already used");
+    this.#used = true;
+    return this.#body;
+  }
+  async json() { return JSON.parse(await this.text()); }
+}
+globalThis.Response = Response;
+const fetches = new Map();
+let nextFetch = 1;
+globalThis.fetch = (input, init = {}) => new Promise((resolve, reject) => {
+  const url = typeof input === "string" ? input : input instanceof URL ? input.href : String(input?.url ?? input);
+  const method = String(init.method ?? "GET").toUpperCase();
+  const headers = [...new Headers(init.headers)];
+  let body = init.body ?? null;
+  if (body !== null && typeof body !== "string") {
+    body = body instanceof Uint8Array || body instanceof ArrayBuffer ? new TextDecoder().decode(body)
+      : body instanceof URLSearchParams ? body.toString() : String(body);
+  }
+  const id = nextFetch++;
+  const refused = hostFetch(id, url, method, JSON.stringify(headers), body);
+  if (refused) { reject(new TypeError(`fetch failed: ${refused}`)); return; }
+  fetches.set(id, { resolve, reject });
+});
+/** Settles fetch `id`: `err` is null on success, else the reason it failed. */
+export function fetchDone(id, err, status, statusText, url, headersJson, body) {
+  const p = fetches.get(id);
+  if (!p) return;
+  fetches.delete(id);
+  if (err !== null) p.reject(new TypeError(`fetch failed: ${err}`));
+  else p.resolve(new Response(body, { status, statusText, url, headers: JSON.parse(headersJson) }));
+}
 
 // TextEncoder / TextDecoder (UTF-8 only).
 globalThis.TextEncoder = class TextEncoder {

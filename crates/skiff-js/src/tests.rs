@@ -8,12 +8,16 @@ struct Fixture {
 }
 
 async fn start_with(source: &str, extra: &str) -> Result<Fixture, SandboxError> {
+    start_in(JsSandbox::new(), source, extra).await
+}
+
+async fn start_in(tier: JsSandbox, source: &str, extra: &str) -> Result<Fixture, SandboxError> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.js"), source).unwrap();
     let spec =
         FunctionSpec::from_yaml(&format!("name: t\nruntime: js\nhandler: index.js\n{extra}"))
             .unwrap();
-    let inst = JsSandbox::new()
+    let inst = tier
         .start(InstanceSpec {
             instance_id: "t-1".into(),
             function: "t".into(),
@@ -344,4 +348,143 @@ async fn bytecode_is_compiled_once_per_revision() {
         assert_eq!(r.body, br#""v1""#);
     }
     assert_ne!(a.id(), b.id());
+}
+
+/// A one-shot-per-connection HTTP server on loopback answering every request with a JSON echo
+/// of its request line, `x-in` header and body.
+fn echo_server() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let (mut len, mut x_in) = (0usize, String::new());
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                let (k, v) = h.split_once(':').unwrap_or(("", ""));
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "x-in" => x_in = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let reply = serde_json::json!({
+                "line": line.trim(), "x_in": x_in, "body": String::from_utf8_lossy(&body),
+            })
+            .to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-out: yes\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    addr
+}
+
+const FETCH_SRC: &str = r#"export default async (req) => {
+  try {
+    const r = await fetch(req.url, { method: "POST", headers: { "X-In": "hi" }, body: "payload" });
+    return { status: r.status, ok: r.ok, out: r.headers.get("X-Out"), json: await r.json() };
+  } catch (e) {
+    return { error: `${e.name}: ${e.message}` };
+  }
+};"#;
+
+#[tokio::test]
+async fn fetch_reaches_a_local_server_only_with_the_test_override() {
+    let addr = echo_server();
+    let payload = serde_json::json!({ "url": format!("http://{addr}/p?q=1") }).to_string();
+    let f = start_in(
+        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
+        FETCH_SRC,
+        "",
+    )
+    .await
+    .unwrap();
+    let v = json(&call(&f, &payload).await.unwrap());
+    assert_eq!(v["status"], 201, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["out"], "yes");
+    assert_eq!(v["json"]["line"], "POST /p?q=1 HTTP/1.1");
+    assert_eq!(v["json"]["x_in"], "hi");
+    assert_eq!(v["json"]["body"], "payload");
+
+    // The default policy refuses loopback (literal and `localhost`) and link-local.
+    let f = start(FETCH_SRC).await;
+    for url in [
+        format!("http://{addr}/"),
+        format!("http://localhost:{}/", addr.port()),
+        "http://[::1]/".to_string(),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+    ] {
+        let payload = serde_json::json!({ "url": url }).to_string();
+        let v = json(&call(&f, &payload).await.unwrap());
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{url}: {v}"));
+        assert!(
+            e.starts_with("TypeError: fetch failed: refusing"),
+            "{url}: {e}"
+        );
+    }
+    // The gateway's own address is refused even with the override.
+    let tier = JsSandbox::with_net(NetPolicy::allowing_private_for_tests());
+    tier.net().set_gateway(addr);
+    let f = start_in(tier, FETCH_SRC, "").await.unwrap();
+    let payload = serde_json::json!({ "url": format!("http://{addr}/") }).to_string();
+    let v = json(&call(&f, &payload).await.unwrap());
+    assert!(v["error"].as_str().unwrap().contains("gateway"), "{v}");
+}
+
+#[tokio::test]
+async fn fetch_obeys_network_none_and_the_timeout() {
+    let addr = echo_server();
+    let payload = serde_json::json!({ "url": format!("http://{addr}/") }).to_string();
+    let f = start_in(
+        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
+        FETCH_SRC,
+        "network: none\n",
+    )
+    .await
+    .unwrap();
+    let v = json(&call(&f, &payload).await.unwrap());
+    assert_eq!(
+        v["error"],
+        "TypeError: fetch failed: fetch is not allowed: the function's network is `none`"
+    );
+
+    // A server that never answers: the fetch fails at the invocation's deadline.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", silent.local_addr().unwrap());
+    let f = start_in(
+        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
+        FETCH_SRC,
+        "",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let payload = serde_json::json!({ "url": url }).to_string();
+    let r = f
+        .inst
+        .invoke(req(&payload, Duration::from_millis(800)))
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    match r {
+        Ok(r) => assert!(
+            json(&r)["error"].as_str().unwrap().contains("timed out"),
+            "{:?}",
+            r.body
+        ),
+        Err(e) => assert!(e.to_string().contains("interrupted"), "{e}"),
+    }
+    drop(silent);
 }

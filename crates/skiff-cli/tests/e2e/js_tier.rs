@@ -170,3 +170,65 @@ fn js_spec_limits_are_validated() {
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(err.contains("memory"), "{err}");
 }
+
+/// `fetch` from the handler; answers `{status}` or `{error}`.
+const FETCH_SRC: &str = r#"export default async (req) => {
+  try {
+    const r = await fetch(req.url);
+    return { status: r.status, body: await r.text() };
+  } catch (e) {
+    return { error: `${e.name}: ${e.message}` };
+  }
+};"#;
+
+#[test]
+fn js_fetch_obeys_network_none_and_refuses_loopback() {
+    let s = Server::start();
+    let none = js_function("js-fetch-none", "network: none\n", FETCH_SRC);
+    deploy(&s, none.path());
+    let open = js_function("js-fetch-out", "network: outbound\n", FETCH_SRC);
+    deploy(&s, open.path());
+
+    let (v, _) = s.invoke_ok("js-fetch-none", &json!({"url": "http://example.com/"}));
+    assert_eq!(
+        v["error"],
+        "TypeError: fetch failed: fetch is not allowed: the function's network is `none`",
+        "{v}"
+    );
+
+    // Outbound, but never the host's loopback: not the gateway, not another local port,
+    // not by name, not the metadata address.
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    for url in [
+        format!("{}/health", s.url),
+        format!("http://localhost:{port}/health"),
+        "http://127.0.0.1:9/".to_string(),
+        "http://[::1]/".to_string(),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ] {
+        let (v, _) = s.invoke_ok("js-fetch-out", &json!({"url": url}));
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{url}: {v}"));
+        assert!(
+            e.starts_with("TypeError: fetch failed: refusing"),
+            "{url}: {e}"
+        );
+    }
+
+    // Ad-hoc /execute code has no network.
+    let r = s.post(
+        "/execute",
+        serde_json::to_vec(&json!({"code": FETCH_SRC, "request": {"url": "http://example.com/"}}))
+            .unwrap(),
+    );
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    let body: Value = serde_json::from_str(v["result"]["body"].as_str().unwrap()).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("network is `none`"),
+        "{body}"
+    );
+    assert!(s.healthy());
+}

@@ -3,6 +3,7 @@
 
 mod aliases;
 mod events;
+mod execute_api;
 mod harness;
 mod http_runtime;
 mod http_trigger;

@@ -1,0 +1,306 @@
+//! Host side of the JS tier's `fetch`: requests run on the server's tokio runtime with a shared
+//! reqwest client (plain `http://` only: the build has no TLS stack), and their results go back
+//! to the isolate thread over a channel that `settle` drains.
+//!
+//! Policy: `network: none` refuses every request. Otherwise the destination — URL literals,
+//! every DNS answer (checked in the resolver, so a name cannot rebind past the check) and every
+//! redirect — must not be loopback, link-local, private (RFC 1918, CGNAT, ULA), unspecified,
+//! multicast or broadcast, nor the gateway itself. [`NetPolicy::allow_private`] lifts the
+//! address rule for tests only.
+
+use parking_lot::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::Duration;
+
+/// Largest response body kept (bytes); longer bodies fail the fetch.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+/// Where `fetch` may connect. Shared by the instances of one [`crate::JsSandbox`].
+#[derive(Default)]
+pub struct NetPolicy {
+    /// The gateway's own listen address (set by `skiff serve` once bound).
+    gateway: Mutex<Option<SocketAddr>>,
+    /// Test-only: allow loopback and private destinations. `skiff serve` never sets it.
+    pub allow_private: bool,
+    client: OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl NetPolicy {
+    /// A policy for tests that may reach local servers.
+    pub fn allowing_private_for_tests() -> NetPolicy {
+        NetPolicy {
+            allow_private: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn set_gateway(&self, addr: SocketAddr) {
+        *self.gateway.lock() = Some(addr);
+    }
+
+    /// Why `ip:port` may not be fetched, if it may not.
+    pub fn refuse(&self, ip: IpAddr, port: Option<u16>) -> Option<String> {
+        if let Some(g) = *self.gateway.lock() {
+            let same_host = g.ip().is_unspecified() || g.ip() == canonical(ip);
+            if same_host && port.is_none_or(|p| p == g.port()) {
+                return Some(format!("{ip} is the Skiff gateway itself"));
+            }
+        }
+        if !self.allow_private && is_internal(ip) {
+            return Some(format!("{ip} is a loopback, link-local or private address"));
+        }
+        None
+    }
+
+    fn client(self: &Arc<Self>) -> Result<reqwest::Client, String> {
+        let policy = self.clone();
+        self.client
+            .get_or_init(|| {
+                let redirects = policy.clone();
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .dns_resolver(Arc::new(Resolver(policy)))
+                    .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                        if attempt.previous().len() >= 10 {
+                            return attempt.error("too many redirects");
+                        }
+                        match check_url(&redirects, attempt.url()) {
+                            Ok(()) => attempt.follow(),
+                            Err(e) => attempt.error(e),
+                        }
+                    }))
+                    .build()
+                    .map_err(|e| format!("cannot build the HTTP client: {e}"))
+            })
+            .clone()
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Loopback, link-local, private, CGNAT, unspecified, multicast or broadcast.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_link_local()
+                || a.is_private()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || a.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let s0 = a.segments()[0];
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s0 & 0xfe00) == 0xfc00
+                || (s0 & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Scheme, and literal-address destination checks of a URL.
+fn check_url(policy: &NetPolicy, url: &reqwest::Url) -> Result<(), String> {
+    if url.scheme() == "https" {
+        return Err("https URLs are not supported yet (this build has no TLS)".into());
+    }
+    if url.scheme() != "http" {
+        return Err(format!("unsupported URL scheme `{}`", url.scheme()));
+    }
+    let port = url.port_or_known_default();
+    let Some(host) = url.host_str() else {
+        return Err("the URL has no host".into());
+    };
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(ip) = literal.parse::<IpAddr>() else {
+        if host.eq_ignore_ascii_case("localhost")
+            || host.to_ascii_lowercase().ends_with(".localhost")
+        {
+            if policy.allow_private {
+                return Ok(());
+            }
+            return Err(format!("refusing to fetch {host}: loopback address"));
+        }
+        // Names: the gateway's port is refused when it listens on every address.
+        if let (Some(g), Some(p)) = (*policy.gateway.lock(), port) {
+            if g.ip().is_unspecified() && g.port() == p {
+                return Err(format!("refusing to fetch port {p}: the Skiff gateway"));
+            }
+        }
+        return Ok(());
+    };
+    match policy.refuse(ip, port) {
+        Some(why) => Err(format!("refusing to fetch {url}: {why}")),
+        None => Ok(()),
+    }
+}
+
+/// DNS through the system resolver, dropping refused answers.
+struct Resolver(Arc<NetPolicy>);
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut why = None;
+            let ok: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.refuse(a.ip(), None) {
+                    Some(w) => {
+                        why = Some(w);
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if ok.is_empty() {
+                let why = why.unwrap_or_else(|| "no addresses".into());
+                return Err(format!("refusing to fetch {host}: {why}").into());
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// A finished fetch, sent back to the isolate thread.
+pub(crate) struct Done {
+    pub id: u32,
+    pub result: Result<Reply, String>,
+}
+
+pub(crate) struct Reply {
+    pub status: u16,
+    pub status_text: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// One request from JS.
+pub(crate) struct Request {
+    pub url: String,
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<String>,
+}
+
+/// Checks `req` and, if it may go, starts it on `rt`; the result arrives on `done`.
+pub(crate) fn start(
+    policy: &Arc<NetPolicy>,
+    rt: &tokio::runtime::Handle,
+    id: u32,
+    req: Request,
+    timeout: Duration,
+    done: mpsc::Sender<Done>,
+) -> Result<(), String> {
+    let url = reqwest::Url::parse(&req.url).map_err(|e| format!("invalid URL {}: {e}", req.url))?;
+    check_url(policy, &url)?;
+    let method = reqwest::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| format!("invalid method {}", req.method))?;
+    let client = policy.client()?;
+    let mut b = client.request(method, url).timeout(timeout);
+    for (k, v) in &req.headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    if let Some(body) = req.body {
+        b = b.body(body);
+    }
+    rt.spawn(async move {
+        let result = async {
+            let resp = b.send().await.map_err(describe)?;
+            let status = resp.status();
+            let url = resp.url().to_string();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            if resp
+                .content_length()
+                .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+            {
+                return Err(format!(
+                    "the response body exceeds {MAX_RESPONSE_BYTES} bytes"
+                ));
+            }
+            let bytes = resp.bytes().await.map_err(describe)?;
+            if bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(format!(
+                    "the response body exceeds {MAX_RESPONSE_BYTES} bytes"
+                ));
+            }
+            Ok(Reply {
+                status: status.as_u16(),
+                status_text: status.canonical_reason().unwrap_or("").to_string(),
+                url,
+                headers,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            })
+        }
+        .await;
+        let _ = done.send(Done { id, result });
+    });
+    Ok(())
+}
+
+/// The error and its sources in one line (reqwest hides the cause, e.g. a refused address).
+fn describe(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "the request timed out".into();
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses() {
+        for a in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "169.254.169.254",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(a.parse().unwrap()), "{a}");
+        }
+        for a in ["1.1.1.1", "93.184.216.34", "2606:4700::1111"] {
+            assert!(!is_internal(a.parse().unwrap()), "{a}");
+        }
+        let p = NetPolicy::allowing_private_for_tests();
+        p.set_gateway("127.0.0.1:8080".parse().unwrap());
+        assert!(p.refuse("127.0.0.1".parse().unwrap(), Some(8080)).is_some());
+        assert!(p.refuse("127.0.0.1".parse().unwrap(), Some(8081)).is_none());
+    }
+}
