@@ -58,8 +58,7 @@ pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
         });
     }
     // js and wasm run in-process; `sandbox` applies to the process tiers only.
-    if spec.sandbox != SandboxKind::Native && !matches!(spec.runtime, Runtime::Js | Runtime::Wasm)
-    {
+    if spec.sandbox != SandboxKind::Native && !matches!(spec.runtime, Runtime::Js | Runtime::Wasm) {
         out.push(Blocker {
             code: "missing_runtime",
             message: format!(

@@ -57,7 +57,9 @@ pub enum LoadError {
     Component { path: String },
     #[error("{path} does not compile: {message}")]
     Compile { path: String, message: String },
-    #[error("{path} must export `_start` (build it as a WASI command, e.g. --target wasm32-wasip1)")]
+    #[error(
+        "{path} must export `_start` (build it as a WASI command, e.g. --target wasm32-wasip1)"
+    )]
     NoStart { path: String },
     #[error("{path} cannot be linked: {message}")]
     Link { path: String, message: String },
@@ -162,7 +164,10 @@ impl WasmSandbox {
 fn guest_path(code_dir: &Path, handler: &str) -> Result<PathBuf, LoadError> {
     let h = handler.trim().trim_start_matches("./");
     let rel = Path::new(h);
-    let ok_ext = matches!(rel.extension().and_then(|e| e.to_str()), Some("wasm" | "wat"));
+    let ok_ext = matches!(
+        rel.extension().and_then(|e| e.to_str()),
+        Some("wasm" | "wat")
+    );
     if h.is_empty()
         || !ok_ext
         || rel.is_absolute()
@@ -262,7 +267,12 @@ impl Sandbox for WasmSandbox {
         Ok(Arc::new(WasmInstance {
             id: spec.instance_id,
             pre,
-            argv0: spec.spec.handler.trim().trim_start_matches("./").to_string(),
+            argv0: spec
+                .spec
+                .handler
+                .trim()
+                .trim_start_matches("./")
+                .to_string(),
             env: spec.env,
             memory_limit: spec.spec.memory,
             shared: Arc::new(Shared {

@@ -31,7 +31,10 @@ fn wasm_example_v1_http_trigger_warm_path_and_logs() {
     let v: Value = r.json().unwrap();
     assert_eq!(v["message"], "Hello from Wasm!");
     assert_eq!(v["event"]["rawPath"], "/greet/x", "{v}");
-    assert_eq!(v["event"]["requestContext"]["http"]["method"], "POST", "{v}");
+    assert_eq!(
+        v["event"]["requestContext"]["http"]["method"], "POST",
+        "{v}"
+    );
     assert_eq!(v["event"]["queryStringParameters"]["name"], "edge", "{v}");
 
     // Warm path through the gateway.
