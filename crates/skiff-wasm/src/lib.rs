@@ -1,5 +1,6 @@
-//! The `wasm` tier: a function is a WASI command (a core module exporting `_start`, as `.wasm`
-//! or `.wat`) run by Wasmtime inside the server process, with the `command` runtime's contract:
+//! The `wasm` tier: a function is a WASI command (a preview-1 core module exporting `_start`,
+//! or a preview-2 component exporting `wasi:cli/run`; as `.wasm` or `.wat`) run by Wasmtime
+//! inside the server process, with the `command` runtime's contract:
 //! the event on stdin, the reply on stdout, stderr into the invocation's logs, and a non-zero
 //! exit or a trap reported as a function error.
 //!
@@ -18,13 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wasmtime::component::Component;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
-use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the epoch ticks: the granularity of timeouts and stops.
 const TICK: Duration = Duration::from_millis(10);
@@ -53,8 +56,8 @@ pub enum LoadError {
     },
     #[error("{path} is not valid WebAssembly text: {message}")]
     Wat { path: String, message: String },
-    #[error("{path} is a component; this server runs WASI command modules (core modules exporting `_start`)")]
-    Component { path: String },
+    #[error("{path} must export `wasi:cli/run` (build it as a WASI command component): {message}")]
+    NoRun { path: String, message: String },
     #[error("{path} does not compile: {message}")]
     Compile { path: String, message: String },
     #[error(
@@ -67,10 +70,17 @@ pub enum LoadError {
     Engine(String),
 }
 
-/// Per-store state: the WASI context and the memory limiter.
+/// Per-store state: the WASI context (preview 1, which also serves preview 2) and the memory
+/// limiter.
 struct Host {
     wasi: WasiP1Ctx,
     limits: Limits,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
 }
 
 /// Bounds a store's linear memories and tables; remembers when it refused to grow memory.
@@ -117,7 +127,7 @@ fn engine() -> Result<&'static Engine, LoadError> {
                 .total_core_instances(POOL_SLOTS)
                 .total_tables(POOL_SLOTS)
                 .total_stacks(8)
-                .total_component_instances(8)
+                .total_component_instances(POOL_SLOTS)
                 .max_memory_size(skiff_core::spec::MEMORY_MAX as usize);
             cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             let engine = Engine::new(&cfg).or_else(|e| {
@@ -145,7 +155,14 @@ fn engine() -> Result<&'static Engine, LoadError> {
 }
 
 /// Compiled and linked code of one revision.
-type Prepared = Arc<InstancePre<Host>>;
+enum Guest {
+    /// A preview-1 core module; runs `_start`.
+    Module(InstancePre<Host>),
+    /// A preview-2 component; runs `wasi:cli/run`.
+    Component(CommandPre<Host>),
+}
+
+type Prepared = Arc<Guest>;
 type Cache = Arc<Mutex<HashMap<(String, u32, PathBuf), Prepared>>>;
 
 /// The Wasm tier. Cheap to create; holds the compiled code per revision.
@@ -180,8 +197,9 @@ fn guest_path(code_dir: &Path, handler: &str) -> Result<PathBuf, LoadError> {
     Ok(code_dir.join(rel))
 }
 
-/// Compiles a guest (binary or WAT text) and links it against WASI preview 1.
-fn load(code_dir: &Path, handler: &str) -> Result<InstancePre<Host>, LoadError> {
+/// Compiles a guest (binary or WAT text) and links it against WASI (preview 1 for core
+/// modules, preview 2 without `wasi:http` for components).
+fn load(code_dir: &Path, handler: &str) -> Result<Guest, LoadError> {
     let engine = engine()?;
     let path = guest_path(code_dir, handler)?;
     let name = handler.trim().trim_start_matches("./").to_string();
@@ -193,8 +211,23 @@ fn load(code_dir: &Path, handler: &str) -> Result<InstancePre<Host>, LoadError> 
         path: name.clone(),
         message: e.to_string(),
     })?;
+    let link_err = |e: wasmtime::Error| LoadError::Link {
+        path: name.clone(),
+        message: format!("{e:#}"),
+    };
     if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0] {
-        return Err(LoadError::Component { path: name });
+        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
+            path: name.clone(),
+            message: format!("{e:#}"),
+        })?;
+        let mut linker = wasmtime::component::Linker::<Host>::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
+        let pre = linker.instantiate_pre(&component).map_err(link_err)?;
+        let pre = CommandPre::new(pre).map_err(|e| LoadError::NoRun {
+            path: name.clone(),
+            message: format!("{e:#}"),
+        })?;
+        return Ok(Guest::Component(pre));
     }
     let module = Module::new(engine, &bytes).map_err(|e| LoadError::Compile {
         path: name.clone(),
@@ -207,13 +240,11 @@ fn load(code_dir: &Path, handler: &str) -> Result<InstancePre<Host>, LoadError> 
         return Err(LoadError::NoStart { path: name });
     }
     let mut linker: Linker<Host> = Linker::new(engine);
-    let link_err = |e: wasmtime::Error| LoadError::Link {
-        path: name.clone(),
-        message: format!("{e:#}"),
-    };
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
         .map_err(link_err)?;
-    linker.instantiate_pre(&module).map_err(link_err)
+    Ok(Guest::Module(
+        linker.instantiate_pre(&module).map_err(link_err)?,
+    ))
 }
 
 /// State shared by an instance handle and its running invocations.
@@ -304,7 +335,7 @@ struct Run {
 impl WasmInstance {
     /// Runs the guest once in a fresh store (blocking; call off the async threads).
     fn run(&self, payload: Vec<u8>, deadline: Instant) -> Result<Run, SandboxError> {
-        let engine = self.pre.module().engine();
+        let engine = engine().map_err(|e| SandboxError::Start(e.to_string()))?;
         let stdout = MemoryOutputPipe::new(STDOUT_MAX);
         let stderr = MemoryOutputPipe::new(LOG_MAX);
         let wasi = WasiCtxBuilder::new()
@@ -338,13 +369,20 @@ impl WasmInstance {
                 Ok(UpdateDeadline::Continue(1))
             }
         });
-        let result = self.pre.instantiate(&mut store).and_then(|instance| {
-            instance
-                .get_typed_func::<(), ()>(&mut store, "_start")?
-                .call(&mut store, ())
-        });
+        let result = match &*self.pre {
+            Guest::Module(pre) => pre.instantiate(&mut store).and_then(|instance| {
+                instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")?
+                    .call(&mut store, ())
+                    .map(|()| 0)
+            }),
+            Guest::Component(pre) => pre.instantiate(&mut store).and_then(|command| {
+                let ok = command.wasi_cli_run().call_run(&mut store)?;
+                Ok(if ok.is_ok() { 0 } else { 1 })
+            }),
+        };
         let ended = match result {
-            Ok(()) => Ended::Exited(0),
+            Ok(code) => Ended::Exited(code),
             Err(e) => {
                 if let Some(exit) = e.downcast_ref::<I32Exit>() {
                     Ended::Exited(exit.0)

@@ -128,6 +128,49 @@ async fn binary_modules_and_env_work() {
     assert_eq!(String::from_utf8_lossy(&r.body), "GREETING=hi\0");
 }
 
+/// A component exporting `wasi:cli/run` whose `run` executes `body` (an `i32`: 0 = ok).
+fn component(body: &str) -> String {
+    format!(
+        r#"(component
+          (core module $m (func (export "run") (result i32) {body}))
+          (core instance $i (instantiate $m))
+          (func $run (result (result)) (canon lift (core func $i "run")))
+          (instance $cli (export "run" (func $run)))
+          (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+    )
+}
+
+#[tokio::test]
+async fn components_run_wasi_cli_run() {
+    let f = start(&component("(i32.const 0)")).await;
+    let r = call(&f, "").await.unwrap();
+    assert_eq!(r.error_type, None, "{}", String::from_utf8_lossy(&r.body));
+
+    let f = start(&component("(i32.const 1)")).await;
+    let r = call(&f, "").await.unwrap();
+    assert_eq!(r.error_type.as_deref(), Some("Runtime.ExitError"));
+    assert_eq!(
+        json(&r)["errorMessage"],
+        "Command exited with non-zero status: 1"
+    );
+
+    let f = start(&component("unreachable")).await;
+    let r = call(&f, "").await.unwrap();
+    assert_eq!(r.error_type.as_deref(), Some("Runtime.Trap"));
+    assert!(json(&r)["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("unreachable"));
+
+    let f = start(&component("(loop $l (br $l)) (i32.const 0)")).await;
+    let e = f
+        .inst
+        .invoke(req("", Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+}
+
 #[tokio::test]
 async fn exit_codes_follow_the_command_contract() {
     let wat = guest(
@@ -278,7 +321,7 @@ async fn bad_guests_fail_to_start_with_a_clear_message() {
             b"(module (import \"env\" \"nope\" (func)) (func (export \"_start\")))",
             "cannot be linked",
         ),
-        ("a.wasm", b"\0asm\x0d\0\x01\0", "is a component"),
+        ("a.wasm", b"\0asm\x0d\0\x01\0", "must export `wasi:cli/run`"),
     ];
     for (file, code, want) in cases {
         let e = match start_with(&sandbox, file, code, "").await {
