@@ -36,8 +36,8 @@ const TICK: Duration = Duration::from_millis(10);
 const DEADLINE_GRACE: Duration = Duration::from_millis(250);
 /// Revisions whose compiled code is kept; the cache is cleared when it grows past this.
 const CACHE_MAX: usize = 256;
-/// Largest reply (stdout) a guest may write.
-const STDOUT_MAX: usize = 6 << 20;
+/// Largest reply (stdout) a guest may write; one byte more marks it as too large.
+const STDOUT_MAX: usize = skiff_core::MAX_PAYLOAD_BYTES;
 /// Bytes of stderr kept per invocation.
 const LOG_MAX: usize = 1 << 20;
 /// Linear-memory slots of the pooling allocator (concurrent invocations across all
@@ -317,6 +317,8 @@ impl Sandbox for WasmSandbox {
 
 /// How one run of the guest ended.
 enum Ended {
+    /// The guest could not be instantiated (e.g. its initial memory is over the limit).
+    NotStarted(wasmtime::Error),
     Exited(i32),
     Trapped(wasmtime::Error),
     /// Past its deadline, or the instance was stopped.
@@ -336,7 +338,7 @@ impl WasmInstance {
     /// Runs the guest once in a fresh store (blocking; call off the async threads).
     fn run(&self, payload: Vec<u8>, deadline: Instant) -> Result<Run, SandboxError> {
         let engine = engine().map_err(|e| SandboxError::Start(e.to_string()))?;
-        let stdout = MemoryOutputPipe::new(STDOUT_MAX);
+        let stdout = MemoryOutputPipe::new(STDOUT_MAX + 1);
         let stderr = MemoryOutputPipe::new(LOG_MAX);
         let wasi = WasiCtxBuilder::new()
             .stdin(MemoryInputPipe::new(payload))
@@ -370,20 +372,24 @@ impl WasmInstance {
             }
         });
         let result = match &*self.pre {
-            Guest::Module(pre) => pre.instantiate(&mut store).and_then(|instance| {
-                instance
-                    .get_typed_func::<(), ()>(&mut store, "_start")?
-                    .call(&mut store, ())
-                    .map(|()| 0)
-            }),
-            Guest::Component(pre) => pre.instantiate(&mut store).and_then(|command| {
-                let ok = command.wasi_cli_run().call_run(&mut store)?;
-                Ok(if ok.is_ok() { 0 } else { 1 })
-            }),
+            Guest::Module(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start"))
+                .map_err(Err)
+                .and_then(|start| start.call(&mut store, ()).map(|()| 0).map_err(Ok)),
+            Guest::Component(pre) => pre
+                .instantiate(&mut store)
+                .map_err(Err)
+                .and_then(|command| {
+                    let ok = command.wasi_cli_run().call_run(&mut store).map_err(Ok)?;
+                    Ok(if ok.is_ok() { 0 } else { 1 })
+                }),
         };
+        // `Err(Err(_))`: instantiation failed; `Err(Ok(_))`: the run trapped or exited.
         let ended = match result {
             Ok(code) => Ended::Exited(code),
-            Err(e) => {
+            Err(Err(e)) => Ended::NotStarted(e),
+            Err(Ok(e)) => {
                 if let Some(exit) = e.downcast_ref::<I32Exit>() {
                     Ended::Exited(exit.0)
                 } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
@@ -470,6 +476,14 @@ impl Instance for WasmInstance {
         }
         let log_text = String::from_utf8_lossy(&stderr).into_owned();
         match ended {
+            Ended::Exited(0) if stdout.len() > STDOUT_MAX => Ok(function_error(
+                "Function.ResponseSizeTooLarge",
+                &format!(
+                    "Response payload size exceeded maximum allowed payload size ({STDOUT_MAX} bytes)."
+                ),
+                Vec::new(),
+                stderr,
+            )),
             Ended::Exited(0) => Ok(InvokeResult {
                 body: stdout,
                 logs: stderr,
@@ -477,6 +491,10 @@ impl Instance for WasmInstance {
             }),
             _ if memory_hit => Err(SandboxError::OutOfMemory {
                 limit_mb: self.memory_limit >> 20,
+                log_tail: log_text,
+            }),
+            Ended::NotStarted(e) => Err(SandboxError::Crashed {
+                message: format!("cannot instantiate the Wasm guest: {e:#}"),
                 log_tail: log_text,
             }),
             Ended::Exited(code) => Ok(function_error(

@@ -272,6 +272,16 @@ async fn memory_growth_past_the_limit_is_out_of_memory() {
         matches!(e, SandboxError::OutOfMemory { limit_mb: 64, .. }),
         "{e}"
     );
+    // Initial memory over the limit: the store refuses it at instantiation.
+    let big = guest(r#"(memory (export "memory") 2000) (func (export "_start"))"#);
+    let f = start_with(&sandbox, "big.wat", big.as_bytes(), "memory: 64Mi\n")
+        .await
+        .unwrap();
+    let e = call(&f, "").await.unwrap_err();
+    assert!(
+        matches!(e, SandboxError::OutOfMemory { limit_mb: 64, .. }),
+        "{e}"
+    );
     // Within the limit the same growth works.
     let f = start_with(&sandbox, "mem.wat", wat.as_bytes(), "memory: 256Mi\n")
         .await
@@ -354,4 +364,20 @@ async fn compiled_once_per_revision_and_fast_per_request() {
     let p50 = times[times.len() / 2];
     eprintln!("wasm instantiate+run p50: {p50:?}, p99: {:?}", times[198]);
     assert!(p50 < Duration::from_millis(20), "{p50:?}");
+}
+
+#[tokio::test]
+async fn oversized_replies_are_refused() {
+    // 7 MiB of zeros on stdout: over the 6 MiB payload limit.
+    let wat = guest(
+        r#"(memory (export "memory") 120)
+      (func (export "_start") (call $write (i32.const 1) (i32.const 1024) (i32.const 7340032)))"#,
+    );
+    let f = start(&wat).await;
+    let r = call(&f, "").await.unwrap();
+    assert_eq!(
+        r.error_type.as_deref(),
+        Some("Function.ResponseSizeTooLarge")
+    );
+    assert!(r.body.len() < 1024);
 }
