@@ -237,6 +237,7 @@ fn main() {
     .unwrap();
     let python = root.join("examples/python-hello");
     let js = root.join("examples/js-hello");
+    let wasm = root.join("examples/wasm-hello");
     let fns = [
         ("b-provided", &provided, "network: none\n", false),
         (
@@ -260,6 +261,8 @@ fn main() {
         ),
         ("b-js", &js, "", false),
         ("b-js-cold", &js, "mode: ephemeral\n", true),
+        ("b-wasm", &wasm, "", false),
+        ("b-wasm-cold", &wasm, "mode: ephemeral\n", true),
     ];
     let (mut server, addr) = start_server(&skiff, &tmp.join("data"));
     for (name, src, extra, _) in &fns {
@@ -338,6 +341,8 @@ fn main() {
             "b-python-cold" => "cold start, python example (network none)",
             "b-js" => "warm invoke, js example (QuickJS isolate)",
             "b-js-cold" => "cold start, js example (new isolate + module + call)",
+            "b-wasm" => "warm invoke, wasm example (fresh Wasmtime store per call)",
+            "b-wasm-cold" => "cold start, wasm example (new instance, module cached)",
             _ => "cold start, provided example (network outbound, slirp4netns)",
         };
         row(label, &s);

@@ -784,7 +784,7 @@ def specs_are_well_formed():
         assert not unknown, "%s: unknown keys %s" % (d, unknown)
         eq(spec["name"], os.path.basename(d), "name matches directory")
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", spec["name"]), spec["name"]
-        assert spec["runtime"] in ("python3", "node", "provided", "command", "http", "js"), spec
+        assert spec["runtime"] in ("python3", "node", "provided", "command", "http", "js", "wasm"), spec
         assert spec["name"] not in names, "duplicate name " + spec["name"]
         names.add(spec["name"])
         if spec["runtime"] in ("python3", "node"):

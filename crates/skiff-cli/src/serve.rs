@@ -146,6 +146,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let sandbox = Tiers {
         native: Arc::new(native),
         js: Some(js.clone() as Arc<dyn skiff_sandbox::Sandbox>),
+        wasm: wasm_tier(),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -266,4 +267,16 @@ pub fn doctor() -> Result<()> {
         bail!("some checks failed");
     }
     Ok(())
+}
+
+/// The Wasm tier, when compiled in; declares `runtime: wasm` publishable.
+#[cfg(feature = "wasm")]
+fn wasm_tier() -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+    skiff_core::publish::set_wasm_available(true);
+    Some(Arc::new(skiff_wasm::WasmSandbox::new()))
+}
+
+#[cfg(not(feature = "wasm"))]
+fn wasm_tier() -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+    None
 }

@@ -4,6 +4,7 @@
 
 use crate::spec::{FunctionSpec, Mode, Runtime, SandboxKind};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One reason a revision is not publishable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -22,8 +23,21 @@ impl Blocker {
     }
 }
 
+static WASM_AVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// Declares whether this server runs `runtime: wasm` (set once at startup by the server when
+/// its Wasm tier is compiled in).
+pub fn set_wasm_available(available: bool) {
+    WASM_AVAILABLE.store(available, Ordering::Relaxed);
+}
+
 /// The blockers of a revision with this spec on this server (empty = publishable).
 pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
+    blockers_with(spec, WASM_AVAILABLE.load(Ordering::Relaxed))
+}
+
+/// [`blockers`] for a server that does (`wasm`) or does not run `runtime: wasm`.
+pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
     let mut out = Vec::new();
     if spec.routes.as_ref().is_some_and(Vec::is_empty) {
         out.push(Blocker {
@@ -33,7 +47,7 @@ pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
                 .into(),
         });
     }
-    if spec.runtime == Runtime::Wasm {
+    if spec.runtime == Runtime::Wasm && !wasm {
         out.push(Blocker {
             code: "missing_runtime",
             message: format!(
@@ -43,8 +57,8 @@ pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
             ),
         });
     }
-    // js runs in an in-process isolate; `sandbox` applies to the process tiers only.
-    if spec.sandbox != SandboxKind::Native && spec.runtime != Runtime::Js {
+    // js and wasm run in-process; `sandbox` applies to the process tiers only.
+    if spec.sandbox != SandboxKind::Native && !matches!(spec.runtime, Runtime::Js | Runtime::Wasm) {
         out.push(Blocker {
             code: "missing_runtime",
             message: format!(
@@ -100,6 +114,8 @@ mod tests {
             codes("name: a\nruntime: wasm\nhandler: app.wasm\n"),
             ["missing_runtime"]
         );
+        let wasm = FunctionSpec::from_yaml("name: a\nruntime: wasm\nhandler: app.wat\n").unwrap();
+        assert!(blockers_with(&wasm, true).is_empty());
         assert_eq!(
             codes("name: a\nruntime: python3\nmode: persistent\n"),
             ["manual_runtime"]

@@ -237,6 +237,12 @@ impl FunctionSpec {
             Duration::from_millis(1),
             TIMEOUT_MAX,
         )?;
+        if runtime == Runtime::Wasm && !(handler.ends_with(".wasm") || handler.ends_with(".wat")) {
+            return Err(err(
+                "handler",
+                "runtime wasm: must be the module file (e.g. app.wasm or app.wat)",
+            ));
+        }
         if runtime == Runtime::Js {
             if !(handler.ends_with(".js") || handler.ends_with(".mjs")) {
                 return Err(err(

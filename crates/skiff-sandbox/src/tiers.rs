@@ -6,11 +6,14 @@ use async_trait::async_trait;
 use skiff_core::Runtime;
 use std::sync::Arc;
 
-/// The tiers of this server: process runtimes go to `native`, `runtime: js` to `js`.
+/// The tiers of this server: process runtimes go to `native`, `runtime: js` to `js`,
+/// `runtime: wasm` to `wasm`.
 pub struct Tiers {
     pub native: Arc<dyn Sandbox>,
     /// The JS isolate tier; `None` refuses `runtime: js` instances.
     pub js: Option<Arc<dyn Sandbox>>,
+    /// The WebAssembly tier; `None` refuses `runtime: wasm` instances.
+    pub wasm: Option<Arc<dyn Sandbox>>,
 }
 
 #[async_trait]
@@ -23,6 +26,12 @@ impl Sandbox for Tiers {
                     "runtime js is not available on this server".into(),
                 )),
             },
+            Runtime::Wasm => match &self.wasm {
+                Some(wasm) => wasm.start(spec).await,
+                None => Err(SandboxError::Unsupported(
+                    "runtime wasm is not available on this server".into(),
+                )),
+            },
             _ => self.native.start(spec).await,
         }
     }
@@ -30,6 +39,9 @@ impl Sandbox for Tiers {
     async fn shutdown(&self) {
         if let Some(js) = &self.js {
             js.shutdown().await;
+        }
+        if let Some(wasm) = &self.wasm {
+            wasm.shutdown().await;
         }
         self.native.shutdown().await;
     }

@@ -84,11 +84,6 @@ fn publish_blockers_refuse_promotion_and_say_why() {
     let cases = [
         ("fx-web", "runtime: http\n", "missing_command"),
         (
-            "fx-wasm",
-            "runtime: wasm\nhandler: app.wasm\n",
-            "missing_runtime",
-        ),
-        (
             "fx-gv",
             "runtime: command\nhandler: cat\nsandbox: gvisor\n",
             "missing_runtime",

@@ -1,0 +1,550 @@
+//! The `wasm` tier: a function is a WASI command (a preview-1 core module exporting `_start`,
+//! or a preview-2 component exporting `wasi:cli/run`; as `.wasm` or `.wat`) run by Wasmtime
+//! inside the server process, with the `command` runtime's contract:
+//! the event on stdin, the reply on stdout, stderr into the invocation's logs, and a non-zero
+//! exit or a trap reported as a function error.
+//!
+//! One process-wide [`Engine`] (pooling allocator, copy-on-write memory images, epoch
+//! interruption) compiles each revision once; the linked [`InstancePre`] is shared by that
+//! revision's instances, and every invocation runs in a fresh [`Store`], so requests never
+//! share guest state. Memory is bounded per store by a resource limiter, CPU time by epoch
+//! deadlines, and the guest gets no preopened directories and no sockets.
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use skiff_core::Runtime as SpecRuntime;
+use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wasmtime::component::Component;
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// How often the epoch ticks: the granularity of timeouts and stops.
+const TICK: Duration = Duration::from_millis(10);
+/// Extra time past the invocation's deadline before the guest is interrupted (the scheduler
+/// times the invocation out and stops the instance first).
+const DEADLINE_GRACE: Duration = Duration::from_millis(250);
+/// Revisions whose compiled code is kept; the cache is cleared when it grows past this.
+const CACHE_MAX: usize = 256;
+/// Largest reply (stdout) a guest may write; one byte more marks it as too large.
+const STDOUT_MAX: usize = skiff_core::MAX_PAYLOAD_BYTES;
+/// Bytes of stderr kept per invocation.
+const LOG_MAX: usize = 1 << 20;
+/// Linear-memory slots of the pooling allocator (concurrent invocations across all
+/// instances); past this, instantiation fails with a clear error.
+const POOL_SLOTS: u32 = 128;
+
+/// Errors of loading a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("handler `{0}` must be a relative path to a .wasm/.wat file inside the package")]
+    BadHandler(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid WebAssembly text: {message}")]
+    Wat { path: String, message: String },
+    #[error("{path} must export `wasi:cli/run` (build it as a WASI command component): {message}")]
+    NoRun { path: String, message: String },
+    #[error("{path} does not compile: {message}")]
+    Compile { path: String, message: String },
+    #[error(
+        "{path} must export `_start` (build it as a WASI command, e.g. --target wasm32-wasip1)"
+    )]
+    NoStart { path: String },
+    #[error("{path} cannot be linked: {message}")]
+    Link { path: String, message: String },
+    #[error("the Wasm engine is not available: {0}")]
+    Engine(String),
+}
+
+/// Per-store state: the WASI context (preview 1, which also serves preview 2) and the memory
+/// limiter.
+struct Host {
+    wasi: WasiP1Ctx,
+    limits: Limits,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
+}
+
+/// Bounds a store's linear memories and tables; remembers when it refused to grow memory.
+struct Limits {
+    memory: usize,
+    hit: bool,
+    peak: usize,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The process-wide engine, and the thread that advances its epoch.
+fn engine() -> Result<&'static Engine, LoadError> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut cfg = Config::new();
+            cfg.epoch_interruption(true).memory_init_cow(true);
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_memories(POOL_SLOTS)
+                .total_core_instances(POOL_SLOTS)
+                .total_tables(POOL_SLOTS)
+                .total_stacks(8)
+                .total_component_instances(POOL_SLOTS)
+                .max_memory_size(skiff_core::spec::MEMORY_MAX as usize);
+            cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            let engine = Engine::new(&cfg).or_else(|e| {
+                // E.g. a small address-space limit: fall back to on-demand allocation.
+                tracing::warn!("wasm: pooling allocator unavailable ({e}); allocating on demand");
+                cfg.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&cfg)
+            });
+            let engine = engine.map_err(|e| e.to_string())?;
+            let ticker = engine.weak();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while let Some(e) = ticker.upgrade() {
+                        e.increment_epoch();
+                        drop(e);
+                        std::thread::sleep(TICK);
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(engine)
+        })
+        .as_ref()
+        .map_err(|e| LoadError::Engine(e.clone()))
+}
+
+/// Compiled and linked code of one revision.
+enum Guest {
+    /// A preview-1 core module; runs `_start`.
+    Module(InstancePre<Host>),
+    /// A preview-2 component; runs `wasi:cli/run`.
+    Component(CommandPre<Host>),
+}
+
+type Prepared = Arc<Guest>;
+type Cache = Arc<Mutex<HashMap<(String, u32, PathBuf), Prepared>>>;
+
+/// The Wasm tier. Cheap to create; holds the compiled code per revision.
+#[derive(Default)]
+pub struct WasmSandbox {
+    cache: Cache,
+}
+
+impl WasmSandbox {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Resolves `handler` inside `code_dir`, refusing paths that leave it.
+fn guest_path(code_dir: &Path, handler: &str) -> Result<PathBuf, LoadError> {
+    let h = handler.trim().trim_start_matches("./");
+    let rel = Path::new(h);
+    let ok_ext = matches!(
+        rel.extension().and_then(|e| e.to_str()),
+        Some("wasm" | "wat")
+    );
+    if h.is_empty()
+        || !ok_ext
+        || rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(LoadError::BadHandler(handler.to_string()));
+    }
+    Ok(code_dir.join(rel))
+}
+
+/// Compiles a guest (binary or WAT text) and links it against WASI (preview 1 for core
+/// modules, preview 2 without `wasi:http` for components).
+fn load(code_dir: &Path, handler: &str) -> Result<Guest, LoadError> {
+    let engine = engine()?;
+    let path = guest_path(code_dir, handler)?;
+    let name = handler.trim().trim_start_matches("./").to_string();
+    let raw = std::fs::read(&path).map_err(|source| LoadError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let bytes = wat::parse_bytes(&raw).map_err(|e| LoadError::Wat {
+        path: name.clone(),
+        message: e.to_string(),
+    })?;
+    let link_err = |e: wasmtime::Error| LoadError::Link {
+        path: name.clone(),
+        message: format!("{e:#}"),
+    };
+    if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0] {
+        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
+            path: name.clone(),
+            message: format!("{e:#}"),
+        })?;
+        let mut linker = wasmtime::component::Linker::<Host>::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
+        let pre = linker.instantiate_pre(&component).map_err(link_err)?;
+        let pre = CommandPre::new(pre).map_err(|e| LoadError::NoRun {
+            path: name.clone(),
+            message: format!("{e:#}"),
+        })?;
+        return Ok(Guest::Component(pre));
+    }
+    let module = Module::new(engine, &bytes).map_err(|e| LoadError::Compile {
+        path: name.clone(),
+        message: format!("{e:#}"),
+    })?;
+    if !matches!(
+        module.get_export("_start"),
+        Some(wasmtime::ExternType::Func(_))
+    ) {
+        return Err(LoadError::NoStart { path: name });
+    }
+    let mut linker: Linker<Host> = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
+        .map_err(link_err)?;
+    Ok(Guest::Module(
+        linker.instantiate_pre(&module).map_err(link_err)?,
+    ))
+}
+
+/// State shared by an instance handle and its running invocations.
+struct Shared {
+    stopped: AtomicBool,
+    memory: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// An instance of a revision: the shared linked code, and the limits and environment each
+/// invocation's fresh store gets.
+pub struct WasmInstance {
+    id: String,
+    pre: Prepared,
+    argv0: String,
+    env: Vec<(String, String)>,
+    memory_limit: u64,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl Sandbox for WasmSandbox {
+    async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError> {
+        if spec.spec.runtime != SpecRuntime::Wasm {
+            return Err(SandboxError::Unsupported(format!(
+                "the wasm tier cannot run runtime `{}`",
+                spec.spec.runtime
+            )));
+        }
+        let key = (spec.function.clone(), spec.revision, spec.code_dir.clone());
+        let cached = self.cache.lock().get(&key).cloned();
+        let pre = match cached {
+            Some(p) => p,
+            None => {
+                let (dir, handler) = (spec.code_dir.clone(), spec.spec.handler.clone());
+                let loaded = tokio::task::spawn_blocking(move || load(&dir, &handler))
+                    .await
+                    .map_err(|e| SandboxError::Start(format!("wasm compile task failed: {e}")))?;
+                let pre = Arc::new(loaded.map_err(|e| SandboxError::Crashed {
+                    message: format!("cannot load the Wasm module: {e}"),
+                    log_tail: String::new(),
+                })?);
+                let mut cache = self.cache.lock();
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(key, pre.clone());
+                pre
+            }
+        };
+        Ok(Arc::new(WasmInstance {
+            id: spec.instance_id,
+            pre,
+            argv0: spec
+                .spec
+                .handler
+                .trim()
+                .trim_start_matches("./")
+                .to_string(),
+            env: spec.env,
+            memory_limit: spec.spec.memory,
+            shared: Arc::new(Shared {
+                stopped: AtomicBool::new(false),
+                memory: AtomicU64::new(0),
+                peak: AtomicU64::new(0),
+            }),
+        }))
+    }
+}
+
+/// How one run of the guest ended.
+enum Ended {
+    /// The guest could not be instantiated (e.g. its initial memory is over the limit).
+    NotStarted(wasmtime::Error),
+    Exited(i32),
+    Trapped(wasmtime::Error),
+    /// Past its deadline, or the instance was stopped.
+    Interrupted,
+}
+
+/// What a finished run left behind.
+struct Run {
+    ended: Ended,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    memory_hit: bool,
+    memory_peak: usize,
+}
+
+impl WasmInstance {
+    /// Runs the guest once in a fresh store (blocking; call off the async threads).
+    fn run(&self, payload: Vec<u8>, deadline: Instant) -> Result<Run, SandboxError> {
+        let engine = engine().map_err(|e| SandboxError::Start(e.to_string()))?;
+        let stdout = MemoryOutputPipe::new(STDOUT_MAX + 1);
+        let stderr = MemoryOutputPipe::new(LOG_MAX);
+        let wasi = WasiCtxBuilder::new()
+            .stdin(MemoryInputPipe::new(payload))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .args(&[&self.argv0])
+            .envs(&self.env)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build_p1();
+        let mut store = Store::new(
+            engine,
+            Host {
+                wasi,
+                limits: Limits {
+                    memory: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
+                    hit: false,
+                    peak: 0,
+                },
+            },
+        );
+        store.limiter(|h| &mut h.limits);
+        let shared = self.shared.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if shared.stopped.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+        let result = match &*self.pre {
+            Guest::Module(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start"))
+                .map_err(Err)
+                .and_then(|start| start.call(&mut store, ()).map(|()| 0).map_err(Ok)),
+            Guest::Component(pre) => pre
+                .instantiate(&mut store)
+                .map_err(Err)
+                .and_then(|command| {
+                    let ok = command.wasi_cli_run().call_run(&mut store).map_err(Ok)?;
+                    Ok(if ok.is_ok() { 0 } else { 1 })
+                }),
+        };
+        // `Err(Err(_))`: instantiation failed; `Err(Ok(_))`: the run trapped or exited.
+        let ended = match result {
+            Ok(code) => Ended::Exited(code),
+            Err(Err(e)) => Ended::NotStarted(e),
+            Err(Ok(e)) => {
+                if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                    Ended::Exited(exit.0)
+                } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                    Ended::Interrupted
+                } else {
+                    Ended::Trapped(e)
+                }
+            }
+        };
+        let limits = &store.data().limits;
+        Ok(Run {
+            ended,
+            memory_hit: limits.hit,
+            memory_peak: limits.peak,
+            stdout: stdout.contents().to_vec(),
+            stderr: stderr.contents().to_vec(),
+        })
+    }
+}
+
+/// A function-error reply in the Lambda shape.
+fn function_error(ty: &str, message: &str, stack: Vec<String>, logs: Vec<u8>) -> InvokeResult {
+    let body = serde_json::json!({"errorMessage": message, "errorType": ty, "stackTrace": stack});
+    InvokeResult {
+        body: body.to_string().into_bytes(),
+        error_type: Some(ty.to_string()),
+        logs,
+        ..Default::default()
+    }
+}
+
+/// The last non-empty lines of `text`.
+fn tail_lines(text: &str, n: usize) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+#[async_trait]
+impl Instance for WasmInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, SandboxError> {
+        if self.shared.stopped.load(Ordering::Relaxed) {
+            return Err(SandboxError::Gone);
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let within = Duration::from_millis(req.invoke.deadline_ms.saturating_sub(now_ms));
+        let deadline = Instant::now() + within + DEADLINE_GRACE;
+        let this = WasmInstance {
+            id: self.id.clone(),
+            pre: self.pre.clone(),
+            argv0: self.argv0.clone(),
+            env: self.env.clone(),
+            memory_limit: self.memory_limit,
+            shared: self.shared.clone(),
+        };
+        let run = tokio::task::spawn_blocking(move || this.run(req.payload, deadline))
+            .await
+            .map_err(|e| SandboxError::Crashed {
+                message: format!("the Wasm guest's thread failed: {e}"),
+                log_tail: String::new(),
+            })??;
+        let peak = run.memory_peak as u64;
+        self.shared.memory.store(peak, Ordering::Relaxed);
+        self.shared.peak.fetch_max(peak, Ordering::Relaxed);
+        let Run {
+            ended,
+            stdout,
+            mut stderr,
+            memory_hit,
+            ..
+        } = run;
+        if !matches!(ended, Ended::Exited(0)) && !stdout.is_empty() {
+            // A failed guest's stdout is not a reply; keep it as logs rather than lose it.
+            stderr.extend_from_slice(&stdout);
+        }
+        let log_text = String::from_utf8_lossy(&stderr).into_owned();
+        match ended {
+            Ended::Exited(0) if stdout.len() > STDOUT_MAX => Ok(function_error(
+                "Function.ResponseSizeTooLarge",
+                &format!(
+                    "Response payload size exceeded maximum allowed payload size ({STDOUT_MAX} bytes)."
+                ),
+                Vec::new(),
+                stderr,
+            )),
+            Ended::Exited(0) => Ok(InvokeResult {
+                body: stdout,
+                logs: stderr,
+                ..Default::default()
+            }),
+            _ if memory_hit => Err(SandboxError::OutOfMemory {
+                limit_mb: self.memory_limit >> 20,
+                log_tail: log_text,
+            }),
+            Ended::NotStarted(e) => Err(SandboxError::Crashed {
+                message: format!("cannot instantiate the Wasm guest: {e:#}"),
+                log_tail: log_text,
+            }),
+            Ended::Exited(code) => Ok(function_error(
+                "Runtime.ExitError",
+                &format!("Command exited with non-zero status: {code}"),
+                tail_lines(&log_text, 10),
+                stderr,
+            )),
+            Ended::Trapped(e) => {
+                let message = match e.downcast_ref::<Trap>() {
+                    Some(t) => format!("wasm trap: {t}"),
+                    None => format!("{}", e.root_cause()),
+                };
+                let mut stack: Vec<String> = e
+                    .downcast_ref::<wasmtime::WasmBacktrace>()
+                    .map(|bt| {
+                        bt.to_string()
+                            .lines()
+                            .map(|l| l.trim().to_string())
+                            .filter(|l| !l.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                stack.extend(tail_lines(&log_text, 10));
+                Ok(function_error("Runtime.Trap", &message, stack, stderr))
+            }
+            Ended::Interrupted => Err(SandboxError::Crashed {
+                message: "the Wasm guest was interrupted (time limit or stop)".into(),
+                log_tail: log_text,
+            }),
+        }
+    }
+
+    async fn stop(&self) {
+        // Running guests trap at their next epoch tick.
+        self.shared.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    fn memory_usage(&self) -> Option<u64> {
+        Some(self.shared.memory.load(Ordering::Relaxed))
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        Some(self.shared.peak.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests;
