@@ -152,6 +152,25 @@ fn upsert(env: &mut Vec<(String, String)>, k: &str, v: &str) {
     }
 }
 
+/// The package file `handler` names inside `code_dir`: a plain relative path (a leading `./`
+/// allowed; no `..`, no absolute path) ending in one of `extensions`. `None` otherwise.
+pub fn package_file(
+    code_dir: &std::path::Path,
+    handler: &str,
+    extensions: &[&str],
+) -> Option<std::path::PathBuf> {
+    let h = handler.trim().trim_start_matches("./");
+    let rel = std::path::Path::new(h);
+    let ok_ext = rel
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| extensions.contains(&e));
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (!h.is_empty() && ok_ext && plain && !rel.is_absolute()).then(|| code_dir.join(rel))
+}
+
 /// The ARN reported to functions for an invocation with an optional qualifier.
 pub fn function_arn(name: &str, qualifier: Option<&str>) -> String {
     match qualifier {

@@ -285,19 +285,8 @@ impl Instance for JsInstance {
 
 /// Resolves `handler` inside `code_dir`, refusing paths that leave it.
 fn module_path(code_dir: &Path, handler: &str) -> Result<PathBuf, CompileError> {
-    let h = handler.trim().trim_start_matches("./");
-    let rel = Path::new(h);
-    let ok_ext = matches!(rel.extension().and_then(|e| e.to_str()), Some("js" | "mjs"));
-    if h.is_empty()
-        || !ok_ext
-        || rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(CompileError::BadHandler(handler.to_string()));
-    }
-    Ok(code_dir.join(rel))
+    skiff_core::launch::package_file(code_dir, handler, &["js", "mjs"])
+        .ok_or_else(|| CompileError::BadHandler(handler.to_string()))
 }
 
 /// Compiles an ES module to QuickJS bytecode (in a throwaway runtime that has `eval`).

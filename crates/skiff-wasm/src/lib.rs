@@ -179,22 +179,8 @@ impl WasmSandbox {
 
 /// Resolves `handler` inside `code_dir`, refusing paths that leave it.
 fn guest_path(code_dir: &Path, handler: &str) -> Result<PathBuf, LoadError> {
-    let h = handler.trim().trim_start_matches("./");
-    let rel = Path::new(h);
-    let ok_ext = matches!(
-        rel.extension().and_then(|e| e.to_str()),
-        Some("wasm" | "wat")
-    );
-    if h.is_empty()
-        || !ok_ext
-        || rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(LoadError::BadHandler(handler.to_string()));
-    }
-    Ok(code_dir.join(rel))
+    skiff_core::launch::package_file(code_dir, handler, &["wasm", "wat"])
+        .ok_or_else(|| LoadError::BadHandler(handler.to_string()))
 }
 
 /// Compiles a guest (binary or WAT text) and links it against WASI (preview 1 for core
