@@ -1,5 +1,5 @@
 //! HTTP triggers: `ANY /fn/{name}[/{*path}]`. The request becomes an API Gateway HTTP API
-//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run_within`], and the reply is
+//! payload format 2.0 event ([`event_json`]), runs through [`crate::exec::run_opts`], and the reply is
 //! mapped back by the 2.0 rules ([`reply_response`]), as API Gateway and Lambda function URLs do.
 //!
 //! Public by design, like a function URL with auth `NONE`: these routes sit outside the API-key
@@ -282,8 +282,11 @@ async fn guarded(
         trace_id: None,
     };
     // Replies are mapped whole (a streamed one is collected first).
-    let timeout = route.timeout.unwrap_or(rev.spec.timeout);
-    let out = crate::exec::run_within(state, rev, inv, true, timeout)
+    let opts = skiff_scheduler::InvokeOptions {
+        wait_for_capacity: true,
+        timeout: route.timeout,
+    };
+    let out = crate::exec::run_opts(state, rev, inv, opts)
         .await?
         .collect()
         .await;

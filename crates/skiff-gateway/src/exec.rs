@@ -4,7 +4,7 @@
 
 use crate::AppState;
 use skiff_core::{ErrorKind, Invocation, InvokeOutput, Outcome};
-use skiff_scheduler::Revision;
+use skiff_scheduler::{InvokeOptions, Revision};
 use skiff_store::InvocationRecord;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,37 +32,22 @@ pub async fn run(
     rev: &Arc<Revision>,
     inv: Invocation,
 ) -> Result<InvokeOutput, Outcome> {
-    run_with(state, rev, inv, true).await
+    run_opts(state, rev, inv, InvokeOptions::default()).await
 }
 
-/// [`run`]; `wait_for_capacity` false throttles at once when every instance is busy (see
-/// [`skiff_scheduler::Scheduler::invoke_with`]).
-pub async fn run_with(
+/// [`run`] with [`InvokeOptions`] (immediate throttling, a route's shorter timeout).
+pub async fn run_opts(
     state: &AppState,
     rev: &Arc<Revision>,
     inv: Invocation,
-    wait_for_capacity: bool,
-) -> Result<InvokeOutput, Outcome> {
-    run_within(state, rev, inv, wait_for_capacity, rev.spec.timeout).await
-}
-
-/// [`run_with`] under a `timeout` no longer than the function's (a route's upstream timeout).
-pub async fn run_within(
-    state: &AppState,
-    rev: &Arc<Revision>,
-    inv: Invocation,
-    wait_for_capacity: bool,
-    timeout: Duration,
+    opts: InvokeOptions,
 ) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
     let mut result = if rev.spec.runtime == skiff_core::Runtime::Http {
-        crate::proxy::invoke(state, rev, inv, wait_for_capacity).await
+        crate::proxy::invoke(state, rev, inv, opts.wait_for_capacity).await
     } else {
-        state
-            .scheduler
-            .invoke_within(rev, inv, wait_for_capacity, timeout)
-            .await
+        state.scheduler.invoke_opts(rev, inv, opts).await
     };
     let (status, error, cold, duration, logs) = match &result {
         Ok(out) => (

@@ -272,76 +272,85 @@ pub async fn invoke(
     };
     let t0 = Instant::now();
     let memory_mb = rev.spec.memory >> 20;
-    let (status, body, function_error, log) =
-        match crate::exec::run_with(&state, &rev, inv, false).await {
-            Ok(out) => {
-                // The Invoke API returns whole payloads; a streamed one is collected.
-                let out = out.collect().await;
-                let fe = out.function_error.as_ref().map(|fe| {
-                    if fe.reported_as == "Handled" {
-                        "Handled"
-                    } else {
-                        "Unhandled"
-                    }
-                });
-                let log = tail.then(|| {
-                    log_result(
-                        &request_id,
-                        rev.number,
-                        &out.logs,
-                        out.duration,
-                        memory_mb,
-                        out.max_memory,
-                        out.init_duration,
-                        out.function_error
-                            .as_ref()
-                            .map(|fe| ("error", fe.error_type.as_str())),
-                    )
-                });
-                (StatusCode::OK, out.body, fe, log)
-            }
-            Err(o) => {
-                // AWS reports sandbox failures of a synchronous call as an unhandled function
-                // error (200); only throttling and service faults are HTTP errors.
-                let (error_type, status) = match o.kind {
-                    ErrorKind::Timeout => ("Sandbox.Timedout", "timeout"),
-                    ErrorKind::OutOfMemory => ("Runtime.OutOfMemory", "error"),
-                    ErrorKind::Crashed => ("Runtime.ExitError", "error"),
-                    ErrorKind::Throttled => {
-                        return Err(LambdaError::new(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "TooManyRequestsException",
-                            format!("Rate Exceeded: {}", o.message),
-                        ))
-                    }
-                    ErrorKind::StartFailed => {
-                        return Err(LambdaError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "ServiceException",
-                            o.message,
-                        ))
-                    }
-                };
-                let body = serde_json::to_vec(&serde_json::json!({
-                    "errorType": error_type,
-                    "errorMessage": format!("RequestId: {request_id} Error: {}", o.message),
-                }))
-                .unwrap_or_default();
-                let log = tail.then(|| {
-                    log_result(
-                        &request_id,
-                        rev.number,
-                        o.log_tail.as_bytes(),
-                        t0.elapsed(),
-                        memory_mb,
-                        None,
-                        None,
-                        Some((status, error_type)),
-                    )
-                });
-                (StatusCode::OK, body, Some("Unhandled"), log)
-            }
-        };
+    let (status, body, function_error, log) = match crate::exec::run_opts(
+        &state,
+        &rev,
+        inv,
+        skiff_scheduler::InvokeOptions {
+            wait_for_capacity: false,
+            timeout: None,
+        },
+    )
+    .await
+    {
+        Ok(out) => {
+            // The Invoke API returns whole payloads; a streamed one is collected.
+            let out = out.collect().await;
+            let fe = out.function_error.as_ref().map(|fe| {
+                if fe.reported_as == "Handled" {
+                    "Handled"
+                } else {
+                    "Unhandled"
+                }
+            });
+            let log = tail.then(|| {
+                log_result(
+                    &request_id,
+                    rev.number,
+                    &out.logs,
+                    out.duration,
+                    memory_mb,
+                    out.max_memory,
+                    out.init_duration,
+                    out.function_error
+                        .as_ref()
+                        .map(|fe| ("error", fe.error_type.as_str())),
+                )
+            });
+            (StatusCode::OK, out.body, fe, log)
+        }
+        Err(o) => {
+            // AWS reports sandbox failures of a synchronous call as an unhandled function
+            // error (200); only throttling and service faults are HTTP errors.
+            let (error_type, status) = match o.kind {
+                ErrorKind::Timeout => ("Sandbox.Timedout", "timeout"),
+                ErrorKind::OutOfMemory => ("Runtime.OutOfMemory", "error"),
+                ErrorKind::Crashed => ("Runtime.ExitError", "error"),
+                ErrorKind::Throttled => {
+                    return Err(LambdaError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TooManyRequestsException",
+                        format!("Rate Exceeded: {}", o.message),
+                    ))
+                }
+                ErrorKind::StartFailed => {
+                    return Err(LambdaError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "ServiceException",
+                        o.message,
+                    ))
+                }
+            };
+            let body = serde_json::to_vec(&serde_json::json!({
+                "errorType": error_type,
+                "errorMessage": format!("RequestId: {request_id} Error: {}", o.message),
+            }))
+            .unwrap_or_default();
+            let log = tail.then(|| {
+                log_result(
+                    &request_id,
+                    rev.number,
+                    o.log_tail.as_bytes(),
+                    t0.elapsed(),
+                    memory_mb,
+                    None,
+                    None,
+                    Some((status, error_type)),
+                )
+            });
+            (StatusCode::OK, body, Some("Unhandled"), log)
+        }
+    };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
     h.insert(

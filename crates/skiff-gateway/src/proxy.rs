@@ -5,7 +5,7 @@
 //!   query, headers without hop-by-hop ones, the body streamed) goes to the server; its status,
 //!   headers (without hop-by-hop ones) and streamed body come back. `X-Forwarded-For` (appended),
 //!   `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
-//! * Every other entry point ([`invoke`], through [`crate::exec::run_with`]): the JSON event is
+//! * Every other entry point ([`invoke`], through [`crate::exec::run_opts`]): the JSON event is
 //!   POSTed to `/` and the response body is the result; a 5xx status is a function error.
 //!
 //! Each request holds a scheduler [`InstanceLease`] (one unit of the function's

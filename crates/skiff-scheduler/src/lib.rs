@@ -101,6 +101,26 @@ impl Revision {
     }
 }
 
+/// How [`Scheduler::invoke_opts`] runs an invocation.
+#[derive(Debug, Clone, Copy)]
+pub struct InvokeOptions {
+    /// Wait (up to the timeout) for a free instance when all are busy at `scale.max`; false
+    /// throttles at once (Lambda's semantics: 429, SDKs retry).
+    pub wait_for_capacity: bool,
+    /// A timeout shorter than the function's (an HTTP route's upstream timeout); longer
+    /// values are capped at the function's. `None`: the function's.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for InvokeOptions {
+    fn default() -> InvokeOptions {
+        InvokeOptions {
+            wait_for_capacity: true,
+            timeout: None,
+        }
+    }
+}
+
 /// Observable state of one instance.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceInfo {
@@ -592,32 +612,22 @@ impl Scheduler {
         rev: &Arc<Revision>,
         inv: Invocation,
     ) -> Result<InvokeOutput, Outcome> {
-        self.invoke_with(rev, inv, true).await
+        self.invoke_opts(rev, inv, InvokeOptions::default()).await
     }
 
-    /// [`Scheduler::invoke`]; with `wait_for_capacity` false, an invocation that finds every
-    /// instance busy at `scale.max` is throttled at once (Lambda's semantics) instead of
-    /// waiting up to the function's timeout for a free instance.
-    pub async fn invoke_with(
+    /// [`Scheduler::invoke`] with [`InvokeOptions`] (Lambda's immediate throttling, a route's
+    /// shorter upstream timeout).
+    pub async fn invoke_opts(
         &self,
         rev: &Arc<Revision>,
         inv: Invocation,
-        wait_for_capacity: bool,
+        opts: InvokeOptions,
     ) -> Result<InvokeOutput, Outcome> {
-        self.invoke_within(rev, inv, wait_for_capacity, rev.spec.timeout)
-            .await
-    }
-
-    /// [`Scheduler::invoke_with`] under a `timeout` shorter than the function's (an HTTP
-    /// route's upstream timeout); longer values are capped at the function's.
-    pub async fn invoke_within(
-        &self,
-        rev: &Arc<Revision>,
-        inv: Invocation,
-        wait_for_capacity: bool,
-        timeout: Duration,
-    ) -> Result<InvokeOutput, Outcome> {
-        let timeout = timeout.min(rev.spec.timeout);
+        let InvokeOptions {
+            wait_for_capacity,
+            timeout,
+        } = opts;
+        let timeout = timeout.map_or(rev.spec.timeout, |t| t.min(rev.spec.timeout));
         let pool = self.pool(rev);
         let lease = self.acquire(&pool, wait_for_capacity, timeout).await?;
         let started = Instant::now();
@@ -714,7 +724,7 @@ impl Scheduler {
     }
 
     /// Leases an instance of `rev` for a request the caller delivers itself (an `http`
-    /// function's proxied request), under the same capacity rules as [`Scheduler::invoke_with`]:
+    /// function's proxied request), under the same capacity rules as [`Scheduler::invoke_opts`]:
     /// a warm instance with a free slot, else a new one up to `scale.max`, else waiting up to
     /// the function's timeout (or not at all without `wait_for_capacity`) → `throttled`. The
     /// slot is held until the [`InstanceLease`] is dropped; see [`InstanceLease::fail`].

@@ -367,11 +367,11 @@ fn dead_nf(function: &str, id: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{spawn_kill_child, KILL_CHILD_ENV};
     use crate::Store;
     use skiff_core::FunctionSpec;
     use std::io::{BufRead, BufReader, Write};
     use std::path::Path;
-    use std::process::{Command, Stdio};
 
     fn open_with_function(name: &str) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -592,8 +592,6 @@ mod tests {
         assert_eq!(store.list_dead_events("g", 10).unwrap().len(), 2);
     }
 
-    const KILL_CHILD_ENV: &str = "SKIFF_STORE_QUEUE_KILL_CHILD_DIR";
-
     /// Not a real test on its own: run by `enqueued_events_survive_sigkill` in a child process.
     #[test]
     fn kill_child_enqueues_events() {
@@ -618,18 +616,7 @@ mod tests {
     #[test]
     fn enqueued_events_survive_sigkill() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "queue::tests::kill_child_enqueues_events",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(KILL_CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_kill_child("queue::tests::kill_child_enqueues_events", dir.path());
         let mut acked = None;
         for line in BufReader::new(child.stdout.take().unwrap()).lines() {
             if let Some(n) = line.unwrap().strip_prefix("ACK ") {

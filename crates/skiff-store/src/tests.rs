@@ -284,7 +284,20 @@ fn metadata_connection_is_fully_synchronous() {
     assert_eq!(fk, 1);
 }
 
-const KILL_CHILD_ENV: &str = "SKIFF_STORE_KILL_CHILD_DIR";
+/// Set (to a data dir) in a child process started by [`spawn_kill_child`].
+pub(crate) const KILL_CHILD_ENV: &str = "SKIFF_STORE_KILL_CHILD_DIR";
+
+/// Re-runs this test binary as a child that runs only `test` (which writes under `dir` and
+/// prints `ACK n` lines), for tests that SIGKILL it mid-write.
+pub(crate) fn spawn_kill_child(test: &str, dir: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(KILL_CHILD_ENV, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
 
 /// Not a real test on its own: run by `revisions_survive_sigkill` in a child process.
 #[test]
@@ -307,18 +320,7 @@ fn kill_child_writes_revisions() {
 #[test]
 fn revisions_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "tests::kill_child_writes_revisions",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(KILL_CHILD_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_kill_child("tests::kill_child_writes_revisions", dir.path());
     let mut acked = 0u32;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
