@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Sandboxes kept pre-spawned (namespaces and cgroups ready) to cut cold starts.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
+    /// Let in-process functions (`js`, `wasm`) with `network: outbound` reach loopback and
+    /// private addresses too (internal services); by default only public ones.
+    #[arg(long, env = "SKIFF_ALLOW_PRIVATE_EGRESS")]
+    allow_private_egress: bool,
     /// Async invocations run at once (default: 2 × CPU cores).
     #[arg(long)]
     event_workers: Option<usize>,
@@ -142,11 +146,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.pids_max = args.pids_max;
     cfg.prewarm = args.prewarm;
     let native = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
-    let js = Arc::new(skiff_js::JsSandbox::new());
+    let egress = Arc::new(skiff_core::net::EgressPolicy::default());
+    egress.set_allow_private(args.allow_private_egress);
+    let js = Arc::new(if args.allow_private_egress {
+        skiff_js::JsSandbox::with_net(skiff_js::fetch::NetPolicy::allowing_private_for_tests())
+    } else {
+        skiff_js::JsSandbox::new()
+    });
     let sandbox = Tiers {
         native: Arc::new(native),
         js: Some(js.clone() as Arc<dyn skiff_sandbox::Sandbox>),
-        wasm: wasm_tier(),
+        wasm: wasm_tier(data_dir.join("cache/wasm"), egress.clone()),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -190,6 +200,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         // JS `fetch` must never call back into this gateway.
         js.net().set_gateway(addr);
+        egress.set_gateway(addr);
         let mode = if keys_configured {
             "API keys required"
         } else {
@@ -269,14 +280,24 @@ pub fn doctor() -> Result<()> {
     Ok(())
 }
 
-/// The Wasm tier, when compiled in; declares `runtime: wasm` publishable.
+/// The Wasm tier, when compiled in, keeping compiled code in `cache_dir`; declares
+/// `runtime: wasm` publishable.
 #[cfg(feature = "wasm")]
-fn wasm_tier() -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+fn wasm_tier(
+    cache_dir: std::path::PathBuf,
+    egress: Arc<skiff_core::net::EgressPolicy>,
+) -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
     skiff_core::publish::set_wasm_available(true);
-    Some(Arc::new(skiff_wasm::WasmSandbox::new()))
+    Some(Arc::new(skiff_wasm::WasmSandbox::new(
+        Some(cache_dir),
+        egress,
+    )))
 }
 
 #[cfg(not(feature = "wasm"))]
-fn wasm_tier() -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+fn wasm_tier(
+    _cache_dir: std::path::PathBuf,
+    _egress: Arc<skiff_core::net::EgressPolicy>,
+) -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
     None
 }

@@ -4,6 +4,7 @@
 
 pub mod invocation;
 pub mod launch;
+pub mod net;
 pub mod protocol;
 pub mod publish;
 pub mod routes;

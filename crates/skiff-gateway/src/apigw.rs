@@ -240,7 +240,12 @@ async fn guarded(
             )
         })?;
     }
-    if rev.spec.runtime == skiff_core::Runtime::Http {
+    let mode = state
+        .scheduler
+        .exec_mode(rev)
+        .await
+        .map_err(ApiError::from)?;
+    if mode == skiff_core::protocol::ExecMode::Http {
         // HTTP-server functions get the request itself, streamed (the proxy sets the
         // X-Forwarded-* headers and applies the function's timeout).
         let owned = std::mem::replace(parts, axum::http::Request::new(()).into_parts().0);

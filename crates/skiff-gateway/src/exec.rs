@@ -3,6 +3,7 @@
 //! scheduler and record it (status, duration, logs) in the store.
 
 use crate::AppState;
+use skiff_core::protocol::ExecMode;
 use skiff_core::{ErrorKind, Invocation, InvokeOutput, Outcome};
 use skiff_scheduler::{InvokeOptions, Revision};
 use skiff_store::InvocationRecord;
@@ -44,10 +45,10 @@ pub async fn run_opts(
 ) -> Result<InvokeOutput, Outcome> {
     let request_id = inv.request_id.clone();
     let started_at_ms = skiff_core::units::now_ms();
-    let mut result = if rev.spec.runtime == skiff_core::Runtime::Http {
-        crate::proxy::invoke(state, rev, inv, opts.wait_for_capacity).await
-    } else {
-        state.scheduler.invoke_opts(rev, inv, opts).await
+    let mut result = match state.scheduler.exec_mode(rev).await {
+        Ok(ExecMode::Http) => crate::proxy::invoke(state, rev, inv, opts.wait_for_capacity).await,
+        Ok(_) => state.scheduler.invoke_opts(rev, inv, opts).await,
+        Err(o) => Err(o),
     };
     let (status, error, cold, duration, logs) = match &result {
         Ok(out) => (

@@ -205,12 +205,26 @@ pub async fn upload_revision(
             return Err(ApiError::not_publishable(next, &blockers));
         }
         let sha = st.store.put_package(&package)?;
-        st.store.unpack(&sha)?;
-        Ok(st
-            .store
-            .create_revision(&spec, &sha, package.len() as u64, promote)?)
+        let code_dir = st.store.unpack(&sha)?;
+        Ok((spec, sha, code_dir, package.len() as u64))
     })
     .await?;
+    let (spec, sha, code_dir, size) = rev;
+    // The tier checks (and, for compiled runtimes, compiles ahead of time) the code before a
+    // revision of it exists, so broken code is a 400 here, not a 502 on every request.
+    state
+        .scheduler
+        .check_code(&spec, &code_dir)
+        .await
+        .map_err(|e| {
+            let what = match &e {
+                skiff_sandbox::SandboxError::Crashed { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            ApiError::bad_request(format!("handler: {what}")).with("field", "handler")
+        })?;
+    let st = state.clone();
+    let rev = blocking(move || Ok(st.store.create_revision(&spec, &sha, size, promote)?)).await?;
     state.revisions.invalidate(&name);
     Ok((StatusCode::CREATED, Json(revision_json(&rev))))
 }

@@ -24,13 +24,13 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use skiff_core::{ErrorKind, FunctionError, Invocation, InvokeOutput, Outcome, MAX_PAYLOAD_BYTES};
+use skiff_sandbox::{BoxError, HttpBody};
 use skiff_scheduler::{InstanceLease, Revision};
 use skiff_store::InvocationRecord;
 use std::collections::HashMap;
@@ -43,8 +43,6 @@ use std::time::{Duration, Instant};
 
 /// Longest wait for a new instance's server to accept its first connection.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle keep-alive connections per instance id.
 static IDLE: LazyLock<Mutex<HashMap<String, Vec<SendRequest<Body>>>>> =
@@ -110,13 +108,43 @@ fn checkin(instance_id: &str, conn: SendRequest<Body>, max_idle: usize) {
     }
 }
 
+/// How a response reached the gateway.
+enum Conn {
+    /// Over this keep-alive connection to the instance's server (pooled again once the
+    /// exchange completes).
+    Server(SendRequest<Body>),
+    /// From the instance itself ([`skiff_sandbox::Instance::serve_http`]).
+    InProcess,
+}
+
 /// Sends one request on the lease's instance; the response head arrives before `deadline`.
 async fn exchange(
     lease: &InstanceLease,
     rev: &Revision,
     req: Request<Body>,
     deadline: Instant,
-) -> Result<(SendRequest<Body>, Response<Incoming>), Outcome> {
+) -> Result<(Conn, Response<HttpBody>), Outcome> {
+    if lease.instance().serves_http() {
+        let req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+        return match tokio::time::timeout_at(deadline.into(), lease.instance().serve_http(req))
+            .await
+        {
+            Err(_) => {
+                lease.fail();
+                Err(timeout_outcome(lease, rev))
+            }
+            // The request failed (a trap, its memory limit); the instance serves the next one
+            // from a fresh state.
+            Ok(Err(e)) => {
+                let kind = match e {
+                    skiff_sandbox::SandboxError::OutOfMemory { .. } => ErrorKind::OutOfMemory,
+                    _ => ErrorKind::Crashed,
+                };
+                Err(lease.outcome(kind, e.to_string(), e.log_tail().to_string()))
+            }
+            Ok(Ok(resp)) => Ok((Conn::InProcess, resp)),
+        };
+    }
     let ready_within = rev.spec.timeout.min(START_TIMEOUT);
     let mut conn = checkout(lease, ready_within).await?;
     match tokio::time::timeout_at(deadline.into(), conn.send_request(req)).await {
@@ -146,7 +174,10 @@ async fn exchange(
             let tail = String::from_utf8_lossy(&inst.take_output()).into_owned();
             Err(lease.outcome(ErrorKind::Crashed, message, tail))
         }
-        Ok(Ok(resp)) => Ok((conn, resp)),
+        Ok(Ok(resp)) => Ok((
+            Conn::Server(conn),
+            resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+        )),
     }
 }
 
@@ -307,7 +338,7 @@ fn forwarded_headers(h: &mut HeaderMap, client: Option<IpAddr>, host: Option<&He
 struct Finish {
     state: Arc<AppState>,
     lease: InstanceLease,
-    conn: SendRequest<Body>,
+    conn: Conn,
     record: InvocationRecord,
     max_idle: usize,
     timeout: Duration,
@@ -338,7 +369,9 @@ impl Finish {
         record.logs = lease.instance().take_output();
         match how {
             End::Complete => {
-                checkin(lease.instance().id(), conn, max_idle);
+                if let Conn::Server(conn) = conn {
+                    checkin(lease.instance().id(), conn, max_idle);
+                }
                 state.scheduler.record(Ok(false), duration);
             }
             End::Abandoned => {
@@ -370,7 +403,7 @@ impl Finish {
 /// The server's response body on its way to the client, under the function's deadline. It
 /// holds the lease until it ends or is dropped.
 struct ProxyBody {
-    inner: Incoming,
+    inner: HttpBody,
     deadline: Pin<Box<tokio::time::Sleep>>,
     finish: Option<Finish>,
 }
@@ -383,7 +416,7 @@ impl ProxyBody {
     }
 }
 
-impl HttpBody for ProxyBody {
+impl http_body::Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -405,7 +438,7 @@ impl HttpBody for ProxyBody {
                 this.end(End::Broken(format!(
                     "the function's server broke the response: {e}"
                 )));
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
@@ -437,6 +470,22 @@ impl Drop for ProxyBody {
     }
 }
 
+/// Reads a whole body of at most `limit` bytes.
+async fn collect_limited(mut body: HttpBody, limit: usize) -> Result<Vec<u8>, BoxError> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(Box::new(std::io::Error::other(format!(
+                    "the response is larger than {limit} bytes"
+                ))));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
 /// An invocation of an `http` function from a non-HTTP entry point (`/v1` invoke, Lambda
 /// API, async events): the payload is POSTed to `/` as JSON and the response body (up to the
 /// payload limit) is the result. A 5xx status is a function error `HTTP.<status>`.
@@ -466,7 +515,7 @@ pub(crate) async fn invoke(
         let status = resp.status();
         let collected = tokio::time::timeout_at(
             deadline.into(),
-            Limited::new(resp.into_body(), MAX_PAYLOAD_BYTES).collect(),
+            collect_limited(resp.into_body(), MAX_PAYLOAD_BYTES),
         )
         .await;
         let body = match collected {
@@ -482,9 +531,11 @@ pub(crate) async fn invoke(
                     String::new(),
                 ));
             }
-            Ok(Ok(b)) => b.to_bytes().to_vec(),
+            Ok(Ok(b)) => b,
         };
-        checkin(lease.instance().id(), conn, rev.spec.concurrency as usize);
+        if let Conn::Server(conn) = conn {
+            checkin(lease.instance().id(), conn, rev.spec.concurrency as usize);
+        }
         let function_error = status.is_server_error().then(|| FunctionError {
             error_type: format!("HTTP.{}", status.as_u16()),
             message: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use skiff_core::protocol::{ExecMode, Invoke};
 use skiff_core::{FunctionSpec, ResponseStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod native;
@@ -34,6 +34,11 @@ pub struct InstanceSpec {
     /// Root image directory on the host; `None` uses the host's system dirs (`/usr`, …).
     pub rootfs: Option<PathBuf>,
 }
+
+/// The error type of [`HttpBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request or response body exchanged with an instance that serves HTTP in-process.
+pub type HttpBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
 /// One invocation sent to an instance.
 #[derive(Debug, Clone)]
@@ -102,6 +107,19 @@ pub trait Sandbox: Send + Sync {
     /// function itself may still be running when this returns; the first invoke waits for it.
     async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError>;
 
+    /// Checks and readies the code of a function before instances of it start (e.g. compiles
+    /// it ahead of time, once per content), and says how its instances take requests. Called
+    /// at deploy time, where an error rejects the package, and before a revision's first
+    /// request. The default: as the runtime's launch plan says.
+    async fn prepare(
+        &self,
+        spec: &FunctionSpec,
+        code_dir: &Path,
+    ) -> Result<ExecMode, SandboxError> {
+        let _ = code_dir;
+        Ok(skiff_core::launch::program(spec).0)
+    }
+
     /// Releases what the tier holds besides instances (e.g. pre-spawned sandboxes).
     async fn shutdown(&self) {}
 }
@@ -133,6 +151,21 @@ pub trait Instance: Send + Sync {
     ) -> Result<tokio::net::TcpStream, SandboxError> {
         Err(SandboxError::Unsupported(
             "this sandbox tier cannot proxy HTTP yet".into(),
+        ))
+    }
+    /// True when the instance answers HTTP requests itself ([`Instance::serve_http`]) rather
+    /// than through a connection to a server process ([`Instance::connect_http`]).
+    fn serves_http(&self) -> bool {
+        false
+    }
+    /// `http` mode, in-process tiers: serves one request. The response head comes back once
+    /// the function has produced it; its body may still be streaming.
+    async fn serve_http(
+        &self,
+        _req: http::Request<HttpBody>,
+    ) -> Result<http::Response<HttpBody>, SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox tier serves HTTP through a connection".into(),
         ))
     }
     /// Output the function wrote outside of any invocation (an `http` server's logs) since

@@ -3,7 +3,9 @@
 
 use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
 use async_trait::async_trait;
-use skiff_core::Runtime;
+use skiff_core::protocol::ExecMode;
+use skiff_core::{FunctionSpec, Runtime};
+use std::path::Path;
 use std::sync::Arc;
 
 /// The tiers of this server: process runtimes go to `native`, `runtime: js` to `js`,
@@ -33,6 +35,23 @@ impl Sandbox for Tiers {
                 )),
             },
             _ => self.native.start(spec).await,
+        }
+    }
+
+    async fn prepare(
+        &self,
+        spec: &FunctionSpec,
+        code_dir: &Path,
+    ) -> Result<ExecMode, SandboxError> {
+        match (spec.runtime, &self.js, &self.wasm) {
+            (Runtime::Js, Some(t), _) | (Runtime::Wasm, _, Some(t)) => {
+                t.prepare(spec, code_dir).await
+            }
+            (Runtime::Js | Runtime::Wasm, _, _) => Err(SandboxError::Unsupported(format!(
+                "runtime {} is not available on this server",
+                spec.runtime
+            ))),
+            _ => self.native.prepare(spec, code_dir).await,
         }
     }
 

@@ -14,7 +14,7 @@ use skiff_core::{
 };
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, Sandbox, SandboxError};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,6 +34,8 @@ pub struct Revision {
     argv: Vec<String>,
     env: Vec<(String, String)>,
     rootfs: Option<PathBuf>,
+    /// How instances take requests, once the tier has prepared the code ([`Scheduler::exec_mode`]).
+    prepared: std::sync::OnceLock<ExecMode>,
 }
 
 impl Revision {
@@ -71,6 +73,7 @@ impl Revision {
             argv,
             env,
             rootfs: None,
+            prepared: std::sync::OnceLock::new(),
         }
     }
 
@@ -97,6 +100,7 @@ impl Revision {
             argv,
             env,
             rootfs,
+            prepared: ExecMode::Command.into(),
         }
     }
 }
@@ -539,6 +543,38 @@ impl Scheduler {
             }
         });
         s
+    }
+
+    /// Checks and readies a function's code with its tier before it is stored (see
+    /// [`Sandbox::prepare`]); the error says what is wrong with the code.
+    pub async fn check_code(
+        &self,
+        spec: &FunctionSpec,
+        code_dir: &Path,
+    ) -> Result<ExecMode, SandboxError> {
+        self.sandbox.prepare(spec, code_dir).await
+    }
+
+    /// How the revision's instances take requests: as events ([`Scheduler::invoke_opts`]) or
+    /// as HTTP ([`Scheduler::lease`]). Asks the tier once per revision (compiling its code if
+    /// it has to).
+    pub async fn exec_mode(&self, rev: &Revision) -> Result<ExecMode, Outcome> {
+        if let Some(mode) = rev.prepared.get() {
+            return Ok(*mode);
+        }
+        // Concurrent first requests may both ask; the tier caches its work by content.
+        let prepared = self.sandbox.prepare(&rev.spec, &rev.code_dir).await;
+        prepared
+            .inspect(|mode| {
+                let _ = rev.prepared.set(*mode);
+            })
+            .map_err(|e| {
+                let kind = match e {
+                    SandboxError::Start(_) | SandboxError::Unsupported(_) => ErrorKind::StartFailed,
+                    _ => ErrorKind::Crashed,
+                };
+                outcome(rev, kind, e.to_string(), e.log_tail().to_string(), true)
+            })
     }
 
     /// Workspace name functions see.

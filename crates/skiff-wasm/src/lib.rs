@@ -1,28 +1,40 @@
-//! The `wasm` tier: a function is a WASI command (a preview-1 core module exporting `_start`,
-//! or a preview-2 component exporting `wasi:cli/run`; as `.wasm` or `.wat`) run by Wasmtime
-//! inside the server process, with the `command` runtime's contract:
-//! the event on stdin, the reply on stdout, stderr into the invocation's logs, and a non-zero
-//! exit or a trap reported as a function error.
+//! The `wasm` tier: Wasmtime inside the server process runs two kinds of guest (`.wasm` or
+//! `.wat`):
+//!
+//! * a `wasi:http/proxy` component (exporting `wasi:http/incoming-handler`) serves HTTP
+//!   ([`http`]): HTTP triggers hand it the request, other entry points POST the event as
+//!   JSON and take the response body as the result;
+//! * a WASI command (a preview-1 core module exporting `_start`, or a preview-2 component
+//!   exporting `wasi:cli/run`) follows the `command` runtime's contract: the event on stdin,
+//!   the reply on stdout, stderr into the invocation's logs, and a non-zero exit or a trap
+//!   reported as a function error.
 //!
 //! One process-wide [`Engine`] (pooling allocator, copy-on-write memory images, epoch
-//! interruption) compiles each revision once; the linked [`InstancePre`] is shared by that
-//! revision's instances, and every invocation runs in a fresh [`Store`], so requests never
-//! share guest state. Memory is bounded per store by a resource limiter, CPU time by epoch
-//! deadlines, and the guest gets no preopened directories and no sockets.
+//! interruption) compiles each guest once per content, ahead of time at deploy, keeping the
+//! compiled code on disk ([`compile`]); the linked pre-instance is shared by the revision's
+//! instances, and every request runs in a fresh [`Store`], so requests never share guest
+//! state. Memory is bounded per store by a resource limiter, CPU time by epoch deadlines, and
+//! the guest gets no preopened directories and no sockets.
+
+mod compile;
+mod http;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use skiff_core::Runtime as SpecRuntime;
-use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
+use skiff_core::net::EgressPolicy;
+use skiff_core::protocol::ExecMode;
+use skiff_core::{FunctionSpec, Network, Runtime as SpecRuntime};
+use skiff_sandbox::{
+    HttpBody, Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use wasmtime::component::Component;
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, InstancePre, PoolingAllocationConfig,
+    ResourceLimiter, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
@@ -40,9 +52,10 @@ const CACHE_MAX: usize = 256;
 const STDOUT_MAX: usize = skiff_core::MAX_PAYLOAD_BYTES;
 /// Bytes of stderr kept per invocation.
 const LOG_MAX: usize = 1 << 20;
-/// Linear-memory slots of the pooling allocator (concurrent invocations across all
-/// instances); past this, instantiation fails with a clear error.
-const POOL_SLOTS: u32 = 128;
+/// Slots of the pooling allocator (linear memories, instances, async stacks): the most
+/// requests in flight across all Wasm instances; past this, instantiation fails with a clear
+/// error. Slots are address-space reservations, committed only while used.
+const POOL_SLOTS: u32 = 1000;
 
 /// Errors of loading a guest.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +69,11 @@ pub enum LoadError {
     },
     #[error("{path} is not valid WebAssembly text: {message}")]
     Wat { path: String, message: String },
-    #[error("{path} must export `wasi:cli/run` (build it as a WASI command component): {message}")]
-    NoRun { path: String, message: String },
+    #[error(
+        "{path} must export `wasi:http/incoming-handler` (a wasi:http/proxy component) or \
+         `wasi:cli/run` (a WASI command); it exports: {exports}"
+    )]
+    NoEntry { path: String, exports: String },
     #[error("{path} does not compile: {message}")]
     Compile { path: String, message: String },
     #[error(
@@ -88,6 +104,16 @@ struct Limits {
     memory: usize,
     hit: bool,
     peak: usize,
+}
+
+impl Limits {
+    fn new(memory: u64) -> Limits {
+        Limits {
+            memory: usize::try_from(memory).unwrap_or(usize::MAX),
+            hit: false,
+            peak: 0,
+        }
+    }
 }
 
 impl ResourceLimiter for Limits {
@@ -126,7 +152,7 @@ fn engine() -> Result<&'static Engine, LoadError> {
             pool.total_memories(POOL_SLOTS)
                 .total_core_instances(POOL_SLOTS)
                 .total_tables(POOL_SLOTS)
-                .total_stacks(8)
+                .total_stacks(POOL_SLOTS)
                 .total_component_instances(POOL_SLOTS)
                 .max_memory_size(skiff_core::spec::MEMORY_MAX as usize);
             cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -154,100 +180,104 @@ fn engine() -> Result<&'static Engine, LoadError> {
         .map_err(|e| LoadError::Engine(e.clone()))
 }
 
-/// Compiled and linked code of one revision.
+/// Compiled and linked code of one guest.
 enum Guest {
     /// A preview-1 core module; runs `_start`.
     Module(InstancePre<Host>),
-    /// A preview-2 component; runs `wasi:cli/run`.
+    /// A preview-2 command component; runs `wasi:cli/run`.
     Component(CommandPre<Host>),
+    /// A `wasi:http/proxy` component; serves HTTP.
+    Http(wasmtime_wasi_http::p2::bindings::ProxyPre<http::HttpHost>),
 }
 
 type Prepared = Arc<Guest>;
-type Cache = Arc<Mutex<HashMap<(String, u32, PathBuf), Prepared>>>;
+/// Linked guests by (package directory, handler); package directories are named by the
+/// package's content hash, so a key never changes meaning.
+type Cache = Mutex<HashMap<(PathBuf, String), Arc<tokio::sync::OnceCell<Prepared>>>>;
 
-/// The Wasm tier. Cheap to create; holds the compiled code per revision.
-#[derive(Default)]
+/// The Wasm tier. Holds the linked code of the guests it has loaded.
 pub struct WasmSandbox {
     cache: Cache,
+    /// Where compiled code is kept across restarts; `None` compiles in memory only.
+    cache_dir: Option<PathBuf>,
+    egress: Arc<EgressPolicy>,
+}
+
+impl Default for WasmSandbox {
+    fn default() -> Self {
+        WasmSandbox::new(None, Arc::default())
+    }
 }
 
 impl WasmSandbox {
-    pub fn new() -> Self {
-        Self::default()
+    /// A tier keeping compiled code under `cache_dir`, whose guests' outbound HTTP follows
+    /// `egress`.
+    pub fn new(cache_dir: Option<PathBuf>, egress: Arc<EgressPolicy>) -> Self {
+        WasmSandbox {
+            cache: Mutex::default(),
+            cache_dir,
+            egress,
+        }
     }
-}
 
-/// Resolves `handler` inside `code_dir`, refusing paths that leave it.
-fn guest_path(code_dir: &Path, handler: &str) -> Result<PathBuf, LoadError> {
-    skiff_core::launch::package_file(code_dir, handler, &["wasm", "wat"])
-        .ok_or_else(|| LoadError::BadHandler(handler.to_string()))
-}
-
-/// Compiles a guest (binary or WAT text) and links it against WASI (preview 1 for core
-/// modules, preview 2 without `wasi:http` for components).
-fn load(code_dir: &Path, handler: &str) -> Result<Guest, LoadError> {
-    let engine = engine()?;
-    let path = guest_path(code_dir, handler)?;
-    let name = handler.trim().trim_start_matches("./").to_string();
-    let raw = std::fs::read(&path).map_err(|source| LoadError::Read {
-        path: name.clone(),
-        source,
-    })?;
-    let bytes = wat::parse_bytes(&raw).map_err(|e| LoadError::Wat {
-        path: name.clone(),
-        message: e.to_string(),
-    })?;
-    let link_err = |e: wasmtime::Error| LoadError::Link {
-        path: name.clone(),
-        message: format!("{e:#}"),
-    };
-    if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0] {
-        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
-            path: name.clone(),
-            message: format!("{e:#}"),
-        })?;
-        let mut linker = wasmtime::component::Linker::<Host>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_err)?;
-        let pre = linker.instantiate_pre(&component).map_err(link_err)?;
-        let pre = CommandPre::new(pre).map_err(|e| LoadError::NoRun {
-            path: name.clone(),
-            message: format!("{e:#}"),
-        })?;
-        return Ok(Guest::Component(pre));
+    /// The linked guest for `handler` in `code_dir`, loading it once (concurrent callers
+    /// wait for the one load).
+    async fn guest(&self, code_dir: &Path, handler: &str) -> Result<Prepared, SandboxError> {
+        let cell = {
+            let mut cache = self.cache.lock();
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, c| c.get().is_none());
+            }
+            cache
+                .entry((code_dir.to_path_buf(), handler.to_string()))
+                .or_default()
+                .clone()
+        };
+        cell.get_or_try_init(|| async {
+            let (cache_dir, dir, handler) = (
+                self.cache_dir.clone(),
+                code_dir.to_path_buf(),
+                handler.to_string(),
+            );
+            let loaded = tokio::task::spawn_blocking(move || {
+                compile::load(cache_dir.as_deref(), &dir, &handler)
+            })
+            .await
+            .map_err(|e| SandboxError::Start(format!("wasm compile task failed: {e}")))?;
+            loaded.map(Arc::new).map_err(|e| SandboxError::Crashed {
+                message: format!("cannot load the Wasm module: {e}"),
+                log_tail: String::new(),
+            })
+        })
+        .await
+        .cloned()
     }
-    let module = Module::new(engine, &bytes).map_err(|e| LoadError::Compile {
-        path: name.clone(),
-        message: format!("{e:#}"),
-    })?;
-    if !matches!(
-        module.get_export("_start"),
-        Some(wasmtime::ExternType::Func(_))
-    ) {
-        return Err(LoadError::NoStart { path: name });
-    }
-    let mut linker: Linker<Host> = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
-        .map_err(link_err)?;
-    Ok(Guest::Module(
-        linker.instantiate_pre(&module).map_err(link_err)?,
-    ))
 }
 
 /// State shared by an instance handle and its running invocations.
 struct Shared {
     stopped: AtomicBool,
+    /// Becomes true on stop; wakes requests waiting in host calls.
+    stop: tokio::sync::watch::Sender<bool>,
     memory: AtomicU64,
     peak: AtomicU64,
 }
 
 /// An instance of a revision: the shared linked code, and the limits and environment each
 /// invocation's fresh store gets.
+#[derive(Clone)]
 pub struct WasmInstance {
     id: String,
     pre: Prepared,
     argv0: String,
     env: Vec<(String, String)>,
     memory_limit: u64,
+    timeout: Duration,
+    /// `network: outbound`.
+    outbound: bool,
+    egress: Arc<EgressPolicy>,
+    /// Output of HTTP guests since it was last taken.
+    output: Arc<Mutex<Vec<u8>>>,
     shared: Arc<Shared>,
 }
 
@@ -260,27 +290,7 @@ impl Sandbox for WasmSandbox {
                 spec.spec.runtime
             )));
         }
-        let key = (spec.function.clone(), spec.revision, spec.code_dir.clone());
-        let cached = self.cache.lock().get(&key).cloned();
-        let pre = match cached {
-            Some(p) => p,
-            None => {
-                let (dir, handler) = (spec.code_dir.clone(), spec.spec.handler.clone());
-                let loaded = tokio::task::spawn_blocking(move || load(&dir, &handler))
-                    .await
-                    .map_err(|e| SandboxError::Start(format!("wasm compile task failed: {e}")))?;
-                let pre = Arc::new(loaded.map_err(|e| SandboxError::Crashed {
-                    message: format!("cannot load the Wasm module: {e}"),
-                    log_tail: String::new(),
-                })?);
-                let mut cache = self.cache.lock();
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(key, pre.clone());
-                pre
-            }
-        };
+        let pre = self.guest(&spec.code_dir, &spec.spec.handler).await?;
         Ok(Arc::new(WasmInstance {
             id: spec.instance_id,
             pre,
@@ -292,12 +302,34 @@ impl Sandbox for WasmSandbox {
                 .to_string(),
             env: spec.env,
             memory_limit: spec.spec.memory,
+            timeout: spec.spec.timeout,
+            outbound: spec.spec.network == Network::Outbound,
+            egress: self.egress.clone(),
+            output: Arc::default(),
             shared: Arc::new(Shared {
                 stopped: AtomicBool::new(false),
+                stop: tokio::sync::watch::channel(false).0,
                 memory: AtomicU64::new(0),
                 peak: AtomicU64::new(0),
             }),
         }))
+    }
+
+    async fn prepare(
+        &self,
+        spec: &FunctionSpec,
+        code_dir: &Path,
+    ) -> Result<ExecMode, SandboxError> {
+        if spec.runtime != SpecRuntime::Wasm {
+            return Err(SandboxError::Unsupported(format!(
+                "the wasm tier cannot run runtime `{}`",
+                spec.runtime
+            )));
+        }
+        Ok(match *self.guest(code_dir, &spec.handler).await? {
+            Guest::Http(_) => ExecMode::Http,
+            Guest::Module(_) | Guest::Component(_) => ExecMode::Command,
+        })
     }
 }
 
@@ -340,11 +372,7 @@ impl WasmInstance {
             engine,
             Host {
                 wasi,
-                limits: Limits {
-                    memory: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
-                    hit: false,
-                    peak: 0,
-                },
+                limits: Limits::new(self.memory_limit),
             },
         );
         store.limiter(|h| &mut h.limits);
@@ -370,6 +398,11 @@ impl WasmInstance {
                     let ok = command.wasi_cli_run().call_run(&mut store).map_err(Ok)?;
                     Ok(if ok.is_ok() { 0 } else { 1 })
                 }),
+            Guest::Http(_) => {
+                return Err(SandboxError::Unsupported(
+                    "a wasi:http component takes HTTP requests, not events".into(),
+                ))
+            }
         };
         // `Err(Err(_))`: instantiation failed; `Err(Ok(_))`: the run trapped or exited.
         let ended = match result {
@@ -393,6 +426,14 @@ impl WasmInstance {
             stdout: stdout.contents().to_vec(),
             stderr: stderr.contents().to_vec(),
         })
+    }
+}
+
+/// What a trap (or a host error that ended the guest) says.
+fn trap_message(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<Trap>() {
+        Some(t) => format!("wasm trap: {t}"),
+        None => format!("{}", e.root_cause()),
     }
 }
 
@@ -432,14 +473,7 @@ impl Instance for WasmInstance {
             .as_millis() as u64;
         let within = Duration::from_millis(req.invoke.deadline_ms.saturating_sub(now_ms));
         let deadline = Instant::now() + within + DEADLINE_GRACE;
-        let this = WasmInstance {
-            id: self.id.clone(),
-            pre: self.pre.clone(),
-            argv0: self.argv0.clone(),
-            env: self.env.clone(),
-            memory_limit: self.memory_limit,
-            shared: self.shared.clone(),
-        };
+        let this = self.clone();
         let run = tokio::task::spawn_blocking(move || this.run(req.payload, deadline))
             .await
             .map_err(|e| SandboxError::Crashed {
@@ -490,10 +524,7 @@ impl Instance for WasmInstance {
                 stderr,
             )),
             Ended::Trapped(e) => {
-                let message = match e.downcast_ref::<Trap>() {
-                    Some(t) => format!("wasm trap: {t}"),
-                    None => format!("{}", e.root_cause()),
-                };
+                let message = trap_message(&e);
                 let mut stack: Vec<String> = e
                     .downcast_ref::<wasmtime::WasmBacktrace>()
                     .map(|bt| {
@@ -515,8 +546,32 @@ impl Instance for WasmInstance {
     }
 
     async fn stop(&self) {
-        // Running guests trap at their next epoch tick.
+        // Running guests trap at their next epoch tick; those waiting in host calls wake.
         self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.stop.send_replace(true);
+    }
+
+    fn serves_http(&self) -> bool {
+        matches!(*self.pre, Guest::Http(_))
+    }
+
+    async fn serve_http(
+        &self,
+        req: ::http::Request<HttpBody>,
+    ) -> Result<::http::Response<HttpBody>, SandboxError> {
+        if self.shared.stopped.load(Ordering::Relaxed) {
+            return Err(SandboxError::Gone);
+        }
+        match &*self.pre {
+            Guest::Http(pre) => self.serve(pre, req).await,
+            _ => Err(SandboxError::Unsupported(
+                "this Wasm guest is a command, not a wasi:http component".into(),
+            )),
+        }
+    }
+
+    fn take_output(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.output.lock())
     }
 
     fn is_alive(&self) -> bool {

@@ -61,7 +61,7 @@ async fn start_with(
 }
 
 async fn start(wat: &str) -> Fixture {
-    start_with(&WasmSandbox::new(), "main.wat", wat.as_bytes(), "")
+    start_with(&WasmSandbox::default(), "main.wat", wat.as_bytes(), "")
         .await
         .unwrap()
 }
@@ -120,7 +120,7 @@ async fn binary_modules_and_env_work() {
         (call $write (i32.const 1) (i32.const 4096) (i32.load (i32.const 20))))"#,
     );
     let bin = wat::parse_str(&wat).unwrap();
-    let f = start_with(&WasmSandbox::new(), "env.wasm", &bin, "")
+    let f = start_with(&WasmSandbox::default(), "env.wasm", &bin, "")
         .await
         .unwrap();
     let r = call(&f, "").await.unwrap();
@@ -263,7 +263,7 @@ async fn memory_growth_past_the_limit_is_out_of_memory() {
       (func (export "_start")
         (if (i32.eq (memory.grow (i32.const 2000)) (i32.const -1)) (then unreachable)))"#,
     );
-    let sandbox = WasmSandbox::new();
+    let sandbox = WasmSandbox::default();
     let f = start_with(&sandbox, "mem.wat", wat.as_bytes(), "memory: 64Mi\n")
         .await
         .unwrap();
@@ -318,7 +318,7 @@ async fn host_files_are_not_reachable() {
 
 #[tokio::test]
 async fn bad_guests_fail_to_start_with_a_clear_message() {
-    let sandbox = WasmSandbox::new();
+    let sandbox = WasmSandbox::default();
     let cases: [(&str, &[u8], &str); 4] = [
         ("a.wat", b"(module", "not valid WebAssembly text"),
         (
@@ -331,7 +331,11 @@ async fn bad_guests_fail_to_start_with_a_clear_message() {
             b"(module (import \"env\" \"nope\" (func)) (func (export \"_start\")))",
             "cannot be linked",
         ),
-        ("a.wasm", b"\0asm\x0d\0\x01\0", "must export `wasi:cli/run`"),
+        (
+            "a.wasm",
+            b"\0asm\x0d\0\x01\0",
+            "or `wasi:cli/run` (a WASI command); it exports: nothing",
+        ),
     ];
     for (file, code, want) in cases {
         let e = match start_with(&sandbox, file, code, "").await {
@@ -344,7 +348,7 @@ async fn bad_guests_fail_to_start_with_a_clear_message() {
 
 #[tokio::test]
 async fn compiled_once_per_revision_and_fast_per_request() {
-    let sandbox = WasmSandbox::new();
+    let sandbox = WasmSandbox::default();
     let f = start_with(&sandbox, "hello.wat", hello().as_bytes(), "")
         .await
         .unwrap();

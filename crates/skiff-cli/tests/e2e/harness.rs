@@ -305,3 +305,36 @@ pub fn python_deps(name: &str, requirements: &[&str]) -> PathBuf {
     std::fs::write(&stamp, want).unwrap();
     dir
 }
+
+/// A built Wasm guest fixture (`hello-http`, `echo-http`, `py-http`, `js-http`): built once
+/// per run by `scripts/build-wasm-guests.sh`, which caches by input hash.
+pub fn wasm_guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let out = repo_root().join("target/wasm-guests");
+        let st = Command::new("bash")
+            .arg(repo_root().join("scripts/build-wasm-guests.sh"))
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run scripts/build-wasm-guests.sh");
+        assert!(st.success(), "scripts/build-wasm-guests.sh failed");
+        out
+    });
+    let file = dir.join(format!("{name}.wasm"));
+    assert!(file.is_file(), "{} was not built", file.display());
+    file
+}
+
+/// A function directory: `function.yaml` from `yaml` (after `name:`) and the file `guest`
+/// copied in as `handler`.
+pub fn wasm_function(name: &str, guest: &Path, handler: &str, yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("function.yaml"),
+        format!("name: {name}\nruntime: wasm\nhandler: {handler}\n{yaml}"),
+    )
+    .unwrap();
+    std::fs::copy(guest, dir.path().join(handler)).unwrap();
+    dir
+}

@@ -14,6 +14,7 @@ mod publish;
 mod routing;
 mod runtime_ops;
 mod seed_api;
+mod wasm_http;
 mod wasm_tier;
 
 use harness::*;
