@@ -177,14 +177,12 @@ enum RunEnd {
 }
 
 impl WasmInstance {
-    /// Serves one request with `pre` in a fresh store.
-    pub(crate) async fn serve(
-        &self,
-        pre: &ProxyPre<HttpHost>,
-        req: http::Request<HttpBody>,
-    ) -> Result<http::Response<HttpBody>, SandboxError> {
+    /// A fresh store for one request: WASI with the function's environment and the guest's
+    /// output into the instance's logs, `wasi:http` with the egress rules, the memory
+    /// limiter, and an epoch callback that yields while time is left and interrupts past
+    /// `deadline` or on stop.
+    pub(crate) fn new_store(&self, deadline: Instant) -> Result<Store<HttpHost>, SandboxError> {
         let engine = crate::engine().map_err(|e| SandboxError::Start(e.to_string()))?;
-        let deadline = Instant::now() + self.timeout + DEADLINE_GRACE;
         let logs = LogSink(self.output.clone());
         let wasi = WasiCtxBuilder::new()
             .stdout(logs.clone())
@@ -217,6 +215,17 @@ impl WasmInstance {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
+        Ok(store)
+    }
+
+    /// Serves one request with `pre` in a fresh store.
+    pub(crate) async fn serve(
+        &self,
+        pre: &ProxyPre<HttpHost>,
+        req: http::Request<HttpBody>,
+    ) -> Result<http::Response<HttpBody>, SandboxError> {
+        let deadline = Instant::now() + self.timeout + DEADLINE_GRACE;
+        let mut store = self.new_store(deadline)?;
         let bad = |e: wasmtime::Error| SandboxError::Crashed {
             message: format!("cannot hand the request to the Wasm guest: {e:#}"),
             log_tail: String::new(),

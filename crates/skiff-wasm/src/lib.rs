@@ -252,6 +252,62 @@ impl WasmSandbox {
         .await
         .cloned()
     }
+
+    /// An instance of `spec` running `pre`.
+    fn instance(&self, spec: InstanceSpec, pre: Prepared) -> WasmInstance {
+        WasmInstance {
+            id: spec.instance_id,
+            pre,
+            argv0: spec
+                .spec
+                .handler
+                .trim()
+                .trim_start_matches("./")
+                .to_string(),
+            env: spec.env,
+            memory_limit: spec.spec.memory,
+            timeout: spec.spec.timeout,
+            outbound: spec.spec.network == Network::Outbound,
+            egress: self.egress.clone(),
+            output: Arc::default(),
+            shared: Arc::new(Shared {
+                stopped: AtomicBool::new(false),
+                stop: tokio::sync::watch::channel(false).0,
+                memory: AtomicU64::new(0),
+                peak: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Times per-request instantiation of a `wasi:http` guest, `n` times: a fresh store and
+    /// an instance from the shared pre-instance, then dropping both (returning the pool
+    /// slot). For `cargo bench -p skiff-wasm`.
+    #[doc(hidden)]
+    pub async fn bench_instantiate(
+        &self,
+        spec: InstanceSpec,
+        n: usize,
+    ) -> Result<Vec<Duration>, SandboxError> {
+        let pre = self.guest(&spec.code_dir, &spec.spec.handler).await?;
+        let inst = self.instance(spec, pre);
+        let Guest::Http(pre) = &*inst.pre else {
+            return Err(SandboxError::Unsupported("not a wasi:http guest".into()));
+        };
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let mut store = inst.new_store(deadline)?;
+            let proxy = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| SandboxError::Start(format!("{e:#}")))?;
+            drop(proxy);
+            drop(store);
+            times.push(t0.elapsed());
+        }
+        Ok(times)
+    }
 }
 
 /// State shared by an instance handle and its running invocations.
@@ -291,28 +347,7 @@ impl Sandbox for WasmSandbox {
             )));
         }
         let pre = self.guest(&spec.code_dir, &spec.spec.handler).await?;
-        Ok(Arc::new(WasmInstance {
-            id: spec.instance_id,
-            pre,
-            argv0: spec
-                .spec
-                .handler
-                .trim()
-                .trim_start_matches("./")
-                .to_string(),
-            env: spec.env,
-            memory_limit: spec.spec.memory,
-            timeout: spec.spec.timeout,
-            outbound: spec.spec.network == Network::Outbound,
-            egress: self.egress.clone(),
-            output: Arc::default(),
-            shared: Arc::new(Shared {
-                stopped: AtomicBool::new(false),
-                stop: tokio::sync::watch::channel(false).0,
-                memory: AtomicU64::new(0),
-                peak: AtomicU64::new(0),
-            }),
-        }))
+        Ok(Arc::new(self.instance(spec, pre)))
     }
 
     async fn prepare(
