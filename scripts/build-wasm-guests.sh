@@ -30,6 +30,7 @@ COMPONENTIZE_PY_VERSION="0.25.1"
 # so the JS guest is built against a 0.2.10 copy derived from the vendored WIT.
 JS_WORLD="wasi:http/proxy@0.2.10"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$PWD/$TARGET_DIR"   # cargo runs from $ROOT
 # Debug profile: compiles ~2x faster than release and the tool only does
 # milliseconds of work per guest.
 WASM_GUESTS_BIN="$TARGET_DIR/debug/wasm-guests"
