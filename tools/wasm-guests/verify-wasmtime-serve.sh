@@ -40,7 +40,7 @@ serve() { # serve PORT WASM [extra wasmtime args...]; logs to $TMP/PORT.log
   "$WASMTIME" serve -Scli -Shttp "$@" --addr "127.0.0.1:$port" "$wasm" >"$TMP/$port.log" 2>&1 &
   PIDS+=("$!")
   local i
-  for i in $(seq 1 300); do
+  for i in $(seq 1 1200); do   # up to 120 s: py-http takes ~25 s to compile under load
     if grep -q "Serving HTTP" "$TMP/$port.log" 2>/dev/null; then return 0; fi
     sleep 0.1
   done
