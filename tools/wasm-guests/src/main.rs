@@ -185,7 +185,10 @@ fn top_level_names(bytes: &[u8], which: Which) -> Result<Vec<(String, String)>> 
                 if let Which::Exports = which {
                     for e in r {
                         let e = e.context("parsing export")?;
-                        names.push((e.name.name.to_string(), format!("{:?}", e.kind).to_lowercase()));
+                        names.push((
+                            e.name.name.to_string(),
+                            format!("{:?}", e.kind).to_lowercase(),
+                        ));
                     }
                 }
             }
