@@ -727,3 +727,4 @@ async fn many_in_flight() {
     );
     assert_eq!(errors, 0);
 }
+
