@@ -697,7 +697,11 @@ impl<'js> Isolate<'js> {
         g.set("__skiff_env", env).map_err(err)?;
         let timers = host.clone();
         let timer = Function::new(ctx.clone(), move |id: u32, ms: f64| {
-            let ms = if ms.is_finite() { ms.clamp(0.0, 1e12) } else { 0.0 };
+            let ms = if ms.is_finite() {
+                ms.clamp(0.0, 1e12)
+            } else {
+                0.0
+            };
             let at = Instant::now() + Duration::from_secs_f64(ms / 1000.0);
             timers.borrow_mut().add_timer(id, at);
         })
@@ -764,7 +768,8 @@ impl<'js> Isolate<'js> {
                     let owner = h.current;
                     // The invocation's own deadline (without the grace) bounds the request.
                     let timeout = h.invs.get(&owner).map_or(fallback, |inv| {
-                        (inv.expires.saturating_duration_since(Instant::now())
+                        (inv.expires
+                            .saturating_duration_since(Instant::now())
                             .saturating_sub(DEADLINE_GRACE))
                         .max(Duration::from_millis(1))
                     });
@@ -1025,12 +1030,8 @@ impl<'js> Isolate<'js> {
             context.set("functionVersion", setup.spec.revision.to_string())?;
             context.set("invokedFunctionArn", req.invoke.function_arn.as_str())?;
             context.set("deadlineMs", req.invoke.deadline_ms as f64)?;
-            iso.invoke.call::<_, ()>((
-                id as f64,
-                iso.handler.clone(),
-                payload.as_ref(),
-                context,
-            ))
+            iso.invoke
+                .call::<_, ()>((id as f64, iso.handler.clone(), payload.as_ref(), context))
         })
     }
 
@@ -1063,9 +1064,8 @@ impl<'js> Isolate<'js> {
             h.current = owner;
             h.invs.get(&owner).map(|i| i.expires)
         };
-        let expires = expires.unwrap_or_else(|| {
-            Instant::now() + setup.spec.spec.timeout + DEADLINE_GRACE
-        });
+        let expires =
+            expires.unwrap_or_else(|| Instant::now() + setup.spec.spec.timeout + DEADLINE_GRACE);
         setup.shared.interrupt_at(Some(expires));
         let r = f(self);
         if let Err(e) = r {
@@ -1291,7 +1291,8 @@ impl<'js> Isolate<'js> {
     }
 }
 
-const UNKNOWN_ERROR: &str = r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#;
+const UNKNOWN_ERROR: &str =
+    r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#;
 
 /// `errorType` of a Lambda error document.
 fn error_type_of(doc: &str) -> String {

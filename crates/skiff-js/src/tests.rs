@@ -562,8 +562,12 @@ async fn one_invocation_times_out_alone() {
     let slow = {
         let inst = f.inst.clone();
         tokio::spawn(async move {
-            inst.invoke(req_as("slow", r#"{"i":1,"ms":60000}"#, Duration::from_millis(400)))
-                .await
+            inst.invoke(req_as(
+                "slow",
+                r#"{"i":1,"ms":60000}"#,
+                Duration::from_millis(400),
+            ))
+            .await
         })
     };
     let fast = call_many(&f, 5, Duration::from_secs(5)).await;
@@ -662,10 +666,7 @@ async fn a_runaway_loop_or_oom_fails_every_invocation_in_flight() {
         .await
         .expect("the waiter is answered")
         .unwrap();
-    assert!(
-        matches!(w, Err(SandboxError::OutOfMemory { .. })),
-        "{w:?}"
-    );
+    assert!(matches!(w, Err(SandboxError::OutOfMemory { .. })), "{w:?}");
 }
 
 #[tokio::test]
@@ -727,4 +728,3 @@ async fn many_in_flight() {
     );
     assert_eq!(errors, 0);
 }
-

@@ -414,7 +414,12 @@ fn js_one_instance_holds_1000_in_flight_invocations() {
         (errors, instances)
     });
     let took = t0.elapsed();
-    assert!(errors.is_empty(), "{} errors, e.g. {:?}", errors.len(), &errors[..1]);
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        &errors[..1]
+    );
     assert_eq!(instances.len(), 1, "{instances:?}");
     // 1000 one-second waits in flight at once: about a second, not 1000.
     assert!(took < Duration::from_secs(5), "{took:?}");
