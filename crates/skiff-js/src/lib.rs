@@ -974,7 +974,10 @@ impl<'js> Isolate<'js> {
             if shared.stop.load(Ordering::SeqCst) {
                 return self.die(setup, Fatal::Interrupted);
             }
+            // Deadlines first: a timer of an invocation past its deadline must not run (its
+            // JS would be interrupted at once, failing the whole isolate).
             let now = Instant::now();
+            self.expire(now);
             loop {
                 let due = self.host.borrow_mut().pop_due(now);
                 let Some((id, owner)) = due else { break };
@@ -1064,8 +1067,14 @@ impl<'js> Isolate<'js> {
             h.current = owner;
             h.invs.get(&owner).map(|i| i.expires)
         };
-        let expires =
-            expires.unwrap_or_else(|| Instant::now() + setup.spec.spec.timeout + DEADLINE_GRACE);
+        let now = Instant::now();
+        let expires = match expires {
+            // Past its deadline: `expire` fails it; running its JS now would only be
+            // interrupted, and that fails every invocation in the isolate.
+            Some(at) if at <= now => return Ok(()),
+            Some(at) => at,
+            None => now + setup.spec.spec.timeout + DEADLINE_GRACE,
+        };
         setup.shared.interrupt_at(Some(expires));
         let r = f(self);
         if let Err(e) = r {
