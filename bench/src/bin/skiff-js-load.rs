@@ -298,107 +298,163 @@ async fn main() {
 
     // 2. Many in flight on one instance.
     sequential(&addr, "b-js-wait", 1, true).await; // start the instance
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss_before, _) = rss_kib(pid);
-    let peak = Arc::new(AtomicU64::new(rss_before));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        std::thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid).0, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-    // Connects are paced (the listener's backlog is finite); requests all overlap.
-    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let addr = addr.clone();
-            let connecting = connecting.clone();
-            tokio::spawn(async move {
-                let permit = connecting.acquire_owned().await.unwrap();
-                let t = Instant::now();
-                let s = TcpStream::connect(&addr)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                drop(permit);
-                let mut conn = tokio::io::BufReader::new(s);
-                let body = format!("{{\"i\":{i}}}");
-                let r = request(
-                    &mut conn,
-                    &addr,
-                    "POST",
-                    "/v1/functions/b-js-wait/invoke",
-                    body.as_bytes(),
-                    true,
-                )
-                .await
-                .map_err(|e| format!("request: {e}"))?;
-                let took = t.elapsed();
-                if r.status != 200 || r.body != i.to_string().as_bytes() {
-                    return Err(format!(
-                        "status {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body)
-                    ));
+    let rounds = arg("--rounds", 2);
+    let mut failed = false;
+    for round in 1..=rounds {
+        println!("\nround {round} of {rounds}:");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (rss_before, _) = rss_kib(pid);
+        let peak = Arc::new(AtomicU64::new(rss_before));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            std::thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(pid).0, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                let inst = header(&r.headers, "x-skiff-instance")
-                    .unwrap_or("")
-                    .to_string();
-                Ok::<_, String>((took, inst))
             })
-        })
-        .collect();
-    let mut lat = Vec::with_capacity(n);
-    let mut errors = Vec::new();
-    let mut instances = std::collections::BTreeSet::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok((d, inst)) => {
-                lat.push(d.as_secs_f64() * 1e3);
-                instances.insert(inst);
-            }
-            Err(e) => errors.push(e),
+        };
+        // All connections are opened first (paced: the listener's accept queue is finite and the
+        // accept loop shares two cores with the isolate), then every request is sent at once.
+        let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+        let go = Arc::new(tokio::sync::Notify::new());
+        let released = Arc::new(AtomicBool::new(false));
+        let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let max_in_flight = Arc::new(AtomicU64::new(0));
+        let tc = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let addr = addr.clone();
+                let connecting = connecting.clone();
+                let (go, released, connected) =
+                    (go.clone(), released.clone(), connected_tx.clone());
+                let (in_flight, max_in_flight) = (in_flight.clone(), max_in_flight.clone());
+                tokio::spawn(async move {
+                    let permit = connecting.acquire_owned().await.unwrap();
+                    let s = TcpStream::connect(&addr).await;
+                    drop(permit);
+                    let _ = connected.send(());
+                    let s = s.map_err(|e| format!("connect: {e}"))?;
+                    s.set_nodelay(true).ok();
+                    let mut conn = tokio::io::BufReader::new(s);
+                    let wait = go.notified();
+                    if !released.load(Ordering::SeqCst) {
+                        wait.await;
+                    }
+                    let t = Instant::now();
+                    let body = format!("{{\"i\":{i}}}");
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_in_flight.fetch_max(now, Ordering::SeqCst);
+                    let r = request(
+                        &mut conn,
+                        &addr,
+                        "POST",
+                        "/v1/functions/b-js-wait/invoke",
+                        body.as_bytes(),
+                        true,
+                    )
+                    .await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let r = r.map_err(|e| format!("request: {e}"))?;
+                    let took = t.elapsed();
+                    if r.status != 200 || r.body != i.to_string().as_bytes() {
+                        return Err(format!(
+                            "status {}: {}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        ));
+                    }
+                    let inst = header(&r.headers, "x-skiff-instance")
+                        .unwrap_or("")
+                        .to_string();
+                    Ok::<_, String>((took, inst))
+                })
+            })
+            .collect();
+        drop(connected_tx);
+        for _ in 0..n {
+            connected_rx.recv().await;
         }
+        let connect_time = tc.elapsed();
+        // Give the server's accept loop a moment to take the last connections off the queue.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (rss_connected, _) = rss_kib(pid);
+        let t0 = Instant::now();
+        released.store(true, Ordering::SeqCst);
+        go.notify_waiters();
+        let mut lat = Vec::with_capacity(n);
+        let mut errors = Vec::new();
+        let mut instances = std::collections::BTreeSet::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok((d, inst)) => {
+                    lat.push(d.as_secs_f64() * 1e3);
+                    instances.insert(inst);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let wall = t0.elapsed();
+        sampling.store(false, Ordering::Relaxed);
+        sampler.join().unwrap();
+        let peak = peak.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss_after, hwm) = rss_kib(pid);
+        lat.sort_by(|a, b| a.total_cmp(b));
+        println!("\n{n} concurrent requests, handler awaits setTimeout(1000), one instance:");
+        println!("- errors: {}", errors.len());
+        for e in errors.iter().take(5) {
+            println!("  e.g. {e}");
+        }
+        println!("- instances used: {}", instances.len());
+        println!(
+            "- connections opened first in {:.2} s; requests in flight at once (client side): {}",
+            connect_time.as_secs_f64(),
+            max_in_flight.load(Ordering::SeqCst)
+        );
+        println!("- wall time: {:.3} s", wall.as_secs_f64());
+        println!(
+            "- latency ms: p50 {:.0}, p99 {:.0}, max {:.0}",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN)
+        );
+        println!(
+            "- server RSS MiB: before {:.1}, with {n} idle connections {:.1}, peak during {:.1}, after (2 s later) {:.1}, VmHWM {:.1}",
+            rss_before as f64 / 1024.0,
+            rss_connected as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            rss_after as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+        println!(
+            "- memory per in-flight invocation: (peak − before) / n = {:.1} KiB, of which the open connection accounts for (connected − before) / n = {:.1} KiB",
+            peak.saturating_sub(rss_before) as f64 / n as f64,
+            rss_connected.saturating_sub(rss_before) as f64 / n as f64
+        );
+        let rt: serde_json::Value = {
+            let mut conn = tokio::io::BufReader::new(TcpStream::connect(&addr).await.unwrap());
+            let r = request(
+                &mut conn,
+                &addr,
+                "GET",
+                "/v1/functions/b-js-wait/runtime",
+                b"",
+                true,
+            )
+            .await
+            .unwrap();
+            serde_json::from_slice(&r.body).unwrap_or_default()
+        };
+        println!("- the instance after the round: {}", rt["instances"][0]);
+        failed |= !errors.is_empty();
     }
-    let wall = t0.elapsed();
-    sampling.store(false, Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_after, hwm) = rss_kib(pid);
-    lat.sort_by(|a, b| a.total_cmp(b));
-    println!("\n{n} concurrent requests, handler awaits setTimeout(1000), one instance:");
-    println!("- errors: {}", errors.len());
-    for e in errors.iter().take(5) {
-        println!("  e.g. {e}");
-    }
-    println!("- instances used: {}", instances.len());
-    println!("- wall time: {:.3} s", wall.as_secs_f64());
-    println!(
-        "- latency ms: p50 {:.0}, p99 {:.0}, max {:.0}",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99),
-        lat.last().copied().unwrap_or(f64::NAN)
-    );
-    println!(
-        "- server RSS MiB: before {:.1}, peak during {:.1}, after (2 s later) {:.1}, VmHWM {:.1}",
-        rss_before as f64 / 1024.0,
-        peak as f64 / 1024.0,
-        rss_after as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
-    println!(
-        "- memory per in-flight invocation (peak − before) / n: {:.1} KiB",
-        peak.saturating_sub(rss_before) as f64 / n as f64
-    );
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&tmp);
-    if !errors.is_empty() {
+    if failed {
         std::process::exit(1);
     }
 }
