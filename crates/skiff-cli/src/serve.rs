@@ -97,7 +97,40 @@ fn write_runtimes(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every in-flight HTTP request holds a
+/// socket, and `runtime: js` instances serve thousands of invocations at once.
+fn raise_nofile_limit() -> Option<u64> {
+    #[repr(C)]
+    struct RLimit {
+        cur: u64,
+        max: u64,
+    }
+    extern "C" {
+        fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
+        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
+    }
+    const RLIMIT_NOFILE: i32 = 7; // Linux
+    let mut lim = RLimit { cur: 0, max: 0 };
+    // SAFETY: plain syscalls on a properly laid out struct (rlim_t is u64 on Linux).
+    unsafe {
+        if getrlimit(RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.cur < lim.max {
+            let want = RLimit {
+                cur: lim.max,
+                max: lim.max,
+            };
+            if setrlimit(RLIMIT_NOFILE, &want) == 0 {
+                return Some(lim.max);
+            }
+        }
+    }
+    Some(lim.cur)
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    let nofile = raise_nofile_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -105,6 +138,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(?nofile, "open file limit");
     if args.executor != "native" {
         bail!(
             "FAAS_EXECUTOR_TYPE / --executor `{}` is not supported: this server runs only the \

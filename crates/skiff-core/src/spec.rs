@@ -19,6 +19,13 @@ pub const TIMEOUT_MAX: Duration = Duration::from_secs(900);
 pub const JS_MEMORY_MAX: u64 = 512 << 20;
 pub const JS_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 pub const JS_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+/// `concurrency` for `runtime: js`: an isolate is an event loop that interleaves its in-flight
+/// invocations (Workers-style), so one instance may hold far more than a process-per-request
+/// tier. The default lets an isolate overlap I/O waits without a change to `function.yaml`
+/// while bounding how many invocations share one isolate's fate (a timeout, runaway loop or
+/// out-of-memory fails every invocation in it); `concurrency: 1` keeps one at a time.
+pub const JS_CONCURRENCY_DEFAULT: u32 = 100;
+pub const JS_CONCURRENCY_MAX: u32 = 10_000;
 /// Default and bounds for `tmp`.
 pub const TMP_DEFAULT: u64 = 512 << 20;
 pub const TMP_MIN: u64 = 1 << 20;
@@ -264,7 +271,18 @@ impl FunctionSpec {
                 return Err(err("timeout", "runtime js: must be between 1s and 30s"));
             }
         }
-        let concurrency = int_field(map, "concurrency", 1, 1, CONCURRENCY_MAX)?;
+        let concurrency = if runtime == Runtime::Js {
+            int_field(
+                map,
+                "concurrency",
+                JS_CONCURRENCY_DEFAULT,
+                1,
+                JS_CONCURRENCY_MAX,
+            )
+            .map_err(|e| err("concurrency", format!("runtime js: {}", e.message)))?
+        } else {
+            int_field(map, "concurrency", 1, 1, CONCURRENCY_MAX)?
+        };
         let scale = parse_scale(map.get("scale"))?;
         let env = parse_env(map.get("env"))?;
         let secrets = parse_secrets(map.get("secrets"))?;
@@ -646,13 +664,32 @@ mod tests {
             ("name: a\nruntime: js\nmemory: 1Gi\n", "memory"),
             ("name: a\nruntime: js\ntimeout: 500ms\n", "timeout"),
             ("name: a\nruntime: js\ntimeout: 31s\n", "timeout"),
+            ("name: a\nruntime: js\nconcurrency: 0\n", "concurrency"),
+            ("name: a\nruntime: js\nconcurrency: 10001\n", "concurrency"),
+            ("name: a\nruntime: js\nconcurrency: many\n", "concurrency"),
         ] {
             assert_eq!(parse(y).unwrap_err().field, field, "{y}");
         }
         let js = parse("name: a\nruntime: js\n").unwrap();
         assert_eq!(
-            (js.handler.as_str(), js.memory),
-            ("index.js", MEMORY_DEFAULT)
+            (js.handler.as_str(), js.memory, js.concurrency),
+            ("index.js", MEMORY_DEFAULT, JS_CONCURRENCY_DEFAULT)
+        );
+        let e = parse("name: a\nruntime: js\nconcurrency: 20000\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "concurrency: runtime js: 20000 is out of range (allowed 1..10000)"
+        );
+        let js = parse("name: a\nruntime: js\nconcurrency: 10000\n").unwrap();
+        assert_eq!(js.concurrency, JS_CONCURRENCY_MAX);
+        let js = parse("name: a\nruntime: js\nconcurrency: 1\n").unwrap();
+        assert_eq!(js.concurrency, 1);
+        // Other runtimes keep their bound.
+        assert_eq!(
+            parse("name: a\nruntime: python3\nconcurrency: 1001\n")
+                .unwrap_err()
+                .field,
+            "concurrency"
         );
         let e = parse("name: a\nruntime: python3\nmemory: 4Gi\n").unwrap_err();
         assert!(e.message.contains("64Mi..2Gi"), "{e}");

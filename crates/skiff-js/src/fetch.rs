@@ -1,6 +1,7 @@
 //! Host side of the JS tier's `fetch`: requests run on the server's tokio runtime with a shared
 //! reqwest client (plain `http://` only: the build has no TLS stack), and their results go back
-//! to the isolate thread over a channel that `settle` drains.
+//! to the isolate thread as events on its queue (each completion is a macrotask of the
+//! invocation that started the request).
 //!
 //! Policy: `network: none` refuses every request. Otherwise the destination — URL literals,
 //! every DNS answer (checked in the resolver, so a name cannot rebind past the check) and every
@@ -10,7 +11,7 @@
 
 use parking_lot::Mutex;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Largest response body kept (bytes); longer bodies fail the fetch.
@@ -198,14 +199,14 @@ pub(crate) struct Request {
     pub body: Option<String>,
 }
 
-/// Checks `req` and, if it may go, starts it on `rt`; the result arrives on `done`.
+/// Checks `req` and, if it may go, starts it on `rt`; `done` receives the result.
 pub(crate) fn start(
     policy: &Arc<NetPolicy>,
     rt: &tokio::runtime::Handle,
     id: u32,
     req: Request,
     timeout: Duration,
-    done: mpsc::Sender<Done>,
+    done: impl FnOnce(Done) + Send + 'static,
 ) -> Result<(), String> {
     let url = reqwest::Url::parse(&req.url).map_err(|e| format!("invalid URL {}: {e}", req.url))?;
     check_url(policy, &url)?;
@@ -252,7 +253,7 @@ pub(crate) fn start(
             })
         }
         .await;
-        let _ = done.send(Done { id, result });
+        done(Done { id, result });
     });
     Ok(())
 }

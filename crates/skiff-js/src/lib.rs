@@ -5,6 +5,32 @@
 //! by that revision's instances — and instances run in a context without the `Eval` intrinsic,
 //! so `eval`, `new Function` and friends throw at the engine level. Memory is bounded by the
 //! runtime's allocator limit, CPU time by the interrupt handler.
+//!
+//! # Many invocations per isolate
+//!
+//! The instance thread is an event loop, like a Workers isolate: it serves up to the spec's
+//! `concurrency` invocations at once and interleaves them. Work arrives as *macrotasks* —
+//! an invocation's handler call, a due `setTimeout` callback, a finished `fetch` — and after
+//! each one the microtask (promise job) queue is drained, so while one handler awaits a timer
+//! or a request the others start and progress. Module state is shared by all invocations of
+//! an isolate. Per invocation the isolate keeps:
+//!
+//! - its **result**: the prelude reports each handler's settled promise to the host
+//!   (`__skiff_settle`), which answers exactly that invocation;
+//! - its **deadline**: an invocation still pending past its deadline (plus a short grace,
+//!   so the scheduler's own timeout answers first) fails alone with an "interrupted" error; JS
+//!   *running* past the deadline of the invocation whose macrotask it is gets interrupted,
+//!   which — like running out of memory — fails the whole isolate and every invocation in it
+//!   (a runaway loop blocks the thread for everyone);
+//! - its **logs**: `console.*` output goes to the invocation whose macrotask is running. Timers
+//!   and fetches remember the invocation that created them, so output after `await`ing them
+//!   lands in the right log. The attribution is causal per macrotask: a continuation that is
+//!   resumed by *another* invocation's macrotask (e.g. two handlers awaiting one shared promise
+//!   that the second one resolves) logs into that other invocation. Timers and fetches an
+//!   invocation leaves behind are dropped when it finishes (as they were with one invocation
+//!   per isolate).
+//!
+//! With `concurrency: 1` the loop serves one invocation at a time, as before.
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -14,8 +40,8 @@ use rquickjs::prelude::Rest;
 use rquickjs::{Context, Ctx, Function, Module, Object, Promise, Runtime, Value};
 use skiff_core::{Network, Runtime as SpecRuntime};
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,6 +150,8 @@ struct Shared {
     deadline: AtomicU64,
     memory: AtomicU64,
     peak: AtomicU64,
+    /// The interrupt handler stopped running JS: the isolate cannot go on.
+    fired: AtomicBool,
 }
 
 impl Shared {
@@ -134,19 +162,34 @@ impl Shared {
         let d = self.deadline.load(Ordering::Relaxed);
         d != 0 && self.base.elapsed().as_nanos() as u64 > d
     }
+
+    /// Interrupt JS still running at `at` (`None`: no limit).
+    fn interrupt_at(&self, at: Option<Instant>) {
+        let nanos = at.map_or(0, |at| {
+            (at.saturating_duration_since(self.base).as_nanos() as u64).max(1)
+        });
+        self.deadline.store(nanos, Ordering::SeqCst);
+    }
 }
 
-enum Cmd {
+/// Work for an instance thread.
+enum Event {
     Invoke(
         InvokeRequest,
         oneshot::Sender<Result<InvokeResult, SandboxError>>,
     ),
+    /// A `fetch` finished on the host.
+    Fetched(fetch::Done),
+    /// Fail what is in flight and exit.
+    Stop,
+    /// The handle was dropped: finish what is in flight, then exit.
+    Closed,
 }
 
 /// A running isolate.
 pub struct JsInstance {
     id: String,
-    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    tx: Mutex<Option<mpsc::Sender<Event>>>,
     exited: Mutex<Option<oneshot::Receiver<()>>>,
     shared: Arc<Shared>,
 }
@@ -163,6 +206,8 @@ struct Setup {
     net: Arc<NetPolicy>,
     /// Runtime that runs `fetch` requests (`None` outside tokio: `fetch` rejects).
     rt: Option<tokio::runtime::Handle>,
+    /// The thread's own queue, for `fetch` completions.
+    events: mpsc::Sender<Event>,
 }
 
 #[async_trait]
@@ -192,6 +237,7 @@ impl JsSandbox {
             deadline: AtomicU64::new(0),
             memory: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -205,6 +251,7 @@ impl JsSandbox {
             export,
             net: self.net.clone(),
             rt: tokio::runtime::Handle::try_current().ok(),
+            events: tx.clone(),
         };
         std::thread::Builder::new()
             .name(format!("js-{id}"))
@@ -249,7 +296,7 @@ impl Instance for JsInstance {
             let guard = self.tx.lock();
             let sender = guard.as_ref().ok_or(SandboxError::Gone)?;
             sender
-                .send(Cmd::Invoke(req, tx))
+                .send(Event::Invoke(req, tx))
                 .map_err(|_| SandboxError::Gone)?;
         }
         rx.await.unwrap_or_else(|_| {
@@ -262,10 +309,12 @@ impl Instance for JsInstance {
 
     async fn stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.tx.lock().take();
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(Event::Stop);
+        }
         let exited = self.exited.lock().take();
         if let Some(rx) = exited {
-            // The thread sees the closed channel, or the interrupt handler the stop flag.
+            // The thread sees the stop event, or the interrupt handler the stop flag.
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
     }
@@ -280,6 +329,15 @@ impl Instance for JsInstance {
 
     fn memory_peak(&self) -> Option<u64> {
         Some(self.shared.peak.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for JsInstance {
+    fn drop(&mut self) {
+        // The thread holds a sender of its own (for fetches), so tell it explicitly.
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(Event::Closed);
+        }
     }
 }
 
@@ -360,11 +418,20 @@ fn is_oom_text(s: &str) -> bool {
     s.contains("out of memory")
 }
 
-/// The instance thread: builds the isolate, then serves invocations until the channel closes,
-/// the instance is stopped, or the isolate ran out of memory or time.
+/// The error of an in-flight invocation when the isolate is stopped or interrupted, or the
+/// invocation passed its deadline (`execute` maps "interrupted" to its timeout error).
+const INTERRUPTED: &str = "the JS isolate was interrupted (time limit or stop)";
+const NEVER_SETTLED: &str = "the handler's promise never settled (nothing left to wait for)";
+/// Events handled per loop turn before due timers and deadlines get their turn.
+const EVENT_BATCH: usize = 1024;
+/// How often the isolate's memory is measured while invocations are in flight.
+const MEMORY_EVERY: Duration = Duration::from_millis(100);
+
+/// The instance thread: builds the isolate, then runs its event loop until the instance is
+/// stopped or dropped, or the isolate ran out of memory or time.
 fn run_isolate(
     setup: Setup,
-    rx: mpsc::Receiver<Cmd>,
+    rx: mpsc::Receiver<Event>,
     ready: oneshot::Sender<Result<(), SandboxError>>,
 ) {
     let fail = |message: String| SandboxError::Crashed {
@@ -384,7 +451,13 @@ fn run_isolate(
     rt.set_memory_limit(limit as usize);
     rt.set_max_stack_size(JS_STACK);
     let shared = setup.shared.clone();
-    rt.set_interrupt_handler(Some(Box::new(move || shared.should_interrupt())));
+    rt.set_interrupt_handler(Some(Box::new(move || {
+        let stop = shared.should_interrupt();
+        if stop {
+            shared.fired.store(true, Ordering::SeqCst);
+        }
+        stop
+    })));
     let ctx = match Context::custom::<(
         intrinsic::Date,
         intrinsic::RegExpCompiler,
@@ -412,12 +485,12 @@ fn run_isolate(
             return;
         }
     };
-    let logs: Rc<RefCell<Vec<u8>>> = Rc::default();
+    let host: Rc<RefCell<Host>> = Rc::default();
     ctx.with(|ctx| {
-        let isolate = match Isolate::init(&ctx, &setup, &code, logs.clone()) {
+        let mut isolate = match Isolate::init(&ctx, &setup, &code, host.clone(), &rx) {
             Ok(i) => i,
             Err(msg) => {
-                let logs = String::from_utf8_lossy(&logs.borrow()).into_owned();
+                let logs = String::from_utf8_lossy(&host.borrow().init_logs).into_owned();
                 let err = if is_oom_text(&msg) {
                     SandboxError::OutOfMemory {
                         limit_mb,
@@ -437,17 +510,9 @@ fn run_isolate(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        while let Ok(Cmd::Invoke(req, reply)) = rx.recv() {
-            let result = isolate.invoke(&ctx, &setup, req);
-            setup.shared.deadline.store(0, Ordering::SeqCst);
-            let fatal = result.is_err();
-            let _ = reply.send(result);
-            if fatal || setup.shared.stop.load(Ordering::Relaxed) {
-                break;
-            }
-            setup.shared.record_memory(&ctx);
-        }
+        isolate.serve(&setup, &rx);
     });
+    drop(host);
     drop(ctx);
     drop(rt);
 }
@@ -467,23 +532,132 @@ impl Shared {
     }
 }
 
-/// The loaded prelude and user module of one isolate.
+/// Why an isolate cannot go on; every invocation in flight fails with it.
+#[derive(Debug)]
+enum Fatal {
+    OutOfMemory,
+    Interrupted,
+    Engine(String),
+}
+
+/// How an invocation's promise settled, as reported by the prelude.
+enum Outcome {
+    /// The reply as JSON text.
+    Ok(String),
+    /// The Lambda error document of what it threw.
+    Threw(String),
+    Fatal(Fatal),
+}
+
+/// An invocation in flight.
+struct Inv {
+    reply: oneshot::Sender<Result<InvokeResult, SandboxError>>,
+    /// When the isolate gives up on it: its deadline plus [`DEADLINE_GRACE`].
+    expires: Instant,
+    logs: Vec<u8>,
+    timers: HashSet<u32>,
+    fetches: HashSet<u32>,
+}
+
+/// Isolate-thread state shared by the event loop and the host functions the prelude calls.
+#[derive(Default)]
+struct Host {
+    /// The invocation whose macrotask is running; 0 while the module initialises.
+    current: u64,
+    invs: HashMap<u64, Inv>,
+    /// Output of module initialisation (the log tail of a failed start).
+    init_logs: Vec<u8>,
+    /// Pending timers in firing order (due, id) with their invocation.
+    queue: BTreeMap<(Instant, u32), u64>,
+    timers: HashMap<u32, Instant>,
+    /// Fetches running on the host: id → invocation.
+    fetches: HashMap<u32, u64>,
+    /// (expires, id) of the invocations in flight, soonest first.
+    expiries: BTreeSet<(Instant, u64)>,
+    /// Invocations whose promise settled since the loop last looked.
+    settled: Vec<(u64, Outcome)>,
+}
+
+impl Host {
+    fn log_sink(&mut self) -> Option<&mut Vec<u8>> {
+        match self.current {
+            0 => Some(&mut self.init_logs),
+            id => self.invs.get_mut(&id).map(|i| &mut i.logs),
+        }
+    }
+
+    fn add_timer(&mut self, id: u32, at: Instant) {
+        let owner = self.current;
+        self.queue.insert((at, id), owner);
+        self.timers.insert(id, at);
+        if let Some(inv) = self.invs.get_mut(&owner) {
+            inv.timers.insert(id);
+        }
+    }
+
+    fn remove_timer(&mut self, id: u32) -> Option<u64> {
+        let at = self.timers.remove(&id)?;
+        let owner = self.queue.remove(&(at, id))?;
+        if let Some(inv) = self.invs.get_mut(&owner) {
+            inv.timers.remove(&id);
+        }
+        Some(owner)
+    }
+
+    /// The first timer due at `now`, taken off the queue, with its invocation.
+    fn pop_due(&mut self, now: Instant) -> Option<(u32, u64)> {
+        let (&(at, id), _) = self.queue.first_key_value()?;
+        if at > now {
+            return None;
+        }
+        self.remove_timer(id).map(|owner| (id, owner))
+    }
+
+    /// Takes invocation `id` out of flight, dropping its timers and fetches.
+    fn finish(&mut self, id: u64) -> Option<Inv> {
+        let inv = self.invs.remove(&id)?;
+        self.expiries.remove(&(inv.expires, id));
+        for t in &inv.timers {
+            if let Some(at) = self.timers.remove(t) {
+                self.queue.remove(&(at, *t));
+            }
+        }
+        for f in &inv.fetches {
+            self.fetches.remove(f);
+        }
+        Some(inv)
+    }
+
+    /// When the loop must look again without an event: the next timer or deadline.
+    fn next_wake(&self) -> Option<Instant> {
+        let timer = self.queue.first_key_value().map(|(&(at, _), _)| at);
+        let expiry = self.expiries.first().map(|&(at, _)| at);
+        match (timer, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The loaded prelude and user module of one isolate, and its event loop.
 struct Isolate<'js> {
+    ctx: Ctx<'js>,
     handler: Function<'js>,
     invoke: Function<'js>,
     describe: Function<'js>,
-    timer_wait: Function<'js>,
-    run_timers: Function<'js>,
+    fire: Function<'js>,
+    forget: Function<'js>,
     reset_timers: Function<'js>,
     fetch_done: Function<'js>,
-    fetches: Fetches,
-    logs: Rc<RefCell<Vec<u8>>>,
+    host: Rc<RefCell<Host>>,
+    next_id: u64,
 }
 
-/// Requests of one isolate in flight on the host.
-struct Fetches {
-    rx: mpsc::Receiver<fetch::Done>,
-    inflight: Rc<Cell<usize>>,
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 impl<'js> Isolate<'js> {
@@ -491,13 +665,15 @@ impl<'js> Isolate<'js> {
         ctx: &Ctx<'js>,
         setup: &Setup,
         code: &[u8],
-        logs: Rc<RefCell<Vec<u8>>>,
+        host: Rc<RefCell<Host>>,
+        rx: &mpsc::Receiver<Event>,
     ) -> Result<Self, String> {
         let err = |e| exception_text(ctx, e);
         let g = ctx.globals();
-        let sink = logs.clone();
+        let sink = host.clone();
         let log = Function::new(ctx.clone(), move |level: String, text: String| {
-            let mut buf = sink.borrow_mut();
+            let mut h = sink.borrow_mut();
+            let Some(buf) = h.log_sink() else { return };
             if buf.len() < LOG_MAX {
                 for line in text.split('\n') {
                     buf.extend_from_slice(b"[Function] ");
@@ -519,14 +695,52 @@ impl<'js> Isolate<'js> {
             env.set(k.as_str(), v.as_str()).map_err(err)?;
         }
         g.set("__skiff_env", env).map_err(err)?;
-        let (fetch_tx, fetch_rx) = mpsc::channel();
-        let inflight: Rc<Cell<usize>> = Rc::default();
+        let timers = host.clone();
+        let timer = Function::new(ctx.clone(), move |id: u32, ms: f64| {
+            let ms = if ms.is_finite() {
+                ms.clamp(0.0, 1e12)
+            } else {
+                0.0
+            };
+            let at = Instant::now() + Duration::from_secs_f64(ms / 1000.0);
+            timers.borrow_mut().add_timer(id, at);
+        })
+        .map_err(err)?;
+        g.set("__skiff_timer", timer).map_err(err)?;
+        let timers = host.clone();
+        let untimer = Function::new(ctx.clone(), move |id: u32| {
+            timers.borrow_mut().remove_timer(id);
+        })
+        .map_err(err)?;
+        g.set("__skiff_untimer", untimer).map_err(err)?;
+        let results = host.clone();
+        let settle = Function::new(
+            ctx.clone(),
+            move |id: f64, ok: bool, v: Value<'js>, doc: Option<String>| {
+                let outcome = if ok {
+                    Outcome::Ok(
+                        v.as_string()
+                            .and_then(|s| s.to_string().ok())
+                            .unwrap_or_else(|| "null".into()),
+                    )
+                } else if is_oom_value(&v) {
+                    Outcome::Fatal(Fatal::OutOfMemory)
+                } else if is_interrupt_value(&v) {
+                    Outcome::Fatal(Fatal::Interrupted)
+                } else {
+                    Outcome::Threw(doc.unwrap_or_else(|| UNKNOWN_ERROR.into()))
+                };
+                results.borrow_mut().settled.push((id as u64, outcome));
+            },
+        )
+        .map_err(err)?;
+        g.set("__skiff_settle", settle).map_err(err)?;
         let host_fetch = {
-            let inflight = inflight.clone();
+            let host = host.clone();
             let network = setup.spec.spec.network;
             let net = setup.net.clone();
             let rt = setup.rt.clone();
-            let shared = setup.shared.clone();
+            let events = setup.events.clone();
             let fallback = setup.spec.spec.timeout;
             Function::new(
                 ctx.clone(),
@@ -550,10 +764,25 @@ impl<'js> Isolate<'js> {
                         headers,
                         body,
                     };
-                    let timeout = shared.remaining().unwrap_or(fallback);
-                    match fetch::start(&net, rt, id, req, timeout, fetch_tx.clone()) {
+                    let mut h = host.borrow_mut();
+                    let owner = h.current;
+                    // The invocation's own deadline (without the grace) bounds the request.
+                    let timeout = h.invs.get(&owner).map_or(fallback, |inv| {
+                        (inv.expires
+                            .saturating_duration_since(Instant::now())
+                            .saturating_sub(DEADLINE_GRACE))
+                        .max(Duration::from_millis(1))
+                    });
+                    let events = events.clone();
+                    let done = move |d| {
+                        let _ = events.send(Event::Fetched(d));
+                    };
+                    match fetch::start(&net, rt, id, req, timeout, done) {
                         Ok(()) => {
-                            inflight.set(inflight.get() + 1);
+                            h.fetches.insert(id, owner);
+                            if let Some(inv) = h.invs.get_mut(&owner) {
+                                inv.fetches.insert(id);
+                            }
                             String::new()
                         }
                         Err(e) => e,
@@ -573,37 +802,32 @@ impl<'js> Isolate<'js> {
         let (user, done) = user.eval().map_err(err)?;
         let isolate_get = |name: &str| prelude.get::<_, Function>(name).map_err(err);
         let invoke = isolate_get("invoke")?;
-        let iso = Isolate {
+        let mut iso = Isolate {
+            ctx: ctx.clone(),
             // Replaced by the module's default export once it has been evaluated.
             handler: invoke.clone(),
             invoke,
             describe: isolate_get("describe")?,
-            timer_wait: isolate_get("timerWait")?,
-            run_timers: isolate_get("runTimers")?,
+            fire: isolate_get("fire")?,
+            forget: isolate_get("forget")?,
             reset_timers: isolate_get("resetTimers")?,
             fetch_done: isolate_get("fetchDone")?,
-            fetches: Fetches {
-                rx: fetch_rx,
-                inflight,
-            },
-            logs,
+            host,
+            next_id: 1,
         };
-        // Top-level await may wait on timers: drive them like an invocation.
-        setup.shared.set_deadline(setup.spec.spec.timeout);
-        let r = iso.settle(ctx, setup, done);
-        setup.shared.deadline.store(0, Ordering::SeqCst);
-        match r {
-            Settled::Ok(_) => {}
-            Settled::Threw(v) => return Err(iso.describe_text(ctx, v)),
-            Settled::Fatal(Fatal::OutOfMemory) => return Err("out of memory".into()),
-            Settled::Fatal(Fatal::Interrupted) => {
-                return Err(format!(
-                    "module evaluation did not finish within the timeout of {:.2} seconds",
-                    setup.spec.spec.timeout.as_secs_f64()
-                ))
-            }
-            Settled::Fatal(Fatal::Engine(e)) => return Err(e),
+        // Top-level await may wait on timers and fetches: drive them like an invocation.
+        let r = iso.settle_init(setup, done, rx);
+        setup.shared.interrupt_at(None);
+        // Timers and fetches left over by initialisation never run (as before: they were
+        // dropped when the first invocation started).
+        let _ = iso.reset_timers.call::<_, ()>(());
+        {
+            let mut h = iso.host.borrow_mut();
+            h.queue.clear();
+            h.timers.clear();
+            h.fetches.clear();
         }
+        r?;
         let handler: Value = user.get(setup.export.as_str()).map_err(err)?;
         let Some(handler) = handler.into_function() else {
             if setup.export != "default" {
@@ -617,12 +841,403 @@ impl<'js> Isolate<'js> {
                 setup.spec.spec.handler
             ));
         };
-        Ok(Isolate { handler, ..iso })
+        iso.handler = handler;
+        Ok(iso)
     }
 
-    fn describe_text(&self, ctx: &Ctx<'js>, v: Value<'js>) -> String {
+    /// Runs module evaluation's jobs, timers and fetches until `done` settles.
+    fn settle_init(
+        &mut self,
+        setup: &Setup,
+        done: Promise<'js>,
+        rx: &mpsc::Receiver<Event>,
+    ) -> Result<(), String> {
+        let timeout = setup.spec.spec.timeout;
+        let too_long = || {
+            format!(
+                "module evaluation did not finish within the timeout of {:.2} seconds",
+                timeout.as_secs_f64()
+            )
+        };
+        let fatal = |f: Fatal| match f {
+            Fatal::OutOfMemory => "out of memory".to_string(),
+            Fatal::Interrupted => too_long(),
+            Fatal::Engine(e) => e,
+        };
+        let expires = Instant::now() + timeout + DEADLINE_GRACE;
+        setup.shared.interrupt_at(Some(expires));
+        self.host.borrow_mut().current = 0;
+        loop {
+            self.drain(setup).map_err(fatal)?;
+            match done.result::<Value>() {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(rquickjs::Error::Exception)) => {
+                    let v = self.ctx.catch();
+                    if is_oom_value(&v) {
+                        return Err("out of memory".into());
+                    }
+                    if is_interrupt_value(&v) {
+                        return Err(too_long());
+                    }
+                    return Err(self.describe_text(v));
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {}
+            }
+            let now = Instant::now();
+            if now >= expires {
+                return Err(too_long());
+            }
+            let due = self.host.borrow_mut().pop_due(now);
+            if let Some((id, _)) = due {
+                if let Err(e) = self.fire.call::<_, ()>((id,)) {
+                    return Err(match self.classify(e) {
+                        Err(f) => fatal(f),
+                        Ok(v) => self.describe_text(v),
+                    });
+                }
+                continue;
+            }
+            let (next, fetching) = {
+                let h = self.host.borrow();
+                (h.next_wake(), !h.fetches.is_empty())
+            };
+            if next.is_none() && !fetching {
+                return Err(NEVER_SETTLED.into());
+            }
+            let wait = next.unwrap_or(expires).min(expires);
+            match rx.recv_timeout(wait.saturating_duration_since(now)) {
+                Ok(Event::Fetched(d)) => {
+                    if self.host.borrow_mut().fetches.remove(&d.id).is_some() {
+                        if let Err(e) = self.deliver(d) {
+                            return Err(match self.classify(e) {
+                                Err(f) => fatal(f),
+                                Ok(v) => self.describe_text(v),
+                            });
+                        }
+                    }
+                }
+                // Nobody holds the instance yet, so nobody can invoke or stop it.
+                Ok(Event::Invoke(_, reply)) => {
+                    let _ = reply.send(Err(SandboxError::Gone));
+                }
+                Ok(Event::Stop | Event::Closed) => return Err("the instance was stopped".into()),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The event loop: invocations, due timers, finished fetches and deadlines, until the
+    /// instance is stopped (or dropped and idle) or the isolate fails.
+    fn serve(&mut self, setup: &Setup, rx: &mpsc::Receiver<Event>) {
+        let shared = &setup.shared;
+        let mut closed = false;
+        let mut measured = Instant::now();
+        loop {
+            let (wake, idle) = {
+                let h = self.host.borrow();
+                (h.next_wake(), h.invs.is_empty())
+            };
+            if closed && idle {
+                return;
+            }
+            let first = match wake {
+                None => Some(rx.recv().unwrap_or(Event::Closed)),
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(e) => Some(e),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Event::Closed),
+                },
+            };
+            let mut next = first;
+            let mut handled = 0;
+            while let Some(ev) = next {
+                let r = match ev {
+                    Event::Invoke(req, reply) => self.start(setup, req, reply),
+                    Event::Fetched(done) => self.fetched(setup, done),
+                    Event::Stop => Err(Fatal::Interrupted),
+                    Event::Closed => {
+                        closed = true;
+                        Ok(())
+                    }
+                };
+                if let Err(f) = r {
+                    return self.die(setup, f);
+                }
+                handled += 1;
+                next = if handled < EVENT_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if shared.stop.load(Ordering::SeqCst) {
+                return self.die(setup, Fatal::Interrupted);
+            }
+            // Deadlines first: a timer of an invocation past its deadline must not run (its
+            // JS would be interrupted at once, failing the whole isolate).
+            let now = Instant::now();
+            self.expire(now);
+            loop {
+                let due = self.host.borrow_mut().pop_due(now);
+                let Some((id, owner)) = due else { break };
+                if let Err(f) = self.macrotask(setup, owner, |iso| iso.fire.call((id,))) {
+                    return self.die(setup, f);
+                }
+            }
+            self.expire(Instant::now());
+            if handled < EVENT_BATCH {
+                self.unstick();
+            }
+            let idle = self.host.borrow().invs.is_empty();
+            if idle || measured.elapsed() >= MEMORY_EVERY {
+                shared.record_memory(&self.ctx);
+                measured = Instant::now();
+            }
+        }
+    }
+
+    /// Starts an invocation: its handler call is a macrotask of its own.
+    fn start(
+        &mut self,
+        setup: &Setup,
+        req: InvokeRequest,
+        reply: oneshot::Sender<Result<InvokeResult, SandboxError>>,
+    ) -> Result<(), Fatal> {
+        if reply.is_closed() {
+            return Ok(()); // the caller gave up while it was queued
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let within = Duration::from_millis(req.invoke.deadline_ms.saturating_sub(unix_ms()));
+        let expires = Instant::now() + within + DEADLINE_GRACE;
+        {
+            let mut h = self.host.borrow_mut();
+            h.invs.insert(
+                id,
+                Inv {
+                    reply,
+                    expires,
+                    logs: Vec::new(),
+                    timers: HashSet::new(),
+                    fetches: HashSet::new(),
+                },
+            );
+            h.expiries.insert((expires, id));
+        }
+        let payload = String::from_utf8_lossy(&req.payload);
+        self.macrotask(setup, id, |iso| {
+            let context = Object::new(iso.ctx.clone())?;
+            context.set("awsRequestId", req.invoke.id.as_str())?;
+            context.set("functionName", setup.spec.function.as_str())?;
+            context.set("functionVersion", setup.spec.revision.to_string())?;
+            context.set("invokedFunctionArn", req.invoke.function_arn.as_str())?;
+            context.set("deadlineMs", req.invoke.deadline_ms as f64)?;
+            iso.invoke
+                .call::<_, ()>((id as f64, iso.handler.clone(), payload.as_ref(), context))
+        })
+    }
+
+    /// Hands a finished `fetch` to the invocation that started it.
+    fn fetched(&mut self, setup: &Setup, done: fetch::Done) -> Result<(), Fatal> {
+        let owner = {
+            let mut h = self.host.borrow_mut();
+            let Some(owner) = h.fetches.remove(&done.id) else {
+                return Ok(()); // its invocation already finished
+            };
+            if let Some(inv) = h.invs.get_mut(&owner) {
+                inv.fetches.remove(&done.id);
+            }
+            owner
+        };
+        self.macrotask(setup, owner, |iso| iso.deliver(done))
+    }
+
+    /// Runs `f` on behalf of invocation `owner` (its logs, timers and fetches are attributed
+    /// to it, JS is interrupted past its deadline), then every job it queued, then answers
+    /// the invocations that settled.
+    fn macrotask(
+        &mut self,
+        setup: &Setup,
+        owner: u64,
+        f: impl FnOnce(&Self) -> rquickjs::Result<()>,
+    ) -> Result<(), Fatal> {
+        let expires = {
+            let mut h = self.host.borrow_mut();
+            h.current = owner;
+            h.invs.get(&owner).map(|i| i.expires)
+        };
+        let now = Instant::now();
+        let expires = match expires {
+            // Past its deadline: `expire` fails it; running its JS now would only be
+            // interrupted, and that fails every invocation in the isolate.
+            Some(at) if at <= now => return Ok(()),
+            Some(at) => at,
+            None => now + setup.spec.spec.timeout + DEADLINE_GRACE,
+        };
+        setup.shared.interrupt_at(Some(expires));
+        let r = f(self);
+        if let Err(e) = r {
+            // What a timer or fetch callback throws fails its invocation (as before).
+            let v = self.classify(e)?;
+            let doc = self.doc_of(v);
+            self.host
+                .borrow_mut()
+                .settled
+                .push((owner, Outcome::Threw(doc)));
+        }
+        let r = self.drain(setup);
+        setup.shared.interrupt_at(None);
+        r?;
+        self.answer()
+    }
+
+    /// Runs promise jobs until none is left.
+    fn drain(&self, setup: &Setup) -> Result<(), Fatal> {
+        // SAFETY: the runtime outlives `self.ctx`; this isolate has one context, so a failed
+        // job leaves its exception on `self.ctx`.
+        let rt = unsafe { rquickjs::qjs::JS_GetRuntime(self.ctx.as_raw().as_ptr()) };
+        loop {
+            let mut job_ctx = std::mem::MaybeUninit::<*mut rquickjs::qjs::JSContext>::uninit();
+            let r = unsafe { rquickjs::qjs::JS_ExecutePendingJob(rt, job_ctx.as_mut_ptr()) };
+            if r == 0 {
+                break;
+            }
+            if r < 0 {
+                let v = self.ctx.catch();
+                if is_oom_value(&v) {
+                    return Err(Fatal::OutOfMemory);
+                }
+                if is_interrupt_value(&v) {
+                    return Err(Fatal::Interrupted);
+                }
+            }
+            if setup.shared.fired.load(Ordering::SeqCst) {
+                return Err(Fatal::Interrupted);
+            }
+        }
+        if setup.shared.fired.load(Ordering::SeqCst) {
+            return Err(Fatal::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// Answers the invocations whose promise settled.
+    fn answer(&mut self) -> Result<(), Fatal> {
+        loop {
+            let settled = std::mem::take(&mut self.host.borrow_mut().settled);
+            if settled.is_empty() {
+                return Ok(());
+            }
+            for (id, outcome) in settled {
+                let outcome = match outcome {
+                    Outcome::Fatal(f) => return Err(f),
+                    o => o,
+                };
+                let Some(inv) = self.finish(id) else { continue };
+                let result = match outcome {
+                    Outcome::Ok(body) => InvokeResult {
+                        body: body.into_bytes(),
+                        logs: inv.logs,
+                        ..Default::default()
+                    },
+                    Outcome::Threw(doc) => InvokeResult {
+                        error_type: Some(error_type_of(&doc)),
+                        body: doc.into_bytes(),
+                        logs: inv.logs,
+                        ..Default::default()
+                    },
+                    Outcome::Fatal(_) => unreachable!("handled above"),
+                };
+                let _ = inv.reply.send(Ok(result));
+            }
+        }
+    }
+
+    /// Takes invocation `id` out of flight and drops its timers and fetches in the prelude.
+    fn finish(&mut self, id: u64) -> Option<Inv> {
+        let inv = self.host.borrow_mut().finish(id)?;
+        for &t in &inv.timers {
+            let _ = self.forget.call::<_, ()>((t, 0));
+        }
+        for &f in &inv.fetches {
+            let _ = self.forget.call::<_, ()>((0, f));
+        }
+        if !inv.timers.is_empty() || !inv.fetches.is_empty() {
+            let _ = self.ctx.catch();
+        }
+        Some(inv)
+    }
+
+    /// Fails the invocations pending past their deadline (plus the grace).
+    fn expire(&mut self, now: Instant) {
+        loop {
+            let first = self.host.borrow().expiries.first().copied();
+            let Some((at, id)) = first.filter(|&(at, _)| at <= now) else {
+                return;
+            };
+            match self.finish(id) {
+                Some(inv) => {
+                    let _ = inv.reply.send(Err(SandboxError::Crashed {
+                        message: INTERRUPTED.into(),
+                        log_tail: String::from_utf8_lossy(&inv.logs).into_owned(),
+                    }));
+                }
+                None => {
+                    self.host.borrow_mut().expiries.remove(&(at, id));
+                }
+            }
+        }
+    }
+
+    /// Fails the pending invocations when nothing (no timer, no fetch) can settle them.
+    fn unstick(&mut self) {
+        let stuck = {
+            let h = self.host.borrow();
+            !h.invs.is_empty() && h.queue.is_empty() && h.fetches.is_empty()
+        };
+        if !stuck {
+            return;
+        }
+        let ids: Vec<u64> = self.host.borrow().invs.keys().copied().collect();
+        for id in ids {
+            if let Some(inv) = self.finish(id) {
+                let _ = inv.reply.send(Err(SandboxError::Crashed {
+                    message: NEVER_SETTLED.into(),
+                    log_tail: String::from_utf8_lossy(&inv.logs).into_owned(),
+                }));
+            }
+        }
+    }
+
+    /// Fails every invocation in flight with `fatal`; the thread then exits.
+    fn die(&mut self, setup: &Setup, fatal: Fatal) {
+        let limit_mb = setup.spec.spec.memory >> 20;
+        let invs: Vec<Inv> = {
+            let mut h = self.host.borrow_mut();
+            h.expiries.clear();
+            h.invs.drain().map(|(_, inv)| inv).collect()
+        };
+        for inv in invs {
+            let log_tail = String::from_utf8_lossy(&inv.logs).into_owned();
+            let e = match &fatal {
+                Fatal::OutOfMemory => SandboxError::OutOfMemory { limit_mb, log_tail },
+                Fatal::Interrupted => SandboxError::Crashed {
+                    message: INTERRUPTED.into(),
+                    log_tail,
+                },
+                Fatal::Engine(message) => SandboxError::Crashed {
+                    message: message.clone(),
+                    log_tail,
+                },
+            };
+            let _ = inv.reply.send(Err(e));
+        }
+    }
+
+    fn describe_text(&self, v: Value<'js>) -> String {
         let doc: Option<String> = self.describe.call((v,)).ok();
-        let _ = ctx.catch();
+        let _ = self.ctx.catch();
         match doc.and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok()) {
             Some(d) => {
                 let mut s = format!(
@@ -640,75 +1255,15 @@ impl<'js> Isolate<'js> {
         }
     }
 
-    /// Runs jobs and timers until `p` settles, the deadline passes or the instance stops.
-    fn settle(&self, ctx: &Ctx<'js>, setup: &Setup, p: Promise<'js>) -> Settled<'js> {
-        let shared = &setup.shared;
-        loop {
-            while ctx.execute_pending_job() {}
-            if shared.should_interrupt() {
-                return Settled::Fatal(Fatal::Interrupted);
-            }
-            match p.result::<Value>() {
-                Some(Ok(v)) => return Settled::Ok(v),
-                Some(Err(rquickjs::Error::Exception)) => {
-                    let v = ctx.catch();
-                    if is_oom_value(&v) {
-                        return Settled::Fatal(Fatal::OutOfMemory);
-                    }
-                    if is_interrupt_value(&v) || shared.should_interrupt() {
-                        return Settled::Fatal(Fatal::Interrupted);
-                    }
-                    return Settled::Threw(v);
-                }
-                Some(Err(e)) => return Settled::Fatal(Fatal::Engine(e.to_string())),
-                None => {}
-            }
-            let wait: f64 = match self.timer_wait.call(()) {
-                Ok(w) => w,
-                Err(e) => return self.failed(ctx, e),
-            };
-            let fetching = self.fetches.inflight.get() > 0;
-            if wait < 0.0 && !fetching {
-                return Settled::Fatal(Fatal::Engine(
-                    "the handler's promise never settled (nothing left to wait for)".into(),
-                ));
-            }
-            let until =
-                (wait >= 0.0).then(|| Instant::now() + Duration::from_secs_f64(wait / 1000.0));
-            let mut fetched = None;
-            while until.is_none_or(|u| Instant::now() < u) {
-                if shared.should_interrupt() {
-                    return Settled::Fatal(Fatal::Interrupted);
-                }
-                let step = until.map_or(Duration::from_millis(5), |u| {
-                    (u - Instant::now()).min(Duration::from_millis(5))
-                });
-                if fetching {
-                    if let Ok(done) = self.fetches.rx.recv_timeout(step) {
-                        fetched = Some(done);
-                        break;
-                    }
-                } else {
-                    std::thread::sleep(step);
-                }
-            }
-            if let Some(done) = fetched {
-                if let Err(e) = self.deliver(done) {
-                    return self.failed(ctx, e);
-                }
-                continue;
-            }
-            if let Err(e) = self.run_timers.call::<_, ()>(()) {
-                return self.failed(ctx, e);
-            }
-        }
+    /// The Lambda error document of a thrown value.
+    fn doc_of(&self, v: Value<'js>) -> String {
+        let doc: Option<String> = self.describe.call((v,)).ok();
+        let _ = self.ctx.catch();
+        doc.unwrap_or_else(|| UNKNOWN_ERROR.into())
     }
 
     /// Hands a finished `fetch` to the prelude, which settles its promise.
     fn deliver(&self, done: fetch::Done) -> rquickjs::Result<()> {
-        self.fetches
-            .inflight
-            .set(self.fetches.inflight.get().saturating_sub(1));
         match done.result {
             Ok(r) => {
                 let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
@@ -726,130 +1281,35 @@ impl<'js> Isolate<'js> {
         }
     }
 
-    fn failed(&self, ctx: &Ctx<'js>, e: rquickjs::Error) -> Settled<'js> {
+    /// A failed call into JS: the thrown value, or why the isolate cannot go on.
+    fn classify(&self, e: rquickjs::Error) -> Result<Value<'js>, Fatal> {
         match e {
             rquickjs::Error::Exception => {
-                let v = ctx.catch();
+                let v = self.ctx.catch();
                 if is_oom_value(&v) {
-                    Settled::Fatal(Fatal::OutOfMemory)
+                    Err(Fatal::OutOfMemory)
                 } else if is_interrupt_value(&v) {
-                    Settled::Fatal(Fatal::Interrupted)
+                    Err(Fatal::Interrupted)
                 } else {
-                    Settled::Threw(v)
+                    Ok(v)
                 }
             }
-            e if e.to_string().contains("memory") => Settled::Fatal(Fatal::OutOfMemory),
-            e => Settled::Fatal(Fatal::Engine(e.to_string())),
-        }
-    }
-
-    fn invoke(
-        &self,
-        ctx: &Ctx<'js>,
-        setup: &Setup,
-        req: InvokeRequest,
-    ) -> Result<InvokeResult, SandboxError> {
-        let limit_mb = setup.spec.spec.memory >> 20;
-        self.logs.borrow_mut().clear();
-        let _ = self.reset_timers.call::<_, ()>(());
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        setup.shared.set_deadline(Duration::from_millis(
-            req.invoke.deadline_ms.saturating_sub(now_ms),
-        ));
-        let settled = (|| {
-            let context = Object::new(ctx.clone())?;
-            context.set("awsRequestId", req.invoke.id.as_str())?;
-            context.set("functionName", setup.spec.function.as_str())?;
-            context.set("functionVersion", setup.spec.revision.to_string())?;
-            context.set("invokedFunctionArn", req.invoke.function_arn.as_str())?;
-            context.set("deadlineMs", req.invoke.deadline_ms as f64)?;
-            let payload = String::from_utf8_lossy(&req.payload);
-            self.invoke
-                .call::<_, Promise>((self.handler.clone(), payload.as_ref(), context))
-        })();
-        let settled = match settled {
-            Ok(p) => self.settle(ctx, setup, p),
-            Err(e) => self.failed(ctx, e),
-        };
-        let logs = std::mem::take(&mut *self.logs.borrow_mut());
-        match settled {
-            Settled::Ok(v) => {
-                let body = v
-                    .as_string()
-                    .and_then(|s| s.to_string().ok())
-                    .unwrap_or_else(|| "null".into());
-                Ok(InvokeResult {
-                    body: body.into_bytes(),
-                    logs,
-                    ..Default::default()
-                })
-            }
-            Settled::Threw(v) => {
-                let doc: Option<String> = self.describe.call((v,)).ok();
-                let _ = ctx.catch();
-                let doc = doc.unwrap_or_else(|| {
-                    r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#.into()
-                });
-                let error_type = serde_json::from_str::<serde_json::Value>(&doc)
-                    .ok()
-                    .and_then(|d| d["errorType"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| "Error".into());
-                Ok(InvokeResult {
-                    body: doc.into_bytes(),
-                    error_type: Some(error_type),
-                    logs,
-                    ..Default::default()
-                })
-            }
-            Settled::Fatal(Fatal::OutOfMemory) => Err(SandboxError::OutOfMemory {
-                limit_mb,
-                log_tail: String::from_utf8_lossy(&logs).into_owned(),
-            }),
-            Settled::Fatal(Fatal::Interrupted) => Err(SandboxError::Crashed {
-                message: "the JS isolate was interrupted (time limit or stop)".into(),
-                log_tail: String::from_utf8_lossy(&logs).into_owned(),
-            }),
-            Settled::Fatal(Fatal::Engine(message)) => Err(SandboxError::Crashed {
-                message,
-                log_tail: String::from_utf8_lossy(&logs).into_owned(),
-            }),
+            e if e.to_string().contains("memory") => Err(Fatal::OutOfMemory),
+            e => Err(Fatal::Engine(e.to_string())),
         }
     }
 }
 
-impl Shared {
-    /// Time left before the invocation's deadline (without the grace), if one is set.
-    fn remaining(&self) -> Option<Duration> {
-        let d = self.deadline.load(Ordering::Relaxed);
-        if d == 0 {
-            return None;
-        }
-        let left = Duration::from_nanos(d).saturating_sub(self.base.elapsed() + DEADLINE_GRACE);
-        Some(left.max(Duration::from_millis(1)))
-    }
+const UNKNOWN_ERROR: &str =
+    r#"{"errorMessage":"unknown error","errorType":"Error","stackTrace":[]}"#;
 
-    fn set_deadline(&self, within: Duration) {
-        let at = self.base.elapsed() + within + DEADLINE_GRACE;
-        self.deadline
-            .store(at.as_nanos().max(1) as u64, Ordering::SeqCst);
-    }
+/// `errorType` of a Lambda error document.
+fn error_type_of(doc: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(doc)
+        .ok()
+        .and_then(|d| d["errorType"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "Error".into())
 }
-
-enum Settled<'js> {
-    Ok(Value<'js>),
-    Threw(Value<'js>),
-    Fatal(Fatal),
-}
-
-enum Fatal {
-    OutOfMemory,
-    Interrupted,
-    Engine(String),
-}
-
 fn error_message(v: &Value<'_>) -> Option<String> {
     v.as_object()?.get::<_, String>("message").ok()
 }

@@ -1,15 +1,25 @@
 // Skiff JS tier prelude: evaluated (as bytecode) in every isolate before the user's module.
-// Rust provides __skiff_log(level, text), __skiff_uuid(), __skiff_env (an object) and
+// Rust provides __skiff_log(level, text), __skiff_uuid(), __skiff_env (an object),
 // __skiff_fetch(id, url, method, headersJson, body) (starts a request, returns "" or the reason
-// it refused); they are captured here and removed from the global object.
+// it refused), __skiff_timer(id, ms) / __skiff_untimer(id) (the host keeps the timer queue) and
+// __skiff_settle(invocation, ok, value, errorDoc) (an invocation's promise settled); they are
+// captured here and removed from the global object. The host knows which invocation a
+// macrotask (handler call, timer, fetch completion) belongs to, so logs, timers and fetches are
+// attributed to it without the prelude tracking invocations.
 const log = globalThis.__skiff_log;
 const uuid = globalThis.__skiff_uuid;
 const envVars = globalThis.__skiff_env;
 const hostFetch = globalThis.__skiff_fetch;
+const hostTimer = globalThis.__skiff_timer;
+const hostUntimer = globalThis.__skiff_untimer;
+const hostSettle = globalThis.__skiff_settle;
 delete globalThis.__skiff_log;
 delete globalThis.__skiff_uuid;
 delete globalThis.__skiff_env;
 delete globalThis.__skiff_fetch;
+delete globalThis.__skiff_timer;
+delete globalThis.__skiff_untimer;
+delete globalThis.__skiff_settle;
 
 function fmt(v) {
   if (typeof v === "string") return v;
@@ -25,32 +35,28 @@ globalThis.console = Object.freeze({
 globalThis.env = Object.freeze(Object.assign(Object.create(null), envVars));
 globalThis.crypto = Object.freeze({ randomUUID: () => uuid() });
 
-// Timers: a queue the host drains between jobs while the handler's promise is pending.
-let timers = [];
+// Timers: the host orders them by due time and fires each as its own macrotask.
+const timers = new Map();
 let nextId = 1;
 globalThis.setTimeout = (fn, ms = 0, ...args) => {
   if (typeof fn !== "function") throw new TypeError("setTimeout: callback must be a function");
   const id = nextId++;
-  timers.push({ id, at: Date.now() + Math.max(0, Number(ms) || 0), fn, args });
+  timers.set(id, { fn, args });
+  hostTimer(id, Math.max(0, Number(ms) || 0));
   return id;
 };
-globalThis.clearTimeout = (id) => { timers = timers.filter((t) => t.id !== id); };
-/** Milliseconds until the next timer is due (0 = now), or -1 without timers. */
-export function timerWait() {
-  if (timers.length === 0) return -1;
-  let at = Infinity;
-  for (const t of timers) at = Math.min(at, t.at);
-  return Math.max(0, at - Date.now());
+globalThis.clearTimeout = (id) => { if (timers.delete(id)) hostUntimer(id); };
+/** Runs timer `id` (the host found it due). */
+export function fire(id) {
+  const t = timers.get(id);
+  if (t === undefined) return;
+  timers.delete(id);
+  t.fn(...t.args);
 }
-/** Runs every due timer. */
-export function runTimers() {
-  const now = Date.now();
-  const due = timers.filter((t) => t.at <= now).sort((a, b) => a.at - b.at || a.id - b.id);
-  timers = timers.filter((t) => t.at > now);
-  for (const t of due) t.fn(...t.args);
-}
-/** Drops timers and fetches left over by the previous invocation. */
-export function resetTimers() { timers = []; fetches.clear(); }
+/** Forgets timer `id` and fetch `fetchId` (their invocation finished); 0 = none. */
+export function forget(id, fetchId) { timers.delete(id); fetches.delete(fetchId); }
+/** Drops every timer and fetch (those left over by module initialisation). */
+export function resetTimers() { timers.clear(); fetches.clear(); }
 
 // fetch: the host runs the request; fetchDone settles the promise. Text bodies only.
 class Headers {
@@ -246,8 +252,18 @@ function normalize(path) {
   return `/${out.join("/")}`;
 }
 
-/** Calls the handler with the parsed event; resolves to the reply as JSON text. */
-export async function invoke(handler, payload, context) {
+/** Calls the handler with the parsed event; its reply (as JSON text) or error settles
+ * invocation `id` through the host. */
+export function invoke(id, handler, payload, context) {
+  run(handler, payload, context).then(
+    (json) => hostSettle(id, true, json, null),
+    (e) => {
+      let doc = null;
+      try { doc = describe(e); } catch {}
+      hostSettle(id, false, e, doc);
+    });
+}
+async function run(handler, payload, context) {
   let req;
   try { req = JSON.parse(payload); } catch { req = payload; }
   const out = await handler(req, context);

@@ -488,3 +488,243 @@ async fn fetch_obeys_network_none_and_the_timeout() {
     }
     drop(silent);
 }
+
+fn req_as(id: &str, payload: &str, within: Duration) -> InvokeRequest {
+    let mut r = req(payload, within);
+    r.invoke.id = id.into();
+    r
+}
+
+/// Runs `n` invocations of `f` at once; payload `{"i": k}`, request id `r<k>`.
+async fn call_many(
+    f: &Fixture,
+    n: usize,
+    within: Duration,
+) -> Vec<Result<InvokeResult, SandboxError>> {
+    let calls = (0..n).map(|k| {
+        let inst = f.inst.clone();
+        tokio::spawn(async move {
+            inst.invoke(req_as(&format!("r{k}"), &format!(r#"{{"i":{k}}}"#), within))
+                .await
+        })
+    });
+    let mut out = Vec::new();
+    for c in calls.collect::<Vec<_>>() {
+        out.push(c.await.unwrap());
+    }
+    out
+}
+
+const SLEEPER: &str = r#"let started = 0;
+export default async (req, ctx) => {
+  started += 1;
+  console.log("start", req.i, ctx.awsRequestId);
+  await new Promise((r) => setTimeout(r, req.ms ?? 300));
+  console.log("after timer", req.i);
+  await null;
+  console.log("after microtask", req.i);
+  return { i: req.i, id: ctx.awsRequestId, seen: started };
+};"#;
+
+#[tokio::test]
+async fn invocations_interleave_with_their_own_results_and_logs() {
+    let f = start(SLEEPER).await;
+    let t = Instant::now();
+    let out = call_many(&f, 50, Duration::from_secs(5)).await;
+    let took = t.elapsed();
+    // 50 handlers each waiting 300 ms: serially 15 s, interleaved about 0.3 s.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let mut max_seen = 0;
+    for (k, r) in out.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.error_type, None);
+        let v = json(&r);
+        assert_eq!(v["i"], k);
+        assert_eq!(v["id"], format!("r{k}"));
+        max_seen = max_seen.max(v["seen"].as_u64().unwrap());
+        let logs = String::from_utf8(r.logs).unwrap();
+        assert_eq!(
+            logs,
+            format!(
+                "[Function] start {k} r{k}\n[Function] after timer {k}\n[Function] after microtask {k}\n"
+            ),
+            "invocation {k}"
+        );
+    }
+    // Module state is shared: later handlers saw the earlier ones start.
+    assert_eq!(max_seen, 50);
+    assert!(f.inst.is_alive());
+}
+
+#[tokio::test]
+async fn one_invocation_times_out_alone() {
+    let f = start(SLEEPER).await;
+    let slow = {
+        let inst = f.inst.clone();
+        tokio::spawn(async move {
+            inst.invoke(req_as(
+                "slow",
+                r#"{"i":1,"ms":60000}"#,
+                Duration::from_millis(400),
+            ))
+            .await
+        })
+    };
+    let fast = call_many(&f, 5, Duration::from_secs(5)).await;
+    let t = Instant::now();
+    let slow = slow.await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    match slow {
+        Err(SandboxError::Crashed { message, log_tail }) => {
+            assert!(message.contains("interrupted"), "{message}");
+            assert_eq!(log_tail, "[Function] start 1 slow\n");
+        }
+        r => panic!("{r:?}"),
+    }
+    for r in fast {
+        assert_eq!(r.unwrap().error_type, None);
+    }
+    // The isolate goes on serving.
+    assert!(f.inst.is_alive());
+    assert_eq!(json(&call(&f, r#"{"i":9,"ms":1}"#).await.unwrap())["i"], 9);
+}
+
+#[tokio::test]
+async fn timer_callback_errors_fail_only_their_invocation() {
+    let f = start(
+        r#"export default (req) => new Promise((resolve) => {
+          setTimeout(() => { if (req.bad) throw new TypeError("tick " + req.i); resolve(req.i); }, 50);
+        });"#,
+    )
+    .await;
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let inst = f.inst.clone();
+            let p = format!(r#"{{"i":{i},"bad":{}}}"#, i % 2 == 1);
+            tokio::spawn(async move { inst.invoke(req(&p, Duration::from_secs(5))).await })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        let r = c.await.unwrap().unwrap();
+        if i % 2 == 1 {
+            assert_eq!(r.error_type.as_deref(), Some("TypeError"));
+            assert_eq!(json(&r)["errorMessage"], format!("tick {i}"));
+        } else {
+            assert_eq!(r.error_type, None);
+            assert_eq!(json(&r), i);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_runaway_loop_or_oom_fails_every_invocation_in_flight() {
+    let f = start(
+        r#"export default async (req) => {
+          if (req.loop) for (;;) {}
+          if (req.hog) { const a = []; for (;;) a.push("x".repeat(1 << 20) + a.length); }
+          await new Promise((r) => setTimeout(r, 10000));
+        };"#,
+    )
+    .await;
+    let waiter = {
+        let inst = f.inst.clone();
+        tokio::spawn(async move { inst.invoke(req("{}", Duration::from_secs(20))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = f
+        .inst
+        .invoke(req(r#"{"loop":true}"#, Duration::from_millis(300)))
+        .await;
+    assert!(matches!(r, Err(SandboxError::Crashed { .. })), "{r:?}");
+    let w = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter is answered")
+        .unwrap();
+    assert!(matches!(w, Err(SandboxError::Crashed { .. })), "{w:?}");
+    assert!(call(&f, "{}").await.is_err());
+
+    let f = start_with(
+        r#"export default async (req) => {
+          if (req.hog) { const a = []; for (;;) a.push("x".repeat(1 << 20) + a.length); }
+          await new Promise((r) => setTimeout(r, 10000));
+        };"#,
+        "memory: 64Mi\n",
+    )
+    .await
+    .unwrap();
+    let waiter = {
+        let inst = f.inst.clone();
+        tokio::spawn(async move { inst.invoke(req("{}", Duration::from_secs(20))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = call(&f, r#"{"hog":true}"#).await;
+    assert!(
+        matches!(r, Err(SandboxError::OutOfMemory { limit_mb: 64, .. })),
+        "{r:?}"
+    );
+    let w = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter is answered")
+        .unwrap();
+    assert!(matches!(w, Err(SandboxError::OutOfMemory { .. })), "{w:?}");
+}
+
+#[tokio::test]
+async fn stop_fails_pending_invocations_and_cleared_timers_never_fire() {
+    let f = start(
+        r#"let fired = 0;
+        export default async (req) => {
+          if (req.count) return fired;
+          const t = setTimeout(() => { fired += 1; }, 20);
+          if (req.clear) clearTimeout(t);
+          await new Promise((r) => setTimeout(r, 60));
+          return "ok";
+        };"#,
+    )
+    .await;
+    call(&f, r#"{"clear":true}"#).await.unwrap();
+    assert_eq!(json(&call(&f, r#"{"count":true}"#).await.unwrap()), 0);
+    call(&f, "{}").await.unwrap();
+    assert_eq!(json(&call(&f, r#"{"count":true}"#).await.unwrap()), 1);
+    // Two invocations waiting on their timers when the instance is stopped.
+    let pending: Vec<_> = (0..2)
+        .map(|_| {
+            let inst = f.inst.clone();
+            tokio::spawn(async move { inst.invoke(req("{}", Duration::from_secs(20))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    f.inst.stop().await;
+    for p in pending {
+        let r = p.await.unwrap();
+        assert!(
+            matches!(&r, Err(SandboxError::Crashed { message, .. }) if message.contains("interrupted")),
+            "{r:?}"
+        );
+    }
+    assert!(!f.inst.is_alive());
+}
+
+/// Many in-flight invocations per isolate, in process:
+/// `cargo test --release -p skiff-js -- --ignored --nocapture many_in_flight`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn many_in_flight() {
+    let f = start_with(
+        "export default async () => { await new Promise((r) => setTimeout(r, 1000)); return 1; };",
+        "memory: 512Mi\n",
+    )
+    .await
+    .unwrap();
+    let idle = f.inst.memory_usage().unwrap();
+    let t = Instant::now();
+    let out = call_many(&f, 10_000, Duration::from_secs(20)).await;
+    let took = t.elapsed();
+    let errors = out.iter().filter(|r| r.is_err()).count();
+    println!(
+        "10000 in flight on one isolate: {took:?}, errors {errors}, heap idle {} KiB, peak {} KiB",
+        idle / 1024,
+        f.inst.memory_peak().unwrap() / 1024
+    );
+    assert_eq!(errors, 0);
+}

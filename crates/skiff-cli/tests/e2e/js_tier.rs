@@ -18,6 +18,14 @@ fn deploy(s: &Server, dir: &Path) {
     s.deploy(dir);
 }
 
+/// Held by the CPU-heavy many-invocation test and by the test whose 1 s timeout races a
+/// memory hog, so on a small CI box the first cannot push the second past its timeout.
+static CPU_HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
+    CPU_HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn js_example_v1_and_http_trigger_warm_reuse_logs_env() {
     let s = Server::start();
@@ -63,6 +71,7 @@ fn js_example_v1_and_http_trigger_warm_reuse_logs_env() {
 
 #[test]
 fn js_errors_timeouts_and_memory_are_contained() {
+    let _heavy = cpu_heavy();
     let s = Server::start();
     let src = r#"export default async (req) => {
       if (req.op === "throw") throw new RangeError("bad op: " + req.op);
@@ -230,5 +239,189 @@ fn js_fetch_obeys_network_none_and_refuses_loopback() {
             .contains("network is `none`"),
         "{body}"
     );
+    assert!(s.healthy());
+}
+
+/// Raises this process's soft open-file limit to the hard one (many sockets at once).
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+fn tokio_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Awaits a timer, logs before and after it, and answers who it was.
+const SLEEPER_SRC: &str = r#"let started = 0;
+export default async (req, ctx) => {
+  started += 1;
+  console.log(`start i=${req.i} id=${ctx.awsRequestId}`);
+  await new Promise((r) => setTimeout(r, req.ms));
+  console.log(`done i=${req.i} id=${ctx.awsRequestId}`);
+  return { i: req.i, id: ctx.awsRequestId, started };
+};"#;
+
+#[test]
+fn js_isolate_interleaves_many_invocations_with_own_results_and_logs() {
+    use base64::Engine as _;
+    let s = Server::start();
+    let dir = js_function(
+        "js-sleep",
+        "concurrency: 100\nscale: {max: 1}\ntimeout: 10s\n",
+        SLEEPER_SRC,
+    );
+    deploy(&s, dir.path());
+    s.invoke_ok("js-sleep", &json!({"i": -1, "ms": 1})); // cold start out of the way
+    let http = reqwest::Client::new();
+    let t0 = Instant::now();
+    let out: Vec<(usize, u16, reqwest::header::HeaderMap, String)> = tokio_rt().block_on(async {
+        let calls = (0..50usize).map(|i| {
+            let http = http.clone();
+            // Half through the native invoke API (instance header), half through the Lambda
+            // Invoke API with the invocation's own log tail.
+            let url = if i % 2 == 0 {
+                format!("{}/v1/functions/js-sleep/invoke", s.url)
+            } else {
+                format!("{}/2015-03-31/functions/js-sleep/invocations", s.url)
+            };
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .header("x-amz-log-type", "Tail")
+                    .body(json!({"i": i, "ms": 500}).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let headers = r.headers().clone();
+                (i, status, headers, r.text().await.unwrap())
+            })
+        });
+        let mut out = Vec::new();
+        for c in calls.collect::<Vec<_>>() {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+    let took = t0.elapsed();
+    // Serially this is 50 × 0.5 s = 25 s; interleaved on one isolate about 0.5 s.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mut instances = std::collections::BTreeSet::new();
+    let mut max_started = 0;
+    for (i, status, h, body) in out {
+        assert_eq!(status, 200, "call {i}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["i"], i, "{v}");
+        max_started = max_started.max(v["started"].as_u64().unwrap());
+        if i % 2 == 0 {
+            instances.insert(hdr(&h, "x-skiff-instance"));
+            assert_eq!(hdr(&h, "x-skiff-cold-start"), "false");
+        } else {
+            let id = hdr(&h, "x-amzn-requestid");
+            assert_eq!(v["id"], id.as_str());
+            let tail = base64::engine::general_purpose::STANDARD
+                .decode(hdr(&h, "x-amz-log-result"))
+                .unwrap();
+            let tail = String::from_utf8(tail).unwrap();
+            let mine: Vec<&str> = tail
+                .lines()
+                .filter(|l| l.starts_with("[Function]"))
+                .collect();
+            assert_eq!(
+                mine,
+                [
+                    format!("[Function] start i={i} id={id}"),
+                    format!("[Function] done i={i} id={id}")
+                ],
+                "call {i}: {tail}"
+            );
+        }
+    }
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    // Module state is shared by the interleaved invocations: 50 (+ the warm-up) started.
+    assert_eq!(max_started, 51);
+    let rt: Value = s.get("/v1/functions/js-sleep/runtime").json().unwrap();
+    assert_eq!(rt["instances"].as_array().map(Vec::len), Some(1), "{rt}");
+    assert!(s.healthy());
+}
+
+#[test]
+fn js_one_instance_holds_1000_in_flight_invocations() {
+    let _heavy = cpu_heavy();
+    let n = 1000;
+    assert!(raise_nofile() > n as u64 + 100, "open-file limit too low");
+    let s = Server::start();
+    let dir = js_function(
+        "js-wait",
+        "concurrency: 10000\nscale: {max: 1}\nmemory: 256Mi\ntimeout: 20s\n",
+        "export default async (req) => { await new Promise((r) => setTimeout(r, 1000)); return req.i; };",
+    );
+    deploy(&s, dir.path());
+    s.invoke_ok("js-wait", &json!({"i": -1}));
+    let url = format!("{}/v1/functions/js-wait/invoke", s.url);
+    let t0 = Instant::now();
+    let (errors, instances) = tokio_rt().block_on(async {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let http = http.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let r = http
+                        .post(url)
+                        .body(json!({ "i": i }).to_string())
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let inst = hdr(r.headers(), "x-skiff-instance");
+                    let status = r.status();
+                    let body = r.text().await.map_err(|e| e.to_string())?;
+                    if status != 200 || body != i.to_string() {
+                        return Err(format!("call {i}: {status} {body}"));
+                    }
+                    Ok(inst)
+                })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let mut instances = std::collections::BTreeSet::new();
+        for c in calls {
+            match c.await.unwrap() {
+                Ok(inst) => {
+                    instances.insert(inst);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        (errors, instances)
+    });
+    let took = t0.elapsed();
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        &errors[..1]
+    );
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    // 1000 one-second waits in flight at once: about a second, not 1000.
+    assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(s.healthy());
 }
