@@ -466,9 +466,14 @@ impl WasmInstance {
 
 /// What a trap (or a host error that ended the guest) says.
 fn trap_message(e: &wasmtime::Error) -> String {
-    match e.downcast_ref::<Trap>() {
-        Some(t) => format!("wasm trap: {t}"),
-        None => format!("{}", e.root_cause()),
+    let text = match e.downcast_ref::<Trap>() {
+        Some(t) => t.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    if text.starts_with("wasm trap") {
+        text
+    } else {
+        format!("wasm trap: {text}")
     }
 }
 
