@@ -14,6 +14,7 @@ command -v ip >/dev/null || need+=(iproute2)                # test hosts in netw
 [ -x /usr/bin/node ] || need+=(nodejs)                      # runtime node
 # pip for the test clients (boto3, awscli) and fixtures (awslambdaric), installed with --target.
 { /usr/bin/python3 -m pip --version && python3 -m pip --version; } >/dev/null 2>&1 || need+=(python3-pip)
+command -v npm >/dev/null || need+=(npm)                    # componentize-js (Wasm test guests)
 command -v cc >/dev/null || need+=(build-essential)         # bundled SQLite, zstd
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

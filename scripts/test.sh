@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # Test fixtures with third-party dependencies (cached: skipped when already vendored).
 tests/fixtures/fx-ric-python/vendor.sh
+scripts/build-wasm-guests.sh   # wasi:http guests: WAT, componentize-py, componentize-js
 python3 runtimes/tests/test_bootstraps.py
 cargo test --workspace --all-targets -- --test-threads=2

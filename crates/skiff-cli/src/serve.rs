@@ -182,14 +182,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let native = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
     let egress = Arc::new(skiff_core::net::EgressPolicy::default());
     egress.set_allow_private(args.allow_private_egress);
-    let js = Arc::new(if args.allow_private_egress {
-        skiff_js::JsSandbox::with_net(skiff_js::fetch::NetPolicy::allowing_private_for_tests())
-    } else {
-        skiff_js::JsSandbox::new()
-    });
+    let js = Arc::new(skiff_js::JsSandbox::with_net(
+        skiff_js::fetch::NetPolicy::new(egress.clone()),
+    ));
     let sandbox = Tiers {
         native: Arc::new(native),
-        js: Some(js.clone() as Arc<dyn skiff_sandbox::Sandbox>),
+        js: Some(js as Arc<dyn skiff_sandbox::Sandbox>),
         wasm: wasm_tier(data_dir.join("cache/wasm"), egress.clone()),
     };
 
@@ -232,8 +230,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
-        // JS `fetch` must never call back into this gateway.
-        js.net().set_gateway(addr);
+        // In-process functions (JS `fetch`, wasi:http) must never call back into this gateway.
         egress.set_gateway(addr);
         let mode = if keys_configured {
             "API keys required"

@@ -6,10 +6,10 @@
 //! Policy: `network: none` refuses every request. Otherwise the destination — URL literals,
 //! every DNS answer (checked in the resolver, so a name cannot rebind past the check) and every
 //! redirect — must not be loopback, link-local, private (RFC 1918, CGNAT, ULA), unspecified,
-//! multicast or broadcast, nor the gateway itself. [`NetPolicy::allow_private`] lifts the
-//! address rule for tests only.
+//! multicast or broadcast, nor the gateway itself ([`skiff_core::net`]); `skiff serve
+//! --allow-private-egress` lifts the address rule.
 
-use parking_lot::Mutex;
+use skiff_core::net::EgressPolicy;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -17,41 +17,35 @@ use std::time::Duration;
 /// Largest response body kept (bytes); longer bodies fail the fetch.
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
-/// Where `fetch` may connect. Shared by the instances of one [`crate::JsSandbox`].
+/// Where `fetch` may connect: the server's [`EgressPolicy`], plus the HTTP client that
+/// enforces it. Shared by the instances of one [`crate::JsSandbox`].
 #[derive(Default)]
 pub struct NetPolicy {
-    /// The gateway's own listen address (set by `skiff serve` once bound).
-    gateway: Mutex<Option<SocketAddr>>,
-    /// Test-only: allow loopback and private destinations. `skiff serve` never sets it.
-    pub allow_private: bool,
+    egress: Arc<EgressPolicy>,
     client: OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl NetPolicy {
-    /// A policy for tests that may reach local servers.
-    pub fn allowing_private_for_tests() -> NetPolicy {
+    /// `fetch` under the server's egress rules.
+    pub fn new(egress: Arc<EgressPolicy>) -> NetPolicy {
         NetPolicy {
-            allow_private: true,
-            ..Default::default()
+            egress,
+            client: OnceLock::new(),
         }
     }
 
+    /// A policy for tests that may reach local servers.
+    pub fn allowing_private_for_tests() -> NetPolicy {
+        NetPolicy::new(Arc::new(EgressPolicy::allowing_private()))
+    }
+
     pub fn set_gateway(&self, addr: SocketAddr) {
-        *self.gateway.lock() = Some(addr);
+        self.egress.set_gateway(addr);
     }
 
     /// Why `ip:port` may not be fetched, if it may not.
     pub fn refuse(&self, ip: IpAddr, port: Option<u16>) -> Option<String> {
-        if let Some(g) = *self.gateway.lock() {
-            let same_host = g.ip().is_unspecified() || g.ip() == canonical(ip);
-            if same_host && port.is_none_or(|p| p == g.port()) {
-                return Some(format!("{ip} is the Skiff gateway itself"));
-            }
-        }
-        if !self.allow_private && is_internal(ip) {
-            return Some(format!("{ip} is a loopback, link-local or private address"));
-        }
-        None
+        self.egress.refuse(ip, port)
     }
 
     fn client(self: &Arc<Self>) -> Result<reqwest::Client, String> {
@@ -78,39 +72,6 @@ impl NetPolicy {
     }
 }
 
-/// IPv4-mapped IPv6 addresses as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// Loopback, link-local, private, CGNAT, unspecified, multicast or broadcast.
-pub fn is_internal(ip: IpAddr) -> bool {
-    match canonical(ip) {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            a.is_loopback()
-                || a.is_link_local()
-                || a.is_private()
-                || a.is_unspecified()
-                || a.is_broadcast()
-                || a.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(a) => {
-            let s0 = a.segments()[0];
-            a.is_loopback()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || (s0 & 0xfe00) == 0xfc00
-                || (s0 & 0xffc0) == 0xfe80
-        }
-    }
-}
-
 /// Scheme, and literal-address destination checks of a URL.
 fn check_url(policy: &NetPolicy, url: &reqwest::Url) -> Result<(), String> {
     if url.scheme() == "https" {
@@ -128,13 +89,13 @@ fn check_url(policy: &NetPolicy, url: &reqwest::Url) -> Result<(), String> {
         if host.eq_ignore_ascii_case("localhost")
             || host.to_ascii_lowercase().ends_with(".localhost")
         {
-            if policy.allow_private {
+            if policy.egress.allows_private() {
                 return Ok(());
             }
             return Err(format!("refusing to fetch {host}: loopback address"));
         }
         // Names: the gateway's port is refused when it listens on every address.
-        if let (Some(g), Some(p)) = (*policy.gateway.lock(), port) {
+        if let (Some(g), Some(p)) = (policy.egress.gateway(), port) {
             if g.ip().is_unspecified() && g.port() == p {
                 return Err(format!("refusing to fetch port {p}: the Skiff gateway"));
             }
@@ -278,27 +239,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_addresses() {
-        for a in [
-            "127.0.0.1",
-            "127.9.9.9",
-            "::1",
-            "169.254.169.254",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_internal(a.parse().unwrap()), "{a}");
-        }
-        for a in ["1.1.1.1", "93.184.216.34", "2606:4700::1111"] {
-            assert!(!is_internal(a.parse().unwrap()), "{a}");
-        }
+    fn fetch_follows_the_egress_policy() {
+        let p = NetPolicy::default();
+        assert!(p.refuse("10.1.2.3".parse().unwrap(), Some(80)).is_some());
+        assert!(p.refuse("1.1.1.1".parse().unwrap(), Some(80)).is_none());
         let p = NetPolicy::allowing_private_for_tests();
         p.set_gateway("127.0.0.1:8080".parse().unwrap());
         assert!(p.refuse("127.0.0.1".parse().unwrap(), Some(8080)).is_some());

@@ -1,11 +1,14 @@
 //! The background writer for invocation records and logs: a bounded queue drained by one
-//! thread that group-commits on its own `synchronous=NORMAL` connection.
+//! thread that group-commits on its own `synchronous=NORMAL` connection. After the first
+//! record of a batch the thread collects for `batch_interval` without being woken per record
+//! (it parks; only a flush unparks it), so a busy server pays one thread wake-up per batch,
+//! not per request.
 
 use crate::{InvocationRecord, StoreOptions};
 use rusqlite::{params, Connection};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,7 +65,15 @@ impl Writer {
         let Some(tx) = &self.tx else { return };
         let (done_tx, done_rx) = mpsc::sync_channel(1);
         if tx.send(Msg::Flush(done_tx)).is_ok() {
+            self.wake();
             let _ = done_rx.recv();
+        }
+    }
+
+    /// Ends the writer's collecting pause early.
+    fn wake(&self) {
+        if let Some(h) = &self.handle {
+            h.thread().unpark();
         }
     }
 
@@ -75,6 +86,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the queue makes the thread commit what is left and exit.
         self.tx.take();
+        self.wake();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -101,19 +113,26 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Msg>, opts: StoreOptions) {
         };
         take(first, &mut batch, &mut flushes);
         let deadline = Instant::now() + opts.batch_interval;
-        while flushes.is_empty() && batch.len() < opts.batch_max {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match rx.recv_timeout(deadline - now) {
-                Ok(m) => take(m, &mut batch, &mut flushes),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    disconnected = true;
-                    break;
+        'collect: loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(m) => take(m, &mut batch, &mut flushes),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break 'collect;
+                    }
+                }
+                if batch.len() >= opts.batch_max {
+                    break 'collect;
                 }
             }
+            let now = Instant::now();
+            if !flushes.is_empty() || now >= deadline {
+                break;
+            }
+            // Senders do not wake a parked thread; a flush or drop unparks it.
+            std::thread::park_timeout(deadline - now);
         }
         if !batch.is_empty() {
             since_prune += batch.len();

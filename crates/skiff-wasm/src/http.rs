@@ -318,11 +318,3 @@ impl WasmInstance {
         text.into_owned()
     }
 }
-
-/// An empty body, for tests.
-#[cfg(test)]
-pub(crate) fn body(bytes: impl Into<bytes::Bytes>) -> HttpBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|e| -> BoxError { match e {} })
-        .boxed_unsync()
-}

@@ -56,6 +56,10 @@ const LOG_MAX: usize = 1 << 20;
 /// requests in flight across all Wasm instances; past this, instantiation fails with a clear
 /// error. Slots are address-space reservations, committed only while used.
 const POOL_SLOTS: u32 = 1000;
+/// Bytes of each freed memory, table and async stack slot kept resident (reset in place).
+const KEEP_RESIDENT: usize = 64 << 10;
+/// Freed slots whose remaining pages are returned to the kernel together.
+const DECOMMIT_BATCH: usize = 32;
 
 /// Errors of loading a guest.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +158,14 @@ fn engine() -> Result<&'static Engine, LoadError> {
                 .total_tables(POOL_SLOTS)
                 .total_stacks(POOL_SLOTS)
                 .total_component_instances(POOL_SLOTS)
-                .max_memory_size(skiff_core::spec::MEMORY_MAX as usize);
+                .max_memory_size(skiff_core::spec::MEMORY_MAX as usize)
+                // Reset the first pages of a freed slot in place instead of returning them to
+                // the kernel, and return the rest in batches: most per-request cost was page
+                // faults and `madvise` calls (see docs/benchmarks.md).
+                .linear_memory_keep_resident(KEEP_RESIDENT)
+                .table_keep_resident(KEEP_RESIDENT)
+                .async_stack_keep_resident(KEEP_RESIDENT)
+                .decommit_batch_size(DECOMMIT_BATCH);
             cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             let engine = Engine::new(&cfg).or_else(|e| {
                 // E.g. a small address-space limit: fall back to on-demand allocation.
@@ -298,11 +309,9 @@ impl WasmSandbox {
         for _ in 0..n {
             let t0 = Instant::now();
             let mut store = inst.new_store(deadline)?;
-            let proxy = pre
-                .instantiate_async(&mut store)
+            pre.instantiate_async(&mut store)
                 .await
                 .map_err(|e| SandboxError::Start(format!("{e:#}")))?;
-            drop(proxy);
             drop(store);
             times.push(t0.elapsed());
         }
