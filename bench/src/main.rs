@@ -7,10 +7,11 @@
 //!
 //! Usage: `bench/run.sh` (builds release and runs this). Prints a Markdown table.
 
+use skiff_bench::{arg, deploy, start_server};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Route policy of the `b-http-policy` function: two routes, CORS, bearer auth
@@ -19,15 +20,6 @@ const BENCH_ROUTES: &str = "[{path_prefix: /api, methods: [GET, POST], \
     cors: {allow_origins: ['https://app.test'], allow_headers: [authorization], max_age: 600}, \
     auth: {type: bearer, tokens_sha256: [7137e16f75a1d75b6fd65930672814806cdc1a0d6e0aa38611afc996a402258b]}, \
     rate_limit: {rps: 1000000, burst: 1000000}}, {path_prefix: /health, methods: [GET]}]";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Minimal keep-alive HTTP/1.1 client, so client overhead stays out of the figures.
 struct Conn {
@@ -127,40 +119,6 @@ fn time_command(n: usize, mut make: impl FnMut() -> Command) -> Stats {
         assert!(st.success(), "{c:?} failed");
     }
     stats(v)
-}
-
-fn start_server(skiff: &Path, data: &Path) -> (Child, String) {
-    let mut child = Command::new(skiff)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start skiff");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    (child, addr)
-}
-
-fn deploy(skiff: &Path, addr: &str, dir: &Path) {
-    let out = Command::new(skiff)
-        .args(["deploy"])
-        .arg(dir)
-        .env("SKIFF_SERVER", format!("http://{addr}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "deploy {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Copies a function dir, rewriting `name:` and adding extra spec lines.

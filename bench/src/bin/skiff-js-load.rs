@@ -12,89 +12,13 @@
 //!
 //! Usage: `bench/js-concurrency.sh [--n 10000] [--warm 2000] [--cold 200]`.
 
-use std::io::{BufRead, BufReader};
+use skiff_bench::{arg, deploy, raise_nofile, start_server};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Raises the soft open-file limit to the hard one; returns the soft limit now in force.
-fn raise_nofile() -> u64 {
-    #[repr(C)]
-    struct RLimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
-        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
-    }
-    const RLIMIT_NOFILE: i32 = 7;
-    let mut lim = RLimit { cur: 0, max: 0 };
-    // SAFETY: plain syscalls on a local struct (Linux, rlim_t = u64).
-    unsafe {
-        getrlimit(RLIMIT_NOFILE, &mut lim);
-        let want = RLimit {
-            cur: lim.max,
-            max: lim.max,
-        };
-        setrlimit(RLIMIT_NOFILE, &want);
-        getrlimit(RLIMIT_NOFILE, &mut lim);
-    }
-    lim.cur
-}
-
-fn start_server(skiff: &Path, data: &Path) -> (Child, String) {
-    let mut child = Command::new(skiff)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start skiff");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            if l.contains("ERROR") || l.contains("WARN") {
-                eprintln!("server: {l}");
-            }
-        }
-    });
-    (child, addr)
-}
-
-fn deploy(skiff: &Path, addr: &str, dir: &Path) {
-    let out = Command::new(skiff)
-        .args(["deploy"])
-        .arg(dir)
-        .env("SKIFF_SERVER", format!("http://{addr}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "deploy {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
     let dir = root.join(name);

@@ -100,33 +100,26 @@ fn write_runtimes(dir: &Path) -> Result<()> {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every in-flight HTTP request holds a
 /// socket, and `runtime: js` instances serve thousands of invocations at once.
 fn raise_nofile_limit() -> Option<u64> {
-    #[repr(C)]
-    struct RLimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn getrlimit(resource: i32, rlim: *mut RLimit) -> i32;
-        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
-    }
-    const RLIMIT_NOFILE: i32 = 7; // Linux
-    let mut lim = RLimit { cur: 0, max: 0 };
-    // SAFETY: plain syscalls on a properly laid out struct (rlim_t is u64 on Linux).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
     unsafe {
-        if getrlimit(RLIMIT_NOFILE, &mut lim) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return None;
         }
-        if lim.cur < lim.max {
-            let want = RLimit {
-                cur: lim.max,
-                max: lim.max,
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
             };
-            if setrlimit(RLIMIT_NOFILE, &want) == 0 {
-                return Some(lim.max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return Some(want.rlim_cur);
             }
         }
     }
-    Some(lim.cur)
+    Some(lim.rlim_cur)
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -206,15 +206,7 @@ impl WasmInstance {
             },
         );
         store.limiter(|h| &mut h.limits);
-        let shared = self.shared.clone();
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if shared.stopped.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
+        crate::arm_deadline(&mut store, &self.shared, deadline, true);
         Ok(store)
     }
 

@@ -420,15 +420,7 @@ impl WasmInstance {
             },
         );
         store.limiter(|h| &mut h.limits);
-        let shared = self.shared.clone();
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if shared.stopped.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Continue(1))
-            }
-        });
+        arm_deadline(&mut store, &self.shared, deadline, false);
         let result = match &*self.pre {
             Guest::Module(pre) => pre
                 .instantiate(&mut store)
@@ -471,6 +463,30 @@ impl WasmInstance {
             stderr: stderr.contents().to_vec(),
         })
     }
+}
+
+/// Checks the store's guest at every epoch tick: interrupted once the instance is stopped or
+/// `deadline` has passed, else it runs on — yielding to the async executor first when
+/// `yield_to_host` (async guests), so a busy guest never holds a server thread for long.
+fn arm_deadline<T: 'static>(
+    store: &mut Store<T>,
+    shared: &Arc<Shared>,
+    deadline: Instant,
+    yield_to_host: bool,
+) {
+    let shared = shared.clone();
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(
+            if shared.stopped.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else if yield_to_host {
+                UpdateDeadline::Yield(1)
+            } else {
+                UpdateDeadline::Continue(1)
+            },
+        )
+    });
 }
 
 /// What a trap (or a host error that ended the guest) says.

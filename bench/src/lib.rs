@@ -1,0 +1,83 @@
+//! Helpers shared by the benchmark binaries: arguments, starting a real `skiff serve`,
+//! deploying, and the open-file limit.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// The value after `--name` on the command line, or `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Starts `skiff serve` on a free loopback port with `data` as its data dir; returns the
+/// process and its `host:port`. The server's warnings and errors are echoed to stderr.
+pub fn start_server(skiff: &Path, data: &Path) -> (Child, String) {
+    let mut child = Command::new(skiff)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if l.contains("ERROR") || l.contains("WARN") {
+                eprintln!("server: {l}");
+            }
+        }
+    });
+    (child, addr)
+}
+
+/// Deploys a function directory with `skiff deploy`; panics with its output on failure.
+pub fn deploy(skiff: &Path, addr: &str, dir: &Path) {
+    let out = Command::new(skiff)
+        .args(["deploy"])
+        .arg(dir)
+        .env("SKIFF_SERVER", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit now in force.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
