@@ -1,5 +1,7 @@
-//! `runtime: http` functions: the function is an HTTP server inside its sandbox and requests
-//! are proxied to it instead of becoming events.
+//! Functions that take HTTP (their revision's `ExecMode::Http`): requests are handed to them
+//! instead of becoming events. A `runtime: http` function is an HTTP server inside its sandbox,
+//! reached over a connection; a `wasi:http` Wasm component answers in-process
+//! ([`skiff_sandbox::Instance::serve_http`]) — everything else below is shared.
 //!
 //! * HTTP triggers ([`forward`]): the raw request (method, the path after `/fn/{name}` plus the
 //!   query, headers without hop-by-hop ones, the body streamed) goes to the server; its status,
@@ -9,7 +11,8 @@
 //!   POSTed to `/` and the response body is the result; a 5xx status is a function error.
 //!
 //! Each request holds a scheduler [`InstanceLease`] (one unit of the function's
-//! `concurrency`) until its response body has been sent or dropped. Connections are made from
+//! `concurrency`) until its response body has been sent or dropped. Connections (server
+//! functions) are made from
 //! the host inside the sandbox's network namespace ([`skiff_sandbox::Instance::connect_http`])
 //! and kept alive: idle HTTP/1.1 connections are pooled per instance. The function's `timeout`
 //! covers the whole response (504, or a cut body once it has started); a timeout or a broken
