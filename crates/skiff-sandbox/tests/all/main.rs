@@ -673,7 +673,8 @@ async fn fork_bomb_contained(ctx: Arc<Ctx>) -> Result<(), String> {
     let spec = ispec(
         fspec(""),
         ExecMode::Command,
-        &sh("b(){ b|b& }; b; sleep 10"),
+        // `exec`: the top shell must not need a fork once the bomb has filled the pids limit.
+        &sh("b(){ b|b& }; b; exec sleep 10"),
         ctx.code.path(),
     );
     let inst = sb.start(spec).await.map_err(|e| e.to_string())?;
