@@ -112,6 +112,16 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]
 }
 
+/// `GET /v1/functions/{name}/runtime` (its instances), or `null`.
+async fn runtime(addr: &str, name: &str) -> serde_json::Value {
+    let mut conn = tokio::io::BufReader::new(TcpStream::connect(addr).await.unwrap());
+    let path = format!("/v1/functions/{name}/runtime");
+    let r = request(&mut conn, addr, "GET", &path, b"", true)
+        .await
+        .unwrap();
+    serde_json::from_slice(&r.body).unwrap_or_default()
+}
+
 /// Sequential keep-alive invokes of `name`; latencies in µs (sorted).
 async fn sequential(addr: &str, name: &str, n: usize, expect_cold: bool) -> Vec<f64> {
     let mut conn = tokio::io::BufReader::new(TcpStream::connect(addr).await.unwrap());
@@ -187,20 +197,7 @@ async fn main() {
     sequential(&addr, "b-js-warm", 1, true).await;
     let warm = sequential(&addr, "b-js-warm", warm_n, false).await;
     let cold = sequential(&addr, "b-js-cold", cold_n, true).await;
-    let rt: serde_json::Value = {
-        let mut conn = tokio::io::BufReader::new(TcpStream::connect(&addr).await.unwrap());
-        let r = request(
-            &mut conn,
-            &addr,
-            "GET",
-            "/v1/functions/b-js-warm/runtime",
-            b"",
-            true,
-        )
-        .await
-        .unwrap();
-        serde_json::from_slice(&r.body).unwrap_or_default()
-    };
+    let rt = runtime(&addr, "b-js-warm").await;
     let idle = rt["instances"][0]["memory_bytes"].as_u64().unwrap_or(0);
     println!("\n| path | n | p50 µs | p99 µs |\n|---|---:|---:|---:|");
     println!(
@@ -358,20 +355,7 @@ async fn main() {
             peak.saturating_sub(rss_before) as f64 / n as f64,
             rss_connected.saturating_sub(rss_before) as f64 / n as f64
         );
-        let rt: serde_json::Value = {
-            let mut conn = tokio::io::BufReader::new(TcpStream::connect(&addr).await.unwrap());
-            let r = request(
-                &mut conn,
-                &addr,
-                "GET",
-                "/v1/functions/b-js-wait/runtime",
-                b"",
-                true,
-            )
-            .await
-            .unwrap();
-            serde_json::from_slice(&r.body).unwrap_or_default()
-        };
+        let rt = runtime(&addr, "b-js-wait").await;
         println!("- the instance after the round: {}", rt["instances"][0]);
         failed |= !errors.is_empty();
     }

@@ -473,7 +473,8 @@ impl Drop for ProxyBody {
     }
 }
 
-/// Reads a whole body of at most `limit` bytes.
+/// Reads a whole body of at most `limit` bytes. (`http_body_util::Limited` + `collect` over
+/// the boxed body makes the handler futures fail rustc's higher-ranked `Send` check.)
 async fn collect_limited(mut body: HttpBody, limit: usize) -> Result<Vec<u8>, BoxError> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {

@@ -237,6 +237,8 @@ impl WasmSandbox {
         let cell = {
             let mut cache = self.cache.lock();
             if cache.len() >= CACHE_MAX {
+                // Forget loaded guests (running instances hold their own `Arc`); loads in
+                // progress stay, so their waiters still share one load.
                 cache.retain(|_, c| c.get().is_none());
             }
             cache
