@@ -400,17 +400,22 @@ const FETCH_SRC: &str = r#"export default async (req) => {
   }
 };"#;
 
+/// An instance of `FETCH_SRC` (spec tail `extra`) whose `fetch` may reach local servers.
+async fn fetcher(extra: &str) -> Fixture {
+    start_in(
+        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
+        FETCH_SRC,
+        extra,
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn fetch_reaches_a_local_server_only_with_the_test_override() {
     let addr = echo_server();
     let payload = serde_json::json!({ "url": format!("http://{addr}/p?q=1") }).to_string();
-    let f = start_in(
-        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
-        FETCH_SRC,
-        "",
-    )
-    .await
-    .unwrap();
+    let f = fetcher("").await;
     let v = json(&call(&f, &payload).await.unwrap());
     assert_eq!(v["status"], 201, "{v}");
     assert_eq!(v["ok"], true);
@@ -448,13 +453,7 @@ async fn fetch_reaches_a_local_server_only_with_the_test_override() {
 async fn fetch_obeys_network_none_and_the_timeout() {
     let addr = echo_server();
     let payload = serde_json::json!({ "url": format!("http://{addr}/") }).to_string();
-    let f = start_in(
-        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
-        FETCH_SRC,
-        "network: none\n",
-    )
-    .await
-    .unwrap();
+    let f = fetcher("network: none\n").await;
     let v = json(&call(&f, &payload).await.unwrap());
     assert_eq!(
         v["error"],
@@ -464,13 +463,7 @@ async fn fetch_obeys_network_none_and_the_timeout() {
     // A server that never answers: the fetch fails at the invocation's deadline.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/", silent.local_addr().unwrap());
-    let f = start_in(
-        JsSandbox::with_net(NetPolicy::allowing_private_for_tests()),
-        FETCH_SRC,
-        "",
-    )
-    .await
-    .unwrap();
+    let f = fetcher("").await;
     let t = Instant::now();
     let payload = serde_json::json!({ "url": url }).to_string();
     let r = f
