@@ -149,7 +149,9 @@ pub(crate) fn build_root(cfg: &AgentConfig) -> Res {
         let src = Path::new(&b.src);
         mountpoint_for(src, &dst)?;
         mount(Some(&b.src), &dst, None, libc::MS_BIND | libc::MS_REC, None)?;
-        make_readonly(&dst)?;
+        if !b.rw {
+            make_readonly(&dst)?;
+        }
     }
     // Merged-/usr hosts: /bin → usr/bin etc., unless the host bound real directories.
     for name in ["bin", "sbin", "lib", "lib64", "lib32", "libx32"] {

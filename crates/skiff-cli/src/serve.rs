@@ -180,6 +180,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     ));
     let sandbox = Tiers {
         native: Arc::new(native),
+        gvisor: None,
         js: Some(js as Arc<dyn skiff_sandbox::Sandbox>),
         wasm: wasm_tier(data_dir.join("cache/wasm"), egress.clone()),
     };

@@ -45,6 +45,10 @@ pub enum Kind {
     StreamEnd = 18,
     /// Agent → host (`http` mode): the function's server accepts connections ([`HttpReady`]).
     HttpReady = 19,
+    /// Agent → host: the function finished initialising and is idle, waiting for its first
+    /// invocation (every Runtime API worker asked for `next`, the HTTP server accepts, or at
+    /// once in `command` mode). Sent once; a snapshot taken after it skips the init.
+    Initialized = 20,
 }
 
 impl Kind {
@@ -64,6 +68,7 @@ impl Kind {
             17 => Kind::StreamChunk,
             18 => Kind::StreamEnd,
             19 => Kind::HttpReady,
+            20 => Kind::Initialized,
             _ => return None,
         })
     }
@@ -82,13 +87,16 @@ pub enum ExecMode {
     Http,
 }
 
-/// A read-only bind mount into the sandbox root.
+/// A bind mount into the sandbox root, read-only unless `rw`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bind {
     /// Host path.
     pub src: String,
     /// Path inside the sandbox.
     pub dst: String,
+    /// Writable (a `persistent` function's workspace).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rw: bool,
 }
 
 /// Everything the agent needs to build the sandbox and start the function.
@@ -131,6 +139,10 @@ pub struct AgentConfig {
     /// `http` mode: the port the function's server listens on (on 127.0.0.1).
     #[serde(default)]
     pub http_port: u16,
+    /// The tier already built the root, the identity and the limits (gVisor: `runsc` from an
+    /// OCI bundle): the agent skips its own root, privilege and seccomp setup.
+    #[serde(default)]
+    pub prebuilt_root: bool,
 }
 
 /// Host → agent: run one invocation.

@@ -91,6 +91,7 @@ pub async fn execute(job: AdHoc) -> Result<String, AdHocError> {
                 exec_mode: ExecMode::Command,
                 argv: vec![],
                 rootfs: None,
+                workspace: None,
             },
             Some(Arc::new(bytecode)),
             export,

@@ -28,6 +28,7 @@ async fn start_in(tier: JsSandbox, source: &str, extra: &str) -> Result<Fixture,
             exec_mode: ExecMode::Command,
             argv: vec![],
             rootfs: None,
+            workspace: None,
         })
         .await?;
     Ok(Fixture { _dir: dir, inst })
@@ -330,6 +331,7 @@ async fn bytecode_is_compiled_once_per_revision() {
         exec_mode: ExecMode::Command,
         argv: vec![],
         rootfs: None,
+        workspace: None,
     };
     let a = sandbox.start(spec(1)).await.unwrap();
     // A changed file is not read again: the revision's second instance loads the cached bytecode.

@@ -33,7 +33,13 @@ pub struct InstanceSpec {
     pub argv: Vec<String>,
     /// Root image directory on the host; `None` uses the host's system dirs (`/usr`, …).
     pub rootfs: Option<PathBuf>,
+    /// Host directory mounted writable at [`WORKSPACE_DIR`] (`mode: persistent`); it outlives
+    /// the instance.
+    pub workspace: Option<PathBuf>,
 }
+
+/// Where a `persistent` function's workspace appears inside its sandbox.
+pub const WORKSPACE_DIR: &str = "/workspace";
 
 /// The error type of [`HttpBody`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -120,6 +126,20 @@ pub trait Sandbox: Send + Sync {
         Ok(skiff_core::launch::program(spec).0)
     }
 
+    /// Starts an instance from a snapshot `image` (a directory written by
+    /// [`Instance::checkpoint`] of an instance of the same revision): memory, processes and
+    /// `/tmp` as they were at the checkpoint. `spec` says which revision and limits.
+    async fn restore(
+        &self,
+        spec: InstanceSpec,
+        image: &Path,
+    ) -> Result<Arc<dyn Instance>, SandboxError> {
+        let _ = (spec, image);
+        Err(SandboxError::Unsupported(
+            "this sandbox tier cannot restore snapshots".into(),
+        ))
+    }
+
     /// Releases what the tier holds besides instances (e.g. pre-spawned sandboxes).
     async fn shutdown(&self) {}
 }
@@ -172,5 +192,21 @@ pub trait Instance: Send + Sync {
     /// the last call; taken, so each byte is returned once.
     fn take_output(&self) -> Vec<u8> {
         Vec::new()
+    }
+    /// Saves the whole instance (memory, processes, `/tmp`) into the directory `image`, for
+    /// [`Sandbox::restore`]. Waits first (at most `init_within`) until the function has
+    /// initialised; call it before the instance serves anything when every restored copy
+    /// should start from a clean, initialised state. Unless `leave_running`, the instance is
+    /// stopped afterwards.
+    async fn checkpoint(
+        &self,
+        image: &Path,
+        init_within: std::time::Duration,
+        leave_running: bool,
+    ) -> Result<(), SandboxError> {
+        let _ = (image, init_within, leave_running);
+        Err(SandboxError::Unsupported(
+            "this sandbox tier cannot take snapshots".into(),
+        ))
     }
 }

@@ -1,17 +1,19 @@
-//! [`Tiers`]: one [`Sandbox`] that hands each instance to the tier its runtime needs, so the
-//! scheduler never knows which tier runs a revision.
+//! [`Tiers`]: one [`Sandbox`] that hands each instance to the tier its runtime and `sandbox:`
+//! need, so the scheduler never knows which tier runs a revision.
 
 use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::protocol::ExecMode;
-use skiff_core::{FunctionSpec, Runtime};
+use skiff_core::{FunctionSpec, Runtime, SandboxKind};
 use std::path::Path;
 use std::sync::Arc;
 
-/// The tiers of this server: process runtimes go to `native`, `runtime: js` to `js`,
-/// `runtime: wasm` to `wasm`.
+/// The tiers of this server: process runtimes go to `native` or `gvisor` (by `sandbox:`),
+/// `runtime: js` to `js`, `runtime: wasm` to `wasm`.
 pub struct Tiers {
     pub native: Arc<dyn Sandbox>,
+    /// The gVisor tier; `None` refuses `sandbox: gvisor` instances.
+    pub gvisor: Option<Arc<dyn Sandbox>>,
     /// The JS isolate tier; `None` refuses `runtime: js` instances.
     pub js: Option<Arc<dyn Sandbox>>,
     /// The WebAssembly tier; `None` refuses `runtime: wasm` instances.
@@ -34,7 +36,7 @@ impl Sandbox for Tiers {
                     "runtime wasm is not available on this server".into(),
                 )),
             },
-            _ => self.native.start(spec).await,
+            _ => self.process_tier(spec.spec.sandbox)?.start(spec).await,
         }
     }
 
@@ -51,8 +53,22 @@ impl Sandbox for Tiers {
                 "runtime {} is not available on this server",
                 spec.runtime
             ))),
-            _ => self.native.prepare(spec, code_dir).await,
+            _ => {
+                self.process_tier(spec.sandbox)?
+                    .prepare(spec, code_dir)
+                    .await
+            }
         }
+    }
+
+    async fn restore(
+        &self,
+        spec: InstanceSpec,
+        image: &Path,
+    ) -> Result<Arc<dyn Instance>, SandboxError> {
+        self.process_tier(spec.spec.sandbox)?
+            .restore(spec, image)
+            .await
     }
 
     async fn shutdown(&self) {
@@ -62,6 +78,28 @@ impl Sandbox for Tiers {
         if let Some(wasm) = &self.wasm {
             wasm.shutdown().await;
         }
+        if let Some(gvisor) = &self.gvisor {
+            gvisor.shutdown().await;
+        }
         self.native.shutdown().await;
+    }
+}
+
+impl Tiers {
+    /// The process tier for `sandbox:`.
+    fn process_tier(&self, kind: SandboxKind) -> Result<&Arc<dyn Sandbox>, SandboxError> {
+        match kind {
+            SandboxKind::Native => Ok(&self.native),
+            SandboxKind::Gvisor => self.gvisor.as_ref().ok_or_else(|| {
+                SandboxError::Unsupported(
+                    "sandbox gvisor is not available on this server (runsc not found; \
+                     apt-get install runsc)"
+                        .into(),
+                )
+            }),
+            SandboxKind::Microvm => Err(SandboxError::Unsupported(
+                "sandbox microvm is not available on this server".into(),
+            )),
+        }
     }
 }

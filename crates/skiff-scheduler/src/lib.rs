@@ -594,6 +594,7 @@ impl Scheduler {
             exec_mode: rev.exec_mode,
             argv: rev.argv.clone(),
             rootfs: rev.rootfs.clone(),
+            workspace: None,
         };
         let inst = self.sandbox.start(spec).await?;
         self.metrics

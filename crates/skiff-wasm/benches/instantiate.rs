@@ -58,6 +58,7 @@ fn main() {
         exec_mode: ExecMode::Http,
         argv: vec![],
         rootfs: None,
+        workspace: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -55,6 +55,7 @@ async fn start_with(
             exec_mode: ExecMode::Command,
             argv: vec![],
             rootfs: None,
+            workspace: None,
         })
         .await?;
     Ok(Fixture { _dir: dir, inst })

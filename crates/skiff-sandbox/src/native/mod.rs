@@ -182,6 +182,7 @@ impl NativeSandbox {
         let mut system_binds = vec![Bind {
             src: "/usr".into(),
             dst: "/usr".into(),
+            rw: false,
         }];
         for d in SYSTEM_DIRS {
             let p = Path::new("/").join(d);
@@ -192,6 +193,7 @@ impl NativeSandbox {
                 system_binds.push(Bind {
                     src: p.display().to_string(),
                     dst: p.display().to_string(),
+                    rw: false,
                 });
             }
         }
@@ -202,6 +204,7 @@ impl NativeSandbox {
                 system_binds.push(Bind {
                     src: s.clone(),
                     dst: s,
+                    rw: false,
                 });
             }
         }
@@ -322,11 +325,20 @@ impl NativeSandbox {
         binds.push(Bind {
             src: path_str(&spec.code_dir)?,
             dst: TASK_ROOT.into(),
+            rw: false,
         });
         binds.push(Bind {
             src: path_str(&self.cfg.runtime_dir)?,
             dst: RUNTIME_DIR.into(),
+            rw: false,
         });
+        if let Some(ws) = &spec.workspace {
+            binds.push(Bind {
+                src: path_str(ws)?,
+                dst: crate::WORKSPACE_DIR.into(),
+                rw: true,
+            });
+        }
         let (uid, gid) = (self.cfg.uid, self.cfg.gid);
         let outbound = spec.spec.network == Network::Outbound;
         let etc_files = vec![
@@ -363,6 +375,7 @@ impl NativeSandbox {
             seccomp: self.cfg.seccomp,
             rootfs,
             http_port: HTTP_PORT,
+            prebuilt_root: false,
         })
     }
 }

@@ -196,6 +196,7 @@ fn ispec(spec: FunctionSpec, mode: ExecMode, argv: &[&str], code: &Path) -> Inst
         exec_mode: mode,
         argv: argv.iter().map(|s| s.to_string()).collect(),
         rootfs: None,
+        workspace: None,
     }
 }
 
@@ -1161,6 +1162,7 @@ async fn measure_latency(ctx: Arc<Ctx>) -> Result<(), String> {
             exec_mode: mode,
             argv: argv.clone(),
             rootfs: None,
+            workspace: None,
         };
         let mut cold = Vec::new();
         for _ in 0..10 {
