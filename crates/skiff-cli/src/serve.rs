@@ -36,6 +36,16 @@ pub struct ServeArgs {
     /// Sandbox executor: only `native` is supported (gVisor and microVM tiers are future work).
     #[arg(long, env = "FAAS_EXECUTOR_TYPE", default_value = "native")]
     executor: String,
+    /// Sandbox tier of functions whose function.yaml does not set `sandbox:`: `native`,
+    /// `gvisor`, or `hybrid` (= native by default, each function picks with `sandbox:`).
+    /// `microvm` is refused (that tier is not built). Fixed into each revision at deploy.
+    #[arg(long, env = "FAAS_RUNTIME", default_value = "native")]
+    default_sandbox: String,
+    /// Instances kept started for each `warm` revision an alias routes to (capped by its
+    /// `scale.max`); 0 starts instances on demand only.
+    #[arg(long, env = "FAAS_WARM_POOL_SIZE", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    warm_pool_size: u32,
     /// Restrict the seed API's `image` directories to this directory (default: any directory).
     #[arg(long, env = "FAAS_IMAGE_ROOT")]
     image_root: Option<PathBuf>,
@@ -77,6 +87,23 @@ pub struct ServeArgs {
     /// fn.localhost); off when unset.
     #[arg(long, env = "SKIFF_FUNCTION_DOMAIN", value_parser = skiff_gateway::host::parse_domain)]
     function_domain: Option<String>,
+}
+
+/// `FAAS_RUNTIME` / `--default-sandbox`: the tier of functions that do not choose one.
+fn parse_default_sandbox(s: &str) -> Result<skiff_core::SandboxKind> {
+    use skiff_core::SandboxKind;
+    match s {
+        "native" | "hybrid" => Ok(SandboxKind::Native),
+        "gvisor" => Ok(SandboxKind::Gvisor),
+        "microvm" => bail!(
+            "FAAS_RUNTIME / --default-sandbox `microvm`: the microVM tier is not built into \
+             this server (use native, gvisor or hybrid)"
+        ),
+        other => bail!(
+            "FAAS_RUNTIME / --default-sandbox `{other}` is not a sandbox tier (native, gvisor, \
+             microvm, hybrid)"
+        ),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -139,6 +166,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.executor
         );
     }
+    let default_sandbox = parse_default_sandbox(&args.default_sandbox)?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.gateway_port.unwrap_or(8080))));
@@ -193,6 +221,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Arc::new(sandbox),
             SchedulerConfig {
                 workspace: args.workspace,
+                data_dir: Some(data_dir.clone()),
+                warm_pool_size: args.warm_pool_size,
+                default_sandbox,
                 ..Default::default()
             },
         );

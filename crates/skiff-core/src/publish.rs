@@ -12,6 +12,8 @@ pub struct Blocker {
     /// Stable code: `not_public`, `missing_runtime`, `manual_runtime`, `missing_command`
     /// (`missing_warm_process_name` does not arise: the handler is the process).
     pub code: &'static str,
+    /// The `function.yaml` field to change (`routes`, `runtime`, `sandbox`, `mode`, `handler`).
+    pub field: &'static str,
     /// What to change, naming the `function.yaml` field.
     pub message: String,
 }
@@ -24,6 +26,7 @@ impl Blocker {
 }
 
 static WASM_AVAILABLE: AtomicBool = AtomicBool::new(false);
+static GVISOR_AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// Declares whether this server runs `runtime: wasm` (set once at startup by the server when
 /// its Wasm tier is compiled in).
@@ -31,17 +34,56 @@ pub fn set_wasm_available(available: bool) {
     WASM_AVAILABLE.store(available, Ordering::Relaxed);
 }
 
+/// Declares whether this server runs `sandbox: gvisor` (set once at startup when `runsc` is
+/// usable).
+pub fn set_gvisor_available(available: bool) {
+    GVISOR_AVAILABLE.store(available, Ordering::Relaxed);
+}
+
+/// Whether this server runs `sandbox: gvisor`.
+pub fn gvisor_available() -> bool {
+    GVISOR_AVAILABLE.load(Ordering::Relaxed)
+}
+
+/// What a server offers beyond the always-present tiers, for [`blockers_on`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Available {
+    /// `runtime: wasm` (the Wasm tier is compiled in).
+    pub wasm: bool,
+    /// `sandbox: gvisor` (`runsc` found).
+    pub gvisor: bool,
+}
+
 /// The blockers of a revision with this spec on this server (empty = publishable).
 pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
-    blockers_with(spec, WASM_AVAILABLE.load(Ordering::Relaxed))
+    blockers_on(
+        spec,
+        Available {
+            wasm: WASM_AVAILABLE.load(Ordering::Relaxed),
+            gvisor: gvisor_available(),
+        },
+    )
 }
 
 /// [`blockers`] for a server that does (`wasm`) or does not run `runtime: wasm`.
 pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
+    blockers_on(
+        spec,
+        Available {
+            wasm,
+            gvisor: gvisor_available(),
+        },
+    )
+}
+
+/// [`blockers`] for a server offering `available`.
+pub fn blockers_on(spec: &FunctionSpec, available: Available) -> Vec<Blocker> {
+    let wasm = available.wasm;
     let mut out = Vec::new();
     if spec.routes.as_ref().is_some_and(Vec::is_empty) {
         out.push(Blocker {
             code: "not_public",
+            field: "routes",
             message: "routes: is empty, so no request path reaches the function (omit `routes` \
                       for the open default route `/`)"
                 .into(),
@@ -50,6 +92,7 @@ pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
     if spec.runtime == Runtime::Wasm && !wasm {
         out.push(Blocker {
             code: "missing_runtime",
+            field: "runtime",
             message: format!(
                 "runtime: `{}` is not available on this server (available: python3, node, \
                  provided, command, http, js)",
@@ -58,28 +101,54 @@ pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
         });
     }
     // js and wasm run in-process; `sandbox` applies to the process tiers only.
-    if spec.sandbox != SandboxKind::Native && !matches!(spec.runtime, Runtime::Js | Runtime::Wasm) {
+    let process = !matches!(spec.runtime, Runtime::Js | Runtime::Wasm);
+    let sandbox_ok = match spec.sandbox {
+        SandboxKind::Native => true,
+        SandboxKind::Gvisor => available.gvisor,
+        SandboxKind::Microvm => false,
+    };
+    if process && !sandbox_ok {
         out.push(Blocker {
             code: "missing_runtime",
+            field: "sandbox",
             message: format!(
-                "sandbox: `{}` is not available on this server (available: native)",
-                spec.sandbox
+                "sandbox: `{}` is not available on this server (available: native{})",
+                spec.sandbox,
+                if available.gvisor { ", gvisor" } else { "" }
             ),
         });
     }
-    if !matches!(spec.mode, Mode::Warm | Mode::Ephemeral) {
-        out.push(Blocker {
+    match spec.mode {
+        Mode::Warm | Mode::Ephemeral => {}
+        Mode::Persistent if !process => out.push(Blocker {
             code: "manual_runtime",
+            field: "mode",
             message: format!(
-                "mode: `{}` instances cannot be started on demand by this server yet \
-                 (available: warm, ephemeral)",
-                spec.mode
+                "mode: `persistent` needs a process runtime (python3, node, provided, command, \
+                 http), not `{}`",
+                spec.runtime
             ),
-        });
+        }),
+        Mode::Persistent => {}
+        Mode::Checkpointed | Mode::Branched => {
+            if !process || spec.sandbox != SandboxKind::Gvisor {
+                out.push(Blocker {
+                    code: "manual_runtime",
+                    field: "mode",
+                    message: format!(
+                        "mode: `{}` restores instances from a memory snapshot, which needs \
+                         `sandbox: gvisor` and a process runtime (this function has runtime \
+                         `{}`, sandbox `{}`)",
+                        spec.mode, spec.runtime, spec.sandbox
+                    ),
+                });
+            }
+        }
     }
     if spec.handler.trim().is_empty() {
         out.push(Blocker {
             code: "missing_command",
+            field: "handler",
             message: format!(
                 "handler: runtime `{}` needs the command that starts the function",
                 spec.runtime
@@ -116,9 +185,57 @@ mod tests {
         );
         let wasm = FunctionSpec::from_yaml("name: a\nruntime: wasm\nhandler: app.wat\n").unwrap();
         assert!(blockers_with(&wasm, true).is_empty());
+        assert!(codes("name: a\nruntime: python3\nmode: persistent\n").is_empty());
         assert_eq!(
-            codes("name: a\nruntime: python3\nmode: persistent\n"),
+            codes("name: a\nruntime: js\nhandler: i.js\nmode: persistent\n"),
             ["manual_runtime"]
+        );
+        for mode in ["checkpointed", "branched"] {
+            let native =
+                FunctionSpec::from_yaml(&format!("name: a\nruntime: python3\nmode: {mode}\n"))
+                    .unwrap();
+            let b = blockers_on(&native, Available::default());
+            assert_eq!(b.len(), 1, "{b:?}");
+            assert_eq!((b[0].code, b[0].field), ("manual_runtime", "mode"));
+            assert!(b[0].message.starts_with("mode:"), "{}", b[0].message);
+            assert!(b[0].message.contains("sandbox: gvisor"), "{}", b[0].message);
+            let gv = FunctionSpec::from_yaml(&format!(
+                "name: a\nruntime: python3\nmode: {mode}\nsandbox: gvisor\n"
+            ))
+            .unwrap();
+            let with_gvisor = Available {
+                wasm: false,
+                gvisor: true,
+            };
+            assert!(blockers_on(&gv, with_gvisor).is_empty());
+            // Without runsc the tier is what is missing.
+            let b = blockers_on(&gv, Available::default());
+            assert_eq!((b.len(), b[0].field), (1, "sandbox"), "{b:?}");
+        }
+        let gv = FunctionSpec::from_yaml("name: a\nruntime: python3\nsandbox: gvisor\n").unwrap();
+        assert_eq!(
+            blockers_on(&gv, Available::default())[0].code,
+            "missing_runtime"
+        );
+        assert!(blockers_on(
+            &gv,
+            Available {
+                wasm: false,
+                gvisor: true
+            }
+        )
+        .is_empty());
+        let mv = FunctionSpec::from_yaml("name: a\nruntime: python3\nsandbox: microvm\n").unwrap();
+        assert_eq!(
+            blockers_on(
+                &mv,
+                Available {
+                    wasm: true,
+                    gvisor: true
+                }
+            )[0]
+            .field,
+            "sandbox"
         );
         let b =
             blockers(&FunctionSpec::from_yaml("name: a\nruntime: python3\nroutes: []\n").unwrap());

@@ -253,6 +253,40 @@ impl From<Outcome> for ApiError {
     }
 }
 
+impl From<skiff_scheduler::SchedError> for ApiError {
+    fn from(e: skiff_scheduler::SchedError) -> ApiError {
+        use skiff_scheduler::SchedError;
+        match e {
+            SchedError::NoInstance { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "no_running_instance", e.to_string())
+            }
+            SchedError::BranchNotFound(_) => ApiError::not_found(e.to_string()),
+            SchedError::TooManyBranches { .. } => ApiError::busy(e.to_string()),
+            // The function's tier cannot snapshot: a property of its spec.
+            SchedError::Unsupported(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                "snapshot_unsupported",
+                format!("sandbox: snapshots need `sandbox: gvisor` ({m})"),
+            )
+            .with("field", "sandbox"),
+            SchedError::Sandbox(se) => {
+                let tail = se.log_tail().to_string();
+                let mut e = ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "snapshot_failed",
+                    format!("snapshot or restore failed: {se}"),
+                );
+                if !tail.is_empty() {
+                    e = e.with("logs", tail);
+                }
+                e
+            }
+            SchedError::Invoke(o) => ApiError::from(o),
+            SchedError::Io(io) => ApiError::internal(format!("snapshot i/o: {io}")),
+        }
+    }
+}
+
 /// Seed API: how a platform outcome of an ad-hoc invocation is reported. A timeout, an
 /// out-of-memory kill or a crash is the command's doing: `Ok(text)` for the 200
 /// `InvocationResult`'s `error`. Throttling and sandbox start failures are the platform's: an

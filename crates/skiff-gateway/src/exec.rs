@@ -50,7 +50,39 @@ pub async fn run_opts(
         Ok(_) => state.scheduler.invoke_opts(rev, inv, opts).await,
         Err(o) => Err(o),
     };
-    let (status, error, cold, duration, logs) = match &result {
+    record(state, rev, request_id, started_at_ms, &mut result);
+    result
+}
+
+/// Writes the invocation record of a finished (or, for a streamed response, started)
+/// invocation of `rev`; a streamed one is recorded when its stream ends.
+pub(crate) fn record(
+    state: &AppState,
+    rev: &Revision,
+    request_id: String,
+    started_at_ms: i64,
+    result: &mut Result<InvokeOutput, Outcome>,
+) {
+    record_as(
+        state,
+        &rev.function,
+        rev.number,
+        request_id,
+        started_at_ms,
+        result,
+    );
+}
+
+/// [`record`] for an invocation of revision `revision` of `function`.
+pub(crate) fn record_as(
+    state: &AppState,
+    function: &str,
+    revision: u32,
+    request_id: String,
+    started_at_ms: i64,
+    result: &mut Result<InvokeOutput, Outcome>,
+) {
+    let (status, error, cold, duration, logs) = match &*result {
         Ok(out) => (
             if out.function_error.is_some() {
                 "function_error"
@@ -72,8 +104,8 @@ pub async fn run_opts(
     };
     let mut record = InvocationRecord {
         request_id,
-        function: rev.function.clone(),
-        revision: rev.number,
+        function: function.to_string(),
+        revision,
         started_at_ms,
         duration_us: duration.as_micros() as u64,
         status: status.to_string(),
@@ -97,5 +129,4 @@ pub async fn run_opts(
         }
         None => state.store.record_invocation(record),
     }
-    result
 }

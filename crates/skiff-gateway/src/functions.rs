@@ -37,6 +37,14 @@ fn revision_json(rev: &skiff_store::RevisionRecord) -> Value {
     v
 }
 
+/// Whether the top-level mapping of a function.yaml sets `key`.
+fn sets_key(yaml: &str, key: &str) -> bool {
+    serde_yaml::from_str::<serde_yaml::Value>(yaml)
+        .ok()
+        .and_then(|v| v.as_mapping().map(|m| m.contains_key(key)))
+        .unwrap_or(false)
+}
+
 fn check_name(name: &str) -> ApiResult<()> {
     if skiff_core::valid_name(name) {
         Ok(())
@@ -119,15 +127,28 @@ pub async fn delete(
 ) -> ApiResult<impl IntoResponse> {
     let st = state.clone();
     let n = name.clone();
-    let packages = blocking(move || Ok(st.store.delete_function_packages(&n)?))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))?;
+    let (packages, snapshots) = blocking(move || {
+        let snapshots = st.store.list_snapshots(Some(&n))?;
+        Ok(st
+            .store
+            .delete_function_packages(&n)?
+            .map(|p| (p, snapshots)))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("function `{name}` not found")))?;
     state.revisions.invalidate(&name);
     state.policies.forget(&name);
-    // Instances have the code mounted: stop them before removing it.
+    // Instances have the code mounted: stop them before removing it. This also stops its
+    // branches and removes its workspace and revision snapshots.
     state.scheduler.remove_function(&name).await;
     let st = state.clone();
-    blocking(move || Ok(st.store.remove_unreferenced_packages(&packages)?)).await?;
+    blocking(move || {
+        for snap in &snapshots {
+            st.store.remove_snapshot_dir(&snap.id)?;
+        }
+        Ok(st.store.remove_unreferenced_packages(&packages)?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -186,8 +207,19 @@ pub async fn upload_revision(
     let st = state.clone();
     let promote = q.promote.unwrap_or(true);
     let n = name.clone();
+    let default_sandbox = state.scheduler.default_sandbox();
     let rev = blocking(move || {
-        let (spec, _) = Store::read_spec_from_package(&package)?;
+        let (mut spec, info) = Store::read_spec_from_package(&package)?;
+        // A function that does not choose a tier gets the server's (`FAAS_RUNTIME`), fixed
+        // in the stored revision so a later server default does not move it.
+        if !sets_key(&info.spec_yaml, "sandbox")
+            && !matches!(
+                spec.runtime,
+                skiff_core::Runtime::Js | skiff_core::Runtime::Wasm
+            )
+        {
+            spec.sandbox = default_sandbox;
+        }
         if spec.name != n {
             return Err(ApiError::bad_request(format!(
                 "name: function.yaml says `{}` but the package was uploaded to `{n}`",
@@ -678,6 +710,18 @@ pub async fn put_routes(
     .await?;
     state.revisions.invalidate(&name);
     Ok((StatusCode::CREATED, Json(revision_json(&rev))))
+}
+
+#[cfg(test)]
+mod sets_key_tests {
+    #[test]
+    fn finds_top_level_keys_only() {
+        assert!(super::sets_key("name: a\nsandbox: native\n", "sandbox"));
+        assert!(super::sets_key("{name: a, sandbox: gvisor}", "sandbox"));
+        assert!(!super::sets_key("name: a\nenv: {sandbox: x}\n", "sandbox"));
+        assert!(!super::sets_key("name: a\n# sandbox: gvisor\n", "sandbox"));
+        assert!(!super::sets_key(": not yaml [", "sandbox"));
+    }
 }
 
 #[cfg(test)]

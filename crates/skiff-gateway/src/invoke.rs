@@ -101,6 +101,19 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(ApiError::invalid_json)
 }
 
+/// Reads an invocation payload: JSON up to [`MAX_PAYLOAD_BYTES`] (413 beyond), `{}` when
+/// the body is empty.
+pub(crate) async fn read_payload(headers: &HeaderMap, body: Body) -> ApiResult<Vec<u8>> {
+    let payload = read_body(headers, body, MAX_PAYLOAD_BYTES).await?;
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(b"{}".to_vec());
+    }
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+        return Err(ApiError::invalid_json(e));
+    }
+    Ok(payload.into())
+}
+
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -113,15 +126,7 @@ pub async fn invoke(
     }
     let sticky = sticky_key(&headers);
     let rev = resolve_sticky(&state, &name, q.qualifier.as_deref(), sticky).await?;
-    let payload = read_body(&headers, body, MAX_PAYLOAD_BYTES).await?;
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
-        b"{}".to_vec()
-    } else {
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(ApiError::invalid_json(e));
-        }
-        payload.into()
-    };
+    let payload = read_payload(&headers, body).await?;
     let client_context = crate::lambda::client_context(&headers, "x-skiff-client-context")
         .map_err(|m| ApiError::bad_request(m).with("field", "X-Skiff-Client-Context"))?;
     let request_id = crate::exec::request_id();
@@ -133,7 +138,17 @@ pub async fn invoke(
         client_context,
         trace_id: None,
     };
-    match crate::exec::run(&state, &rev, inv).await {
+    let result = crate::exec::run(&state, &rev, inv).await;
+    output_response(&request_id, result)
+}
+
+/// The reply to a `/v1` invocation: the function's result (streamed when it streams), its
+/// error as a 500 `function_error`, or the platform outcome; with the `x-skiff-*` headers.
+pub(crate) fn output_response(
+    request_id: &str,
+    result: Result<InvokeOutput, skiff_core::Outcome>,
+) -> ApiResult<Response> {
+    match result {
         Ok(out) => {
             let InvokeOutput {
                 body,
@@ -176,9 +191,11 @@ pub async fn invoke(
             };
             let h = resp.headers_mut();
             h.insert(axum::http::header::CONTENT_TYPE, content_type);
-            skiff_headers(h, &request_id, revision, &instance_id, cold, duration);
+            skiff_headers(h, request_id, revision, &instance_id, cold, duration);
             Ok(resp)
         }
-        Err(outcome) => Err(ApiError::from(outcome).header("x-skiff-request-id", request_id)),
+        Err(outcome) => {
+            Err(ApiError::from(outcome).header("x-skiff-request-id", request_id.to_string()))
+        }
     }
 }

@@ -25,6 +25,7 @@ pub mod policy;
 mod proxy;
 mod revisions;
 pub mod seed;
+mod snapshots;
 mod stream;
 
 pub use auth::Auth;
@@ -152,6 +153,19 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/functions/{name}/runtime/recycle",
             post(functions::recycle),
         )
+        .route("/v1/functions/{name}/snapshots", post(snapshots::create))
+        .route("/v1/snapshots", get(snapshots::list))
+        .route(
+            "/v1/snapshots/{id}",
+            get(snapshots::get).delete(snapshots::delete),
+        )
+        .route("/v1/snapshots/{id}/fork", post(snapshots::fork))
+        .route("/v1/branches", get(snapshots::list_branches))
+        .route(
+            "/v1/branches/{id}",
+            get(snapshots::get_branch).delete(snapshots::delete_branch),
+        )
+        .route("/v1/branches/{id}/invoke", post(snapshots::invoke_branch))
         .route("/v1/secrets", get(functions::list_secrets))
         .route(
             "/v1/secrets/{name}",

@@ -157,7 +157,24 @@ async fn load(
 ) -> Result<Resolved, ApiError> {
     let st = state.clone();
     let (f, qual) = (function.to_string(), qualifier.map(str::to_string));
-    let resolved = blocking(move || {
+    // An alias (not a revision number or `$LATEST`) tells the scheduler which revisions are
+    // routed, for the warm pool (`FAAS_WARM_POOL_SIZE`).
+    let is_alias = qualifier
+        .is_none_or(|q| q != skiff_store::LATEST && !q.bytes().all(|b| b.is_ascii_digit()));
+    let track_routes = is_alias && state.scheduler.warm_pool_size() > 0;
+    let (resolved, routed) = blocking(move || {
+        let routed = if track_routes {
+            let mut numbers = Vec::new();
+            for a in st.store.list_aliases(&f)? {
+                match a.routes {
+                    Some(routes) => numbers.extend(routes.iter().map(|r| r.revision)),
+                    None => numbers.push(a.revision),
+                }
+            }
+            Some(numbers)
+        } else {
+            None
+        };
         let res = st.store.resolve_routes(&f, qual.as_deref())?;
         let mut revisions = Vec::with_capacity(res.routes.len());
         let mut routes = Vec::with_capacity(res.routes.len());
@@ -168,14 +185,25 @@ async fn load(
             });
             revisions.push(prepare(&st, rec)?);
         }
-        Ok(Resolved {
-            enabled: res.enabled,
-            revisions: revisions.into(),
-            routes: routes.into(),
-            turns: Arc::default(),
-        })
+        Ok((
+            Resolved {
+                enabled: res.enabled,
+                revisions: revisions.into(),
+                routes: routes.into(),
+                turns: Arc::default(),
+            },
+            routed,
+        ))
     })
     .await?;
+    if let Some(numbers) = routed {
+        let revs: &[Arc<Revision>] = if resolved.enabled {
+            &resolved.revisions
+        } else {
+            &[]
+        };
+        state.scheduler.set_routed(function, &numbers, revs);
+    }
     let mut inner = state.revisions.inner.write();
     if inner.generation == generation {
         inner
@@ -188,7 +216,10 @@ async fn load(
 }
 
 /// Unpacks a revision's code and resolves its secrets into a launchable [`Revision`].
-fn prepare(st: &AppState, rec: skiff_store::RevisionRecord) -> Result<Arc<Revision>, ApiError> {
+pub(crate) fn prepare(
+    st: &AppState,
+    rec: skiff_store::RevisionRecord,
+) -> Result<Arc<Revision>, ApiError> {
     // A revision that cannot run here (publish blockers other than `not_public`) is refused
     // before anything is unpacked or started.
     let blockers = skiff_core::publish::blockers(&rec.spec);

@@ -3,25 +3,76 @@
 //! `scale.idle` (scale to zero), and timeouts. A timed-out, crashed or out-of-memory instance
 //! is stopped and never reused. A streamed response keeps its instance busy until the stream
 //! ends, under the same timeout. Nothing above the scheduler knows which tier runs a revision.
+//!
+//! Execution modes (`mode:` in function.yaml): `warm` (the default, above; with
+//! [`SchedulerConfig::warm_pool_size`] routed revisions keep that many instances started),
+//! `ephemeral` (a fresh instance per invocation), `persistent` (one instance per function,
+//! never stopped for idleness, with a workspace directory that outlives it),
+//! `checkpointed` (every instance is restored from a snapshot taken right after the
+//! revision's first instance initialised) and `branched` (every invocation runs in a fresh
+//! copy restored from that snapshot). Snapshots of running instances and the branches forked
+//! from them live in [`branches`].
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use skiff_core::launch::{self, LaunchInfo};
 use skiff_core::protocol::{ExecMode, Invoke};
 use skiff_core::{
-    ErrorKind, FunctionError, FunctionSpec, Invocation, InvokeOutput, Outcome, ResponseStream,
-    StreamError, StreamSender,
+    ErrorKind, FunctionError, FunctionSpec, Invocation, InvokeOutput, Mode, Outcome,
+    ResponseStream, SandboxKind, StreamError, StreamSender,
 };
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, Sandbox, SandboxError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
+pub mod branches;
 mod metrics;
+pub use branches::{BranchInfo, SnapshotTaken};
 pub use metrics::Metrics;
+
+/// Errors of the scheduler's snapshot and branch operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    /// Nothing of the function is running that could be snapshotted.
+    #[error(
+        "function `{function}` has no running instance to snapshot (invoke it first; \
+         ephemeral and branched functions keep none running)"
+    )]
+    NoInstance { function: String },
+    /// No branch has this id (never existed, deleted, or stopped after failing).
+    #[error("branch `{0}` not found")]
+    BranchNotFound(String),
+    /// Too many branches are running on this server.
+    #[error("{running} branches are running, the most this server holds ({max}); delete some")]
+    TooManyBranches { running: usize, max: usize },
+    /// The function's sandbox tier cannot take or restore snapshots.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The tier failed to checkpoint or restore.
+    #[error("{0}")]
+    Sandbox(SandboxError),
+    /// An invocation of a branch did not complete (timeout, crash, throttled...).
+    #[error("{}", .0.message)]
+    Invoke(Outcome),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<SandboxError> for SchedError {
+    fn from(e: SandboxError) -> SchedError {
+        match e {
+            SandboxError::Unsupported(m) => SchedError::Unsupported(m),
+            e => SchedError::Sandbox(e),
+        }
+    }
+}
+
+/// The uid functions run as inside process sandboxes; owns persistent workspaces.
+pub const SANDBOX_UID: u32 = 10001;
 
 /// A deployed revision, ready to launch: spec, code location and resolved environment.
 #[derive(Debug)]
@@ -172,7 +223,26 @@ struct Pool {
     state: Mutex<PoolState>,
     freed: Notify,
     stops: Arc<Stops>,
+    /// `checkpointed`/`branched`: the revision's snapshot image, built once (others wait).
+    template: tokio::sync::Mutex<Template>,
+    /// An alias routes to this revision: a warm one keeps `warm_pool_size` instances started.
+    routed: AtomicBool,
+    /// When starting a pre-warmed instance last failed (top-ups pause for a while).
+    topup_failed: Mutex<Option<Instant>>,
 }
+
+/// The snapshot image a `checkpointed`/`branched` revision restores its instances from.
+#[derive(Default)]
+struct Template {
+    /// The complete image directory, once known to exist.
+    image: Option<PathBuf>,
+    /// An instance was restored from it by this process (an image left by an earlier run
+    /// that fails to restore is rebuilt once).
+    verified: bool,
+}
+
+/// How long top-ups of a warm pool pause after an instance failed to start.
+const TOPUP_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Instance stops running in the background, so shutdown can wait for them.
 #[derive(Default)]
@@ -212,8 +282,8 @@ struct Lease {
 }
 
 impl Pool {
-    /// In-flight invocations one instance may take; 0 for ephemeral revisions, whose
-    /// instances serve exactly the invocation that started them.
+    /// In-flight invocations one instance may take; 0 for ephemeral (and branched)
+    /// revisions, whose instances serve exactly the invocation that started them.
     fn capacity_per_instance(&self) -> u32 {
         if self.ephemeral() {
             0
@@ -222,8 +292,91 @@ impl Pool {
         }
     }
 
+    /// One instance per invocation, stopped after it: `ephemeral`, and `branched` (each
+    /// invocation a fresh copy of the snapshot).
     fn ephemeral(&self) -> bool {
-        self.rev.spec.mode == skiff_core::Mode::Ephemeral
+        matches!(self.rev.spec.mode, Mode::Ephemeral | Mode::Branched)
+    }
+
+    fn persistent(&self) -> bool {
+        self.rev.spec.mode == Mode::Persistent
+    }
+
+    /// Instances this revision may have at once: one for `persistent`, else `scale.max`.
+    fn max_instances(&self) -> u32 {
+        if self.persistent() {
+            1
+        } else {
+            self.rev.spec.scale.max
+        }
+    }
+
+    /// Instances kept through idle expiry: `scale.min`, or for a routed `warm` revision at
+    /// least `warm_pool_size` (never more than `scale.max`).
+    fn keep(&self, warm_pool_size: u32) -> u32 {
+        let min = self.rev.spec.scale.min;
+        if self.rev.spec.mode == Mode::Warm && self.routed.load(Ordering::Relaxed) {
+            min.max(warm_pool_size).min(self.rev.spec.scale.max)
+        } else {
+            min
+        }
+    }
+
+    /// Reserves starts for the instances a routed warm pool lacks (up to `target`); returns
+    /// how many to start and the generation they start under.
+    fn reserve_topup(&self, target: u32, now: Instant) -> (u32, u64) {
+        if self
+            .topup_failed
+            .lock()
+            .is_some_and(|t| now.duration_since(t) < TOPUP_BACKOFF)
+        {
+            return (0, 0);
+        }
+        let mut st = self.state.lock();
+        let live = st
+            .slots
+            .iter()
+            .filter(|s| !s.retiring && s.inst.is_alive())
+            .count() as u32;
+        let n = target.saturating_sub(live + st.starting);
+        st.starting += n;
+        (n, st.generation)
+    }
+
+    /// Adds a pre-started instance (reserved with [`Pool::reserve_topup`]) as idle.
+    fn add_idle(&self, started: Result<Arc<dyn Instance>, SandboxError>, generation: u64) {
+        let mut st = self.state.lock();
+        st.starting -= 1;
+        match started {
+            Ok(inst) => {
+                let now = Instant::now();
+                let retiring = generation != st.generation;
+                if retiring {
+                    drop(st);
+                    self.stops.spawn(inst);
+                    return;
+                }
+                st.slots.push(Slot {
+                    inst,
+                    in_flight: 0,
+                    served: 0,
+                    created: now,
+                    last_used: now,
+                    retiring: false,
+                });
+            }
+            Err(e) => {
+                drop(st);
+                *self.topup_failed.lock() = Some(Instant::now());
+                tracing::warn!(
+                    function = %self.rev.function,
+                    revision = self.rev.number,
+                    error = %e,
+                    "could not pre-start a warm instance"
+                );
+            }
+        }
+        self.freed.notify_one();
     }
 
     /// Takes a warm instance with spare concurrency, or starts one, or waits for capacity.
@@ -252,7 +405,7 @@ impl Pool {
                 }
                 // Retiring instances do not count: a restart must not wait for them.
                 let live = st.slots.iter().filter(|s| !s.retiring).count() as u32;
-                if live + st.starting < self.rev.spec.scale.max {
+                if live + st.starting < self.max_instances() {
                     st.starting += 1;
                     Some(st.generation)
                 } else {
@@ -261,7 +414,7 @@ impl Pool {
             };
             if let Some(generation) = start_new {
                 let t0 = Instant::now();
-                let started = sched.start_instance(&self.rev).await;
+                let started = sched.start_instance(self).await;
                 let mut st = self.state.lock();
                 st.starting -= 1;
                 return match started {
@@ -302,10 +455,18 @@ impl Pool {
                 return Err(outcome(
                     &self.rev,
                     ErrorKind::Throttled,
-                    format!(
-                        "all {} instances of {} are busy (scale.max reached)",
-                        self.rev.spec.scale.max, self.rev.function
-                    ),
+                    if self.persistent() {
+                        format!(
+                            "the persistent instance of {} is busy (all {} of its concurrency \
+                             slots)",
+                            self.rev.function, self.rev.spec.concurrency
+                        )
+                    } else {
+                        format!(
+                            "all {} instances of {} are busy (scale.max reached)",
+                            self.rev.spec.scale.max, self.rev.function
+                        )
+                    },
                     String::new(),
                     false,
                 ));
@@ -337,18 +498,22 @@ impl Pool {
         self.freed.notify_one();
     }
 
-    /// Removes instances idle past `scale.idle` (keeping `scale.min`) and dead ones.
-    fn expire(&self, now: Instant) -> Vec<Arc<dyn Instance>> {
+    /// Removes instances idle past `scale.idle` (keeping [`Pool::keep`]; a `persistent`
+    /// instance is never idle-expired) and dead ones.
+    fn expire(&self, now: Instant, warm_pool_size: u32) -> Vec<Arc<dyn Instance>> {
+        let keep = self.keep(warm_pool_size) as usize;
+        let persistent = self.persistent();
         let mut st = self.state.lock();
         let idle = self.rev.spec.scale.idle;
-        let min = self.rev.spec.scale.min as usize;
         let mut out = Vec::new();
         let mut i = 0;
         while i < st.slots.len() {
             let s = &st.slots[i];
             let dead = !s.inst.is_alive() && s.in_flight == 0;
-            let expired =
-                s.in_flight == 0 && now.duration_since(s.last_used) >= idle && st.slots.len() > min;
+            let expired = !persistent
+                && s.in_flight == 0
+                && now.duration_since(s.last_used) >= idle
+                && st.slots.len() > keep;
             if dead || expired {
                 out.push(st.slots.swap_remove(i).inst);
             } else {
@@ -450,7 +615,7 @@ const STREAM_BUFFER: usize = 16;
 /// rest to be drained (the instance is reused only after its stream ended); past the deadline
 /// the caller gets a `Sandbox.Timedout` error and the instance is stopped.
 async fn forward_stream(
-    pool: Arc<Pool>,
+    owner: Owner,
     inst: Arc<dyn Instance>,
     mut from: ResponseStream,
     to: StreamSender,
@@ -483,7 +648,23 @@ async fn forward_stream(
             });
         }
     }
-    pool.release(&inst, timed_out);
+    owner.release(&inst, timed_out);
+}
+
+/// Where an instance goes back after an invocation: its revision's pool, or the branch it is.
+#[derive(Clone)]
+enum Owner {
+    Pool(Arc<Pool>),
+    Branch(Arc<branches::Branch>),
+}
+
+impl Owner {
+    fn release(&self, inst: &Arc<dyn Instance>, broken: bool) {
+        match self {
+            Owner::Pool(p) => p.release(inst, broken),
+            Owner::Branch(b) => b.release(broken),
+        }
+    }
 }
 
 /// Scheduler settings.
@@ -493,6 +674,16 @@ pub struct SchedulerConfig {
     pub workspace: String,
     /// How often idle instances are looked for.
     pub reap_interval: Duration,
+    /// The server's data directory: `persistent` workspaces live in
+    /// `workspaces/<workspace>/<function>`, `checkpointed`/`branched` revision snapshots in
+    /// `snapshots/rev/<workspace>-<function>-<revision>`. `None`: those modes cannot start.
+    pub data_dir: Option<PathBuf>,
+    /// Instances kept started for each `warm` revision an alias routes to (`FAAS_WARM_POOL_SIZE`),
+    /// capped by its `scale.max`; 0 = start on demand only.
+    pub warm_pool_size: u32,
+    /// The tier of functions whose function.yaml does not say `sandbox:` (`FAAS_RUNTIME`);
+    /// applied by the gateway when a revision is deployed.
+    pub default_sandbox: SandboxKind,
 }
 
 impl Default for SchedulerConfig {
@@ -500,6 +691,9 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             workspace: "default".into(),
             reap_interval: Duration::from_millis(250),
+            data_dir: None,
+            warm_pool_size: 0,
+            default_sandbox: SandboxKind::Native,
         }
     }
 }
@@ -508,6 +702,7 @@ impl Default for SchedulerConfig {
 pub struct Scheduler {
     sandbox: Arc<dyn Sandbox>,
     pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
+    branches: branches::Branches,
     stops: Arc<Stops>,
     next_instance: AtomicU64,
     epoch: u64,
@@ -525,6 +720,7 @@ impl Scheduler {
         let s = Arc::new(Scheduler {
             sandbox,
             pools: Mutex::new(HashMap::new()),
+            branches: branches::Branches::default(),
             stops: Arc::default(),
             next_instance: AtomicU64::new(1),
             epoch,
@@ -540,6 +736,7 @@ impl Scheduler {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { break };
                 s.reap(Instant::now()).await;
+                drop(s);
             }
         });
         s
@@ -582,10 +779,52 @@ impl Scheduler {
         &self.config.workspace
     }
 
-    async fn start_instance(&self, rev: &Revision) -> Result<Arc<dyn Instance>, SandboxError> {
+    /// The tier of functions that do not choose one (`FAAS_RUNTIME`).
+    pub fn default_sandbox(&self) -> SandboxKind {
+        self.config.default_sandbox
+    }
+
+    /// The directory a `persistent` function's instance has at `/workspace`.
+    pub fn workspace_dir(&self, function: &str) -> Option<PathBuf> {
+        self.config.data_dir.as_ref().map(|d| {
+            d.join("workspaces")
+                .join(&self.config.workspace)
+                .join(function)
+        })
+    }
+
+    /// Where a `checkpointed`/`branched` revision's snapshot image lives.
+    fn template_dir(&self, rev: &Revision) -> Result<PathBuf, SandboxError> {
+        let data = self.config.data_dir.as_ref().ok_or_else(|| {
+            SandboxError::Start(format!(
+                "mode: `{}` needs the server's data directory for its snapshot",
+                rev.spec.mode
+            ))
+        })?;
+        Ok(data.join("snapshots/rev").join(format!(
+            "{}-{}-{}",
+            self.config.workspace, rev.function, rev.number
+        )))
+    }
+
+    /// What the tier needs to start (or restore) an instance of `rev`. A `persistent`
+    /// function gets its workspace directory, created and owned by the sandbox uid.
+    fn instance_spec(&self, rev: &Revision, tag: &str) -> Result<InstanceSpec, SandboxError> {
         let n = self.next_instance.fetch_add(1, Ordering::Relaxed);
-        let spec = InstanceSpec {
-            instance_id: format!("{}-{}-{:x}-{n}", rev.function, rev.number, self.epoch),
+        let workspace = if rev.spec.mode == Mode::Persistent {
+            let dir = self.workspace_dir(&rev.function).ok_or_else(|| {
+                SandboxError::Start(
+                    "mode: `persistent` needs the server's data directory for the workspace".into(),
+                )
+            })?;
+            std::fs::create_dir_all(&dir)?;
+            std::os::unix::fs::chown(&dir, Some(SANDBOX_UID), Some(SANDBOX_UID))?;
+            Some(dir)
+        } else {
+            None
+        };
+        Ok(InstanceSpec {
+            instance_id: format!("{}-{}-{:x}-{tag}{n}", rev.function, rev.number, self.epoch),
             function: rev.function.clone(),
             revision: rev.number,
             spec: rev.spec.clone(),
@@ -594,13 +833,116 @@ impl Scheduler {
             exec_mode: rev.exec_mode,
             argv: rev.argv.clone(),
             rootfs: rev.rootfs.clone(),
-            workspace: None,
+            workspace,
+        })
+    }
+
+    /// Starts an instance for `pool` as its revision's mode says: restored from the
+    /// revision's snapshot (`checkpointed`, `branched`), or started fresh (with the workspace
+    /// for `persistent`, after retiring the instances of the function's other revisions).
+    async fn start_instance(&self, pool: &Pool) -> Result<Arc<dyn Instance>, SandboxError> {
+        let rev = &pool.rev;
+        let inst = match rev.spec.mode {
+            Mode::Checkpointed | Mode::Branched => self.restore_from_template(pool).await?,
+            mode => {
+                if mode == Mode::Persistent {
+                    // One instance per function: an older revision's gives way.
+                    for other in self.function_pools(&rev.function) {
+                        if other.rev.number != rev.number {
+                            other.replace(true);
+                        }
+                    }
+                }
+                self.sandbox.start(self.instance_spec(rev, "")?).await?
+            }
         };
-        let inst = self.sandbox.start(spec).await?;
         self.metrics
             .instances_started
             .fetch_add(1, Ordering::Relaxed);
         Ok(inst)
+    }
+
+    /// Restores an instance of a `checkpointed`/`branched` revision from its snapshot,
+    /// building the snapshot first if there is none. An image left by an earlier server run
+    /// that does not restore is rebuilt once.
+    async fn restore_from_template(&self, pool: &Pool) -> Result<Arc<dyn Instance>, SandboxError> {
+        let rev = &pool.rev;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (image, verified) = self.template(pool).await?;
+            match self
+                .sandbox
+                .restore(self.instance_spec(rev, "")?, &image)
+                .await
+            {
+                Ok(inst) => {
+                    pool.template.lock().await.verified = true;
+                    return Ok(inst);
+                }
+                Err(e @ SandboxError::Unsupported(_)) => return Err(e),
+                Err(e) if verified || attempt > 1 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        function = %rev.function,
+                        revision = rev.number,
+                        error = %e,
+                        "snapshot image does not restore; building it again"
+                    );
+                    let mut t = pool.template.lock().await;
+                    if t.image.as_deref() == Some(image.as_path()) && !t.verified {
+                        t.image = None;
+                        let _ = std::fs::remove_dir_all(&image);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The revision's snapshot image (and whether this process restored from it already),
+    /// built now if missing: one build at a time per revision, concurrent cold starts wait.
+    async fn template(&self, pool: &Pool) -> Result<(PathBuf, bool), SandboxError> {
+        let rev = &pool.rev;
+        let mut t = pool.template.lock().await;
+        if let Some(image) = &t.image {
+            return Ok((image.clone(), t.verified));
+        }
+        let image = self.template_dir(rev)?;
+        if image.is_dir() {
+            t.image = Some(image.clone());
+            return Ok((image, false));
+        }
+        let partial = image.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)?;
+        let built = async {
+            let inst = self.sandbox.start(self.instance_spec(rev, "tpl-")?).await?;
+            // Before it serves anything: every restored copy starts from the state right
+            // after the function's initialisation.
+            let r = inst.checkpoint(&partial, rev.spec.timeout, false).await;
+            inst.stop().await;
+            r
+        }
+        .await;
+        if let Err(e) = built {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(match e {
+                SandboxError::Unsupported(m) => SandboxError::Unsupported(format!(
+                    "mode: `{}` needs a sandbox tier that takes snapshots (sandbox: gvisor): {m}",
+                    rev.spec.mode
+                )),
+                e => e,
+            });
+        }
+        std::fs::rename(&partial, &image)?;
+        tracing::info!(
+            function = %rev.function,
+            revision = rev.number,
+            image = %image.display(),
+            "built revision snapshot"
+        );
+        t.image = Some(image.clone());
+        Ok((image, true))
     }
 
     fn pool(&self, rev: &Arc<Revision>) -> Arc<Pool> {
@@ -614,6 +956,9 @@ impl Scheduler {
                     state: Mutex::default(),
                     freed: Notify::new(),
                     stops: self.stops.clone(),
+                    template: Default::default(),
+                    routed: AtomicBool::new(false),
+                    topup_failed: Mutex::new(None),
                 })
             })
             .clone()
@@ -667,6 +1012,20 @@ impl Scheduler {
         let timeout = timeout.map_or(rev.spec.timeout, |t| t.min(rev.spec.timeout));
         let pool = self.pool(rev);
         let lease = self.acquire(&pool, wait_for_capacity, timeout).await?;
+        self.run_lease(rev, Owner::Pool(pool), lease, inv, timeout)
+            .await
+    }
+
+    /// Runs `inv` on a leased instance under `timeout`, then gives the instance back to
+    /// `owner` (stopping it when it timed out or broke).
+    async fn run_lease(
+        &self,
+        rev: &Revision,
+        owner: Owner,
+        lease: Lease,
+        inv: Invocation,
+        timeout: Duration,
+    ) -> Result<InvokeOutput, Outcome> {
         let started = Instant::now();
         let deadline = started + timeout;
         let deadline_ms = SystemTime::now()
@@ -691,7 +1050,7 @@ impl Scheduler {
         let duration = started.elapsed();
         let res = match result {
             Err(_) => {
-                pool.release(&lease.inst, true);
+                owner.release(&lease.inst, true);
                 Err(outcome(
                     rev,
                     ErrorKind::Timeout,
@@ -701,7 +1060,7 @@ impl Scheduler {
                 ))
             }
             Ok(Err(e)) => {
-                pool.release(&lease.inst, true);
+                owner.release(&lease.inst, true);
                 let kind = match e {
                     SandboxError::OutOfMemory { .. } => ErrorKind::OutOfMemory,
                     _ => ErrorKind::Crashed,
@@ -719,7 +1078,7 @@ impl Scheduler {
                     let (tx, to) =
                         ResponseStream::channel(STREAM_BUFFER, from.content_type.clone());
                     tokio::spawn(forward_stream(
-                        pool.clone(),
+                        owner.clone(),
                         lease.inst.clone(),
                         from,
                         tx,
@@ -729,7 +1088,7 @@ impl Scheduler {
                     to
                 });
                 if stream.is_none() {
-                    pool.release(&lease.inst, false);
+                    owner.release(&lease.inst, false);
                 }
                 let function_error = r.error_type.map(|reported_as| {
                     let (error_type, message) = error_details(&r.body);
@@ -792,33 +1151,111 @@ impl Scheduler {
         }
     }
 
-    /// Stops idle-expired and dead instances.
-    async fn reap(&self, now: Instant) {
+    /// Stops idle-expired and dead instances (and branches), and tops up routed warm pools.
+    async fn reap(self: &Arc<Self>, now: Instant) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
         let mut victims = Vec::new();
         for p in &pools {
-            victims.extend(p.expire(now));
+            victims.extend(p.expire(now, self.config.warm_pool_size));
         }
+        victims.extend(self.branches.expire(now));
         for v in victims {
             v.stop().await;
         }
-        // Forget empty pools of revisions nobody invokes.
+        for p in &pools {
+            self.top_up(p, now);
+        }
+        // Forget empty pools of revisions nobody invokes or routes to.
         self.pools.lock().retain(|_, p| {
             let st = p.state.lock();
-            !st.slots.is_empty() || st.starting > 0 || Arc::strong_count(p) > 1
+            !st.slots.is_empty()
+                || st.starting > 0
+                || Arc::strong_count(p) > 1
+                || p.routed.load(Ordering::Relaxed)
         });
     }
 
-    /// Stops every instance of a function (all revisions), e.g. when it is deleted.
+    /// Starts, in the background, the instances a routed warm pool lacks to have
+    /// `warm_pool_size` (see [`Scheduler::set_routed`]).
+    fn top_up(self: &Arc<Self>, pool: &Arc<Pool>, now: Instant) {
+        if self.config.warm_pool_size == 0
+            || pool.rev.spec.mode != Mode::Warm
+            || !pool.routed.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let (n, generation) = pool.reserve_topup(pool.keep(self.config.warm_pool_size), now);
+        for _ in 0..n {
+            let (me, pool) = (self.clone(), pool.clone());
+            tokio::spawn(async move {
+                let started = me.start_instance(&pool).await;
+                pool.add_idle(started, generation);
+            });
+        }
+    }
+
+    /// Says which revisions of `function` aliases route to (`numbers`; the gateway calls it
+    /// whenever it resolves an alias of the function, with the resolved revisions as `revs`).
+    /// With [`SchedulerConfig::warm_pool_size`] > 0, each routed `warm` revision gets that many
+    /// instances started now and kept through idle expiry; revisions no longer routed fall
+    /// back to `scale.min`.
+    pub fn set_routed(self: &Arc<Self>, function: &str, numbers: &[u32], revs: &[Arc<Revision>]) {
+        for p in self.function_pools(function) {
+            if !numbers.contains(&p.rev.number) {
+                p.routed.store(false, Ordering::Relaxed);
+            }
+        }
+        if self.config.warm_pool_size == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for rev in revs
+            .iter()
+            .filter(|r| r.spec.mode == Mode::Warm && numbers.contains(&r.number))
+        {
+            let pool = self.pool(rev);
+            pool.routed.store(true, Ordering::Relaxed);
+            self.top_up(&pool, now);
+        }
+    }
+
+    /// Instances kept started per routed warm revision (`FAAS_WARM_POOL_SIZE`).
+    pub fn warm_pool_size(&self) -> u32 {
+        self.config.warm_pool_size
+    }
+
+    /// Stops every instance and branch of a function (all revisions), e.g. when it is
+    /// deleted, and removes its `persistent` workspace and revision snapshots.
     pub async fn remove_function(&self, name: &str) {
         let pools: Vec<Arc<Pool>> = {
             let mut map = self.pools.lock();
             let keys: Vec<_> = map.keys().filter(|(f, _)| f == name).cloned().collect();
             keys.into_iter().filter_map(|k| map.remove(&k)).collect()
         };
-        for p in pools {
+        for p in &pools {
             for inst in p.drain() {
                 inst.stop().await;
+            }
+        }
+        for b in self.branches.remove_where(|b| b.rev.function == name) {
+            b.inst.stop().await;
+        }
+        if let Some(dir) = self.workspace_dir(name) {
+            remove_dir_logged(&dir);
+        }
+        // Revision snapshots are named `<workspace>-<function>-<revision>`; function names
+        // may contain `-`, so match the revision part exactly.
+        if let Some(data) = &self.config.data_dir {
+            let prefix = format!("{}-{name}-", self.config.workspace);
+            if let Ok(entries) = std::fs::read_dir(data.join("snapshots/rev")) {
+                for e in entries.flatten() {
+                    let file = e.file_name().to_string_lossy().into_owned();
+                    let rest = file.strip_prefix(&prefix).unwrap_or("");
+                    let number = rest.strip_suffix(".partial").unwrap_or(rest);
+                    if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) {
+                        remove_dir_logged(&e.path());
+                    }
+                }
             }
         }
     }
@@ -853,13 +1290,16 @@ impl Scheduler {
             .sum()
     }
 
-    /// Stops every instance and releases what the tier holds (server shutdown).
+    /// Stops every instance and branch and releases what the tier holds (server shutdown).
     pub async fn shutdown(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().drain().map(|(_, p)| p).collect();
         for p in pools {
             for inst in p.drain() {
                 inst.stop().await;
             }
+        }
+        for b in self.branches.remove_where(|_| true) {
+            b.inst.stop().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.stops.wait()).await;
         self.sandbox.shutdown().await;
@@ -928,6 +1368,15 @@ impl Drop for InstanceLease {
     fn drop(&mut self) {
         self.pool
             .release(&self.inst, self.broken.load(Ordering::Acquire));
+    }
+}
+
+/// Removes a directory tree, logging (not failing on) errors other than its absence.
+fn remove_dir_logged(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove directory");
+        }
     }
 }
 

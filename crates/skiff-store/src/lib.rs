@@ -17,6 +17,7 @@ mod artifacts;
 mod error;
 mod queue;
 mod schema;
+mod snapshots;
 mod writer;
 
 pub use aliases::{AliasHistoryEntry, AliasTarget, Resolution};
@@ -24,6 +25,7 @@ pub use artifacts::{valid_sha256, PackageInfo, MAX_ENTRIES, MAX_UNPACKED_BYTES};
 pub use error::StoreError;
 pub use queue::{EventCounts, EventRecord, EventState, NewEvent};
 pub use schema::SCHEMA_VERSION;
+pub use snapshots::{valid_snapshot_id, SnapshotRecord};
 
 use error::io_at;
 use parking_lot::Mutex;
@@ -450,6 +452,7 @@ impl Store {
         tx.execute("DELETE FROM invocations WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM logs WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM events WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM snapshots WHERE function = ?1", [name])?;
         tx.commit()?;
         Ok((n > 0).then_some(packages))
     }

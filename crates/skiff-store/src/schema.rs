@@ -111,6 +111,19 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO alias_history (function, alias, revision, routes, changed_at_ms)
         SELECT function, name, revision, NULL, updated_at_ms FROM aliases;
     "#,
+    // 3 -> 4: snapshots of running instances (see `snapshots.rs`); the image is a directory
+    // `<data>/snapshots/<id>/`.
+    r#"
+    CREATE TABLE snapshots (
+        id            TEXT PRIMARY KEY NOT NULL,
+        function      TEXT NOT NULL,
+        revision      INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        size_bytes    INTEGER NOT NULL,
+        FOREIGN KEY (function, revision) REFERENCES revisions(function, number) ON DELETE CASCADE
+    );
+    CREATE INDEX snapshots_by_function ON snapshots(function, created_at_ms);
+    "#,
 ];
 
 /// The schema version this build writes.

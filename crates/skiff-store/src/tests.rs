@@ -1097,7 +1097,7 @@ fn migration_seeds_alias_history() {
         // Pretend the database predates migration 3.
         let conn = store.inner.conn.lock();
         conn.execute_batch(
-            "DROP TABLE alias_history; ALTER TABLE aliases DROP COLUMN routes; PRAGMA user_version = 2;",
+            "DROP TABLE snapshots; DROP TABLE alias_history; ALTER TABLE aliases DROP COLUMN routes; PRAGMA user_version = 2;",
         )
         .unwrap();
     }
@@ -1144,4 +1144,58 @@ fn deleting_a_function_removes_only_unshared_packages() {
         0
     );
     assert!(store.package_path(&pending).exists());
+}
+
+#[test]
+fn snapshots_rows_follow_their_revision() {
+    let (_d, store) = open();
+    deploy(&store, "f", true);
+    deploy(&store, "g", true);
+    // The revision must exist.
+    assert!(store
+        .insert_snapshot("snap-x", "f", 9, 10)
+        .unwrap_err()
+        .is_not_found());
+    // Ids become directory names: nothing that could leave `snapshots/`.
+    for bad in ["", "../x", "A", "a/b", &"a".repeat(65)] {
+        assert!(matches!(
+            store.insert_snapshot(bad, "f", 1, 1),
+            Err(StoreError::Invalid { ref field, .. }) if field == "id"
+        ));
+        assert!(store.snapshot_dir(bad).is_err());
+    }
+    let a = store.insert_snapshot("snap-a", "f", 1, 4096).unwrap();
+    assert_eq!(
+        (a.function.as_str(), a.revision, a.size_bytes),
+        ("f", 1, 4096)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    store.insert_snapshot("snap-b", "g", 1, 1).unwrap();
+    assert!(matches!(
+        store.insert_snapshot("snap-a", "f", 1, 1),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.get_snapshot("snap-a").unwrap(), Some(a.clone()));
+    let all: Vec<String> = store
+        .list_snapshots(None)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(all, ["snap-b", "snap-a"], "newest first");
+    assert_eq!(store.list_snapshots(Some("f")).unwrap(), vec![a.clone()]);
+
+    // Deleting removes the row and the image directory.
+    let dir = store.snapshot_dir("snap-a").unwrap();
+    assert!(dir.ends_with("snapshots/snap-a"));
+    std::fs::create_dir_all(dir.join("inner")).unwrap();
+    std::fs::write(dir.join("inner/pages"), b"x").unwrap();
+    assert_eq!(store.delete_snapshot("snap-a").unwrap(), Some(a));
+    assert!(!dir.exists());
+    assert_eq!(store.get_snapshot("snap-a").unwrap(), None);
+    assert_eq!(store.delete_snapshot("snap-a").unwrap(), None);
+
+    // Deleting the function deletes its snapshot rows.
+    assert!(store.delete_function("g").unwrap());
+    assert!(store.list_snapshots(None).unwrap().is_empty());
 }

@@ -85,12 +85,12 @@ fn publish_blockers_refuse_promotion_and_say_why() {
         ("fx-web", "runtime: http\n", "missing_command"),
         (
             "fx-gv",
-            "runtime: command\nhandler: cat\nsandbox: gvisor\n",
+            "runtime: command\nhandler: cat\nsandbox: microvm\n",
             "missing_runtime",
         ),
         (
             "fx-pers",
-            "runtime: python3\nmode: persistent\n",
+            "runtime: python3\nmode: checkpointed\n",
             "manual_runtime",
         ),
     ];
