@@ -243,18 +243,25 @@ pub async fn upload_revision(
     .await?;
     let (spec, sha, code_dir, size) = rev;
     // The tier checks (and, for compiled runtimes, compiles ahead of time) the code before a
-    // revision of it exists, so broken code is a 400 here, not a 502 on every request.
-    state
-        .scheduler
-        .check_code(&spec, &code_dir)
-        .await
-        .map_err(|e| {
-            let what = match &e {
-                skiff_sandbox::SandboxError::Crashed { message, .. } => message.clone(),
-                other => other.to_string(),
-            };
-            ApiError::bad_request(format!("handler: {what}")).with("field", "handler")
-        })?;
+    // revision of it exists, so broken code is a 400 here, not a 502 on every request. A
+    // revision that cannot start on this server (its tier or mode is not offered: stored
+    // with promote=false to wait) is not checked: its tier may be missing.
+    let startable = skiff_core::publish::blockers(&spec)
+        .iter()
+        .all(|b| b.allows_invoke());
+    if startable {
+        state
+            .scheduler
+            .check_code(&spec, &code_dir)
+            .await
+            .map_err(|e| {
+                let what = match &e {
+                    skiff_sandbox::SandboxError::Crashed { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                ApiError::bad_request(format!("handler: {what}")).with("field", "handler")
+            })?;
+    }
     let st = state.clone();
     let rev = blocking(move || Ok(st.store.create_revision(&spec, &sha, size, promote)?)).await?;
     state.revisions.invalidate(&name);

@@ -338,3 +338,27 @@ pub fn wasm_function(name: &str, guest: &Path, handler: &str, yaml: &str) -> tem
     std::fs::copy(guest, dir.path().join(handler)).unwrap();
     dir
 }
+
+/// Whether gVisor's `runsc` is on PATH (the gVisor tier's tests are skipped without it).
+pub fn runsc_on_path() -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.join("runsc"))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// A python3 function directory: `function.yaml` = `name`, `runtime: python3`,
+/// `handler: main.handler` plus `yaml`; `main.py` = `code`.
+pub fn python_function(name: &str, yaml: &str, code: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("function.yaml"),
+        format!("name: {name}\nruntime: python3\nhandler: main.handler\n{yaml}"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("main.py"), code).unwrap();
+    dir
+}

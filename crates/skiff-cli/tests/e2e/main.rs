@@ -10,6 +10,7 @@ mod http_trigger;
 mod js_tier;
 mod lambda_api;
 mod lambda_runtime;
+mod modes;
 mod publish;
 mod routing;
 mod runtime_ops;
