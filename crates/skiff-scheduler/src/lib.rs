@@ -1405,3 +1405,6 @@ fn error_details(body: &[u8]) -> (Option<String>, String) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests;
