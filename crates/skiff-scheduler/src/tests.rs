@@ -288,7 +288,7 @@ async fn persistent_has_one_instance_with_its_workspace_and_is_never_idle_reaped
     );
     assert!(ws.is_dir());
     // Routed or not, a persistent revision has no warm pool and is not reaped when idle.
-    sched.set_routed("f", &[1], &[r.clone()]);
+    sched.set_routed("f", &[1], std::slice::from_ref(&r));
     sched.reap(Instant::now() + Duration::from_secs(3600)).await;
     assert_eq!(sched.instances("f").len(), 1);
     assert_eq!(fake.count("start "), 1);
@@ -311,7 +311,7 @@ async fn persistent_has_one_instance_with_its_workspace_and_is_never_idle_reaped
 async fn warm_pool_fills_routed_revisions_and_keeps_them_through_idle_expiry() {
     let Setup { sched, fake, .. } = setup(Fake::default(), 2);
     let r1 = rev(1, "scale: {idle: 1s}\n");
-    sched.set_routed("f", &[1], &[r1.clone()]);
+    sched.set_routed("f", &[1], std::slice::from_ref(&r1));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fake.count("start "), 2, "pre-started when routed");
     let (_, cold) = instance_of(&sched, &r1).await;
@@ -327,7 +327,7 @@ async fn warm_pool_fills_routed_revisions_and_keeps_them_through_idle_expiry() {
     assert_eq!(fake.count("start "), 4);
     // Once no alias routes to it, it shrinks to scale.min (0)...
     let r2 = rev(2, "scale: {idle: 1s}\n");
-    sched.set_routed("f", &[2], &[r2.clone()]);
+    sched.set_routed("f", &[2], std::slice::from_ref(&r2));
     tokio::time::sleep(Duration::from_millis(100)).await;
     sched.reap(Instant::now() + Duration::from_secs(60)).await;
     let revs: Vec<u32> = sched.instances("f").iter().map(|i| i.revision).collect();
