@@ -263,6 +263,8 @@ pub async fn invoke_branch(
         .scheduler
         .branch(&id)
         .ok_or_else(|| branch_not_found(&id))?;
+    // A disabled function's branches answer 503 like every other way in (cached lookup).
+    crate::revisions::resolve(&state, &info.function, Some(&info.revision.to_string())).await?;
     let payload = read_payload(&headers, body).await?;
     let request_id = crate::exec::request_id();
     let inv = Invocation {

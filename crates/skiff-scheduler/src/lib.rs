@@ -343,15 +343,21 @@ impl Pool {
         (n, st.generation)
     }
 
-    /// Adds a pre-started instance (reserved with [`Pool::reserve_topup`]) as idle.
-    fn add_idle(&self, started: Result<Arc<dyn Instance>, SandboxError>, generation: u64) {
+    /// Adds a pre-started instance (reserved with [`Pool::reserve_topup`]) as idle; stops
+    /// it instead when the pool was restarted meanwhile or is no longer `wanted` (function
+    /// deleted, server shutting down).
+    fn add_idle(
+        &self,
+        started: Result<Arc<dyn Instance>, SandboxError>,
+        generation: u64,
+        wanted: bool,
+    ) {
         let mut st = self.state.lock();
         st.starting -= 1;
         match started {
             Ok(inst) => {
                 let now = Instant::now();
-                let retiring = generation != st.generation;
-                if retiring {
+                if !wanted || generation != st.generation {
                     drop(st);
                     self.stops.spawn(inst);
                     return;
@@ -703,6 +709,8 @@ pub struct Scheduler {
     sandbox: Arc<dyn Sandbox>,
     pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
     branches: branches::Branches,
+    /// Set by [`Scheduler::shutdown`]: no more pre-started instances.
+    closing: AtomicBool,
     stops: Arc<Stops>,
     next_instance: AtomicU64,
     epoch: u64,
@@ -721,6 +729,7 @@ impl Scheduler {
             sandbox,
             pools: Mutex::new(HashMap::new()),
             branches: branches::Branches::default(),
+            closing: AtomicBool::new(false),
             stops: Arc::default(),
             next_instance: AtomicU64::new(1),
             epoch,
@@ -1179,6 +1188,7 @@ impl Scheduler {
     /// `warm_pool_size` (see [`Scheduler::set_routed`]).
     fn top_up(self: &Arc<Self>, pool: &Arc<Pool>, now: Instant) {
         if self.config.warm_pool_size == 0
+            || self.closing.load(Ordering::Relaxed)
             || pool.rev.spec.mode != Mode::Warm
             || !pool.routed.load(Ordering::Relaxed)
         {
@@ -1189,7 +1199,14 @@ impl Scheduler {
             let (me, pool) = (self.clone(), pool.clone());
             tokio::spawn(async move {
                 let started = me.start_instance(&pool).await;
-                pool.add_idle(started, generation);
+                let key = (pool.rev.function.clone(), pool.rev.number);
+                let wanted = !me.closing.load(Ordering::Relaxed)
+                    && me
+                        .pools
+                        .lock()
+                        .get(&key)
+                        .is_some_and(|p| Arc::ptr_eq(p, &pool));
+                pool.add_idle(started, generation, wanted);
             });
         }
     }
@@ -1292,6 +1309,7 @@ impl Scheduler {
 
     /// Stops every instance and branch and releases what the tier holds (server shutdown).
     pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         let pools: Vec<Arc<Pool>> = self.pools.lock().drain().map(|(_, p)| p).collect();
         for p in pools {
             for inst in p.drain() {
