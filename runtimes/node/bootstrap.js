@@ -51,7 +51,18 @@ function request(method, urlPath, body, headers, retried) {
 
 const api = {
   async next() {
-    const res = await request('GET', `${API_PREFIX}/invocation/next`);
+    // While a snapshot of the sandbox is taken the agent closes its sockets (gVisor cannot
+    // save sockets it is watching) and reopens them after: wait for it, briefly backing off.
+    let res;
+    for (let delay = 1, waited = 0; ; waited += delay, delay = Math.min(delay * 2, 10)) {
+      try {
+        res = await request('GET', `${API_PREFIX}/invocation/next`);
+        break;
+      } catch (e) {
+        if (waited > 60000 || !['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ECONNABORTED'].includes(e.code)) throw e;
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
     if (res.status !== 200) throw new Error(`next invocation: HTTP ${res.status}: ${res.body.toString().slice(0, 200)}`);
     return res;
   },

@@ -150,7 +150,19 @@ class RuntimeClient:
     # Runtime API calls
 
     def next(self):
-        status, headers, body = self.request("GET", API_PREFIX + "/invocation/next")
+        # While a snapshot of the sandbox is taken the agent closes its sockets (gVisor cannot
+        # save sockets it is watching) and reopens them after: wait for it, briefly backing off.
+        delay, waited = 0.001, 0.0
+        while True:
+            try:
+                status, headers, body = self.request("GET", API_PREFIX + "/invocation/next")
+                break
+            except (RuntimeApiError, ConnectionError) as e:
+                if waited > 60:
+                    raise RuntimeApiError("runtime API unreachable for 60 s: %s" % e)
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 0.01)
         if status != 200:
             raise RuntimeApiError("next invocation: HTTP %d: %r" % (status, body[:200]))
         return headers, body

@@ -57,6 +57,12 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
 }
 
 impl Mode for Http {
+    fn quiesce(
+        self: Rc<Self>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>> {
+        Box::pin(async { Err("http functions cannot be snapshotted yet".to_string()) })
+    }
+
     fn invoke(&self, inv: Invoke, _payload: Vec<u8>) {
         let ty = "Runtime.InvalidMode";
         let body = serde_json::json!({
@@ -84,6 +90,7 @@ async fn probe(agent: Rc<Agent>, port: u16, started: Instant) {
             agent
                 .out
                 .json(Kind::HttpReady, &HttpReady { ready_us }, &[]);
+            agent.out.raw(Kind::Initialized, b"{}", &[]);
             return;
         }
         tokio::time::sleep(PROBE_EVERY).await;

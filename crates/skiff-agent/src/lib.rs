@@ -1,7 +1,9 @@
-//! The Skiff agent: PID 1 inside a native sandbox.
+//! The Skiff agent: PID 1 inside a native or gVisor sandbox.
 //!
-//! The host starts it in fresh pid/mount/net/ipc/uts namespaces, already inside the instance's
-//! cgroups, with the framed channel on fd 3 (see [`skiff_core::protocol`]). The agent reads its
+//! The native tier starts it in fresh pid/mount/net/ipc/uts namespaces, already inside the
+//! instance's cgroups, with the framed channel on fd 3 (see [`skiff_core::protocol`]); the
+//! gVisor tier starts it as the container's process with the channel on stdin
+//! ([`STDIO_CHANNEL_ARG`]) and a root `runsc` already built (`prebuilt_root`). The agent reads its
 //! [`AgentConfig`], builds the sandbox (a tmpfs root with read-only binds, `/dev`, `/proc`, a
 //! sized `/tmp`, `pivot_root`), drops every privilege (capability bounding set, uid/gid,
 //! `no_new_privs`, seccomp), reports `Ready`, then runs the function: either Lambda Runtime API
@@ -37,8 +39,26 @@ pub fn main() -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Argument that makes the agent take its channel from stdin (fd 0) instead of fd 3: gVisor
+/// containers get exactly stdin, stdout and stderr from the host.
+pub const STDIO_CHANNEL_ARG: &str = "--stdio-channel";
+
 fn run() -> i32 {
     let started = Instant::now();
+    if std::env::args().any(|a| a == STDIO_CHANNEL_ARG) {
+        // SAFETY: plain syscalls on fds we own; /dev/null replaces stdin so no function
+        // process inherits the channel.
+        unsafe {
+            if libc::dup2(0, CHANNEL_FD) < 0 {
+                return 2;
+            }
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::close(null);
+            }
+        }
+    }
     // Nothing but fds 0..=3 may leak in from the host; fd 3 must not leak into the function.
     // SAFETY: plain syscalls on fds we own.
     unsafe {
@@ -59,8 +79,10 @@ fn run() -> i32 {
         }
     };
 
-    if let Err(e) = setup::build_root(&cfg) {
-        return fail(&mut chan, &format!("sandbox setup failed: {e}"));
+    if !cfg.prebuilt_root {
+        if let Err(e) = setup::build_root(&cfg) {
+            return fail(&mut chan, &format!("sandbox setup failed: {e}"));
+        }
     }
     // Frames that arrive while we wait for the network (normally none) are replayed later.
     let mut early = Vec::new();

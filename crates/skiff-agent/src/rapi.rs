@@ -45,9 +45,13 @@ struct WorkerState {
     streaming: bool,
     /// A pending `GET next` waiting for work.
     waiter: Option<oneshot::Sender<Job>>,
+    /// The runtime has asked for work at least once (its init is done).
+    polled: bool,
 }
 
 struct Worker {
+    /// The worker process (leader of its own process group).
+    pid: std::cell::Cell<i32>,
     /// Read end of the worker's combined stdout/stderr pipe (non-blocking).
     log: AsyncFd<OwnedFd>,
     state: RefCell<WorkerState>,
@@ -58,6 +62,10 @@ pub(crate) struct Rapi {
     agent: Rc<Agent>,
     workers: Vec<Worker>,
     queue: RefCell<VecDeque<Job>>,
+    /// Workers that finished their init (asked for `next` once).
+    initialized: std::cell::Cell<usize>,
+    /// Bumped by [`Mode::quiesce`]: every listener and connection of the Runtime API closes.
+    gate: tokio::sync::watch::Sender<u64>,
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -96,6 +104,7 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
         // SAFETY: an OwnedFd keeps its fd open and unchanged for the AsyncFd's lifetime.
         let log = unsafe { AsyncFd::register(r) }.map_err(|e| format!("log pipe: {e}"))?;
         workers.push(Worker {
+            pid: std::cell::Cell::new(0),
             log,
             state: RefCell::new(WorkerState::default()),
         });
@@ -105,6 +114,8 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
         agent: agent.clone(),
         workers,
         queue: RefCell::new(VecDeque::new()),
+        initialized: std::cell::Cell::new(0),
+        gate: tokio::sync::watch::Sender::new(0),
     });
     for (i, l) in listeners.into_iter().enumerate() {
         tokio::task::spawn_local(accept_loop(rapi.clone(), i, l));
@@ -131,6 +142,7 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
                 .spawn(&mut cmd)
                 .map_err(|e| format!("cannot start the function: {argv0}: {e}"))?
         };
+        rapi.workers[i].pid.set(child.id() as i32);
         drop(child);
         tokio::task::spawn_local(log_pump(rapi.clone(), i));
         tokio::task::spawn_local(monitor(rapi.clone(), i, exit));
@@ -138,7 +150,55 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
     Ok(rapi)
 }
 
+/// Binds worker `i`'s Runtime API listener.
+fn listen(port: u16, i: usize) -> Result<tokio::net::TcpListener, String> {
+    let port = port as usize + i;
+    let port = u16::try_from(port).map_err(|_| format!("runtime API port {port} out of range"))?;
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| format!("runtime API listener on 127.0.0.1:{port}: {e}"))
+}
+
 impl Mode for Rapi {
+    /// Closes the Runtime API (listeners and connections: gVisor cannot save a TCP socket
+    /// that epoll watches) and lets the runtimes notice and back off. Only when every worker
+    /// has initialised and nothing is in flight.
+    fn quiesce(
+        self: Rc<Self>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>> {
+        Box::pin(async move {
+            if self.initialized.get() < self.workers.len() {
+                return Err("the function has not finished initialising".into());
+            }
+            if self
+                .workers
+                .iter()
+                .any(|w| w.state.borrow().current.is_some())
+                || !self.queue.borrow().is_empty()
+            {
+                return Err("the function is busy with an invocation".into());
+            }
+            self.gate.send_modify(|g| *g += 1);
+            // The runtimes see their connection close and retry with a short back-off (no
+            // socket open while they wait); give them time to close their side.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Ok(())
+        })
+    }
+
+    fn resume(self: Rc<Self>) {
+        let port = self.agent.cfg.runtime_api_port;
+        for i in 0..self.workers.len() {
+            match listen(port, i) {
+                Ok(l) => {
+                    tokio::task::spawn_local(accept_loop(self.clone(), i, l));
+                }
+                Err(e) => eprintln!("skiff-agent: resume: {e}"),
+            }
+        }
+    }
+
     fn invoke(&self, inv: Invoke, payload: Vec<u8>) {
         self.agent.started();
         let mut job = Job {
@@ -249,6 +309,13 @@ impl Rapi {
                 "InvalidStateTransition",
                 "the runtime asked for the next invocation while streaming a response",
             );
+        }
+        if !std::mem::replace(&mut w.state.borrow_mut().polled, true) {
+            let n = self.initialized.get() + 1;
+            self.initialized.set(n);
+            if n == self.workers.len() {
+                self.agent.out.raw(Kind::Initialized, b"{}", &[]);
+            }
         }
         let unanswered = w.state.borrow().current.clone();
         if let Some(id) = unanswered {
@@ -644,21 +711,32 @@ fn not_found() -> Response<Full<Bytes>> {
     )
 }
 
+/// Serves worker `i`'s Runtime API until the next [`Mode::quiesce`] closes it.
 async fn accept_loop(rapi: Rc<Rapi>, i: usize, listener: tokio::net::TcpListener) {
+    let mut gate = rapi.gate.subscribe();
+    gate.mark_unchanged();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gate.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let r = rapi.clone();
+        let mut conn_gate = gate.clone();
         tokio::task::spawn_local(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let r = r.clone();
                 async move { Ok::<_, Infallible>(r.handle(i, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = conn_gate.changed() => {}
+            }
         });
     }
 }

@@ -166,6 +166,15 @@ pub(crate) fn decode_status(st: i32) -> (Option<i32>, Option<i32>) {
 /// How invocations are executed.
 pub(crate) trait Mode {
     fn invoke(&self, inv: Invoke, payload: Vec<u8>);
+    /// Gets ready for a snapshot ([`Kind::Quiesce`]): no TCP socket of the sandbox may be
+    /// watched by anyone (gVisor refuses to save such sockets). Default: nothing to do.
+    fn quiesce(
+        self: Rc<Self>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Undoes [`Mode::quiesce`] ([`Kind::Resume`]).
+    fn resume(self: Rc<Self>) {}
 }
 
 /// Starts the async runtime and serves until the host goes away. Returns the exit code.
@@ -184,20 +193,51 @@ pub(crate) fn run(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 
     local.block_on(&rt, serve(cfg, chan, early))
 }
 
-async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
-    let stream = match chan
-        .set_nonblocking(true)
-        .and_then(|_| tokio::net::UnixStream::from_std(chan))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("skiff-agent: channel: {e}");
-            return 1;
+/// Where host frames come from.
+enum Incoming {
+    /// Read on the event loop.
+    Async(BufReader<tokio::net::unix::OwnedReadHalf>),
+    /// Read by a thread with blocking reads (see [`serve`]).
+    Thread(mpsc::UnboundedReceiver<Frame>),
+}
+
+impl Incoming {
+    async fn next(&mut self) -> Option<Frame> {
+        match self {
+            Incoming::Async(rd) => skiff_core::protocol::read_frame(rd).await.ok().flatten(),
+            Incoming::Thread(rx) => rx.recv().await,
         }
-    };
-    let (rd, wr) = stream.into_split();
+    }
+}
+
+async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::task::spawn_local(writer(wr, rx));
+    // In gVisor the channel is a host file the sandbox was restored with after a snapshot,
+    // and epoll on such a file does not wake up after a restore: there, dedicated threads
+    // read and write it with blocking calls.
+    let incoming = if cfg.prebuilt_root {
+        match channel_threads(chan, rx) {
+            Ok(frames) => Incoming::Thread(frames),
+            Err(e) => {
+                eprintln!("skiff-agent: channel: {e}");
+                return 1;
+            }
+        }
+    } else {
+        let stream = match chan
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::UnixStream::from_std(chan))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skiff-agent: channel: {e}");
+                return 1;
+            }
+        };
+        let (rd, wr) = stream.into_split();
+        tokio::task::spawn_local(writer(wr, rx));
+        Incoming::Async(BufReader::with_capacity(64 * 1024, rd))
+    };
     let out = Out(tx);
 
     // Register for SIGCHLD before the first child exists.
@@ -221,7 +261,11 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
     let started = match agent.cfg.exec_mode {
         ExecMode::RuntimeApi => rapi::start(agent.clone()),
         ExecMode::Http => http::start(agent.clone()),
-        ExecMode::Command => Ok(Rc::new(command::Cmd::new(agent.clone())) as Rc<dyn Mode>),
+        ExecMode::Command => {
+            // Nothing to initialise: each invocation starts its own process.
+            out.raw(Kind::Initialized, b"{}", &[]);
+            Ok(Rc::new(command::Cmd::new(agent.clone())) as Rc<dyn Mode>)
+        }
     };
     let mode: Rc<dyn Mode> = match started {
         Ok(m) => m,
@@ -233,23 +277,60 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
         }
     };
     for f in early {
-        dispatch(&*mode, &out, f);
+        dispatch(&mode, &out, f);
     }
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut incoming = incoming;
     loop {
-        match skiff_core::protocol::read_frame(&mut rd).await {
-            Ok(Some(f)) => {
-                if !dispatch(&*mode, &out, f) {
+        match incoming.next().await {
+            Some(f) => {
+                if !dispatch(&mode, &out, f) {
                     break;
                 }
             }
-            Ok(None) | Err(_) => {
+            None => {
                 out.exit(0);
                 break;
             }
         }
     }
     pending().await
+}
+
+/// Starts a reader and a writer thread for the channel (blocking I/O).
+fn channel_threads(
+    chan: UnixStream,
+    out: mpsc::UnboundedReceiver<OutMsg>,
+) -> io::Result<mpsc::UnboundedReceiver<Frame>> {
+    let mut rd = chan.try_clone()?;
+    let mut wr = chan;
+    let (tx, frames) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("chan-read".into())
+        .spawn(move || {
+            while let Ok(Some(f)) = crate::frames::read_blocking(&mut rd) {
+                if tx.send(f).is_err() {
+                    return;
+                }
+            }
+        })?;
+    std::thread::Builder::new()
+        .name("chan-write".into())
+        .spawn(move || {
+            let mut out = out;
+            while let Some(msg) = out.blocking_recv() {
+                match msg {
+                    OutMsg::Frame(bytes) => {
+                        if crate::frames::write_blocking(&mut wr, &bytes).is_err() {
+                            // SAFETY: process exit; the host is gone.
+                            unsafe { libc::_exit(0) };
+                        }
+                    }
+                    // SAFETY: process exit; as PID 1 this takes the whole sandbox down.
+                    OutMsg::Exit(code) => unsafe { libc::_exit(code) },
+                }
+            }
+        })?;
+    Ok(frames)
 }
 
 /// Waits forever (the writer task exits the process).
@@ -259,8 +340,19 @@ async fn pending() -> i32 {
 }
 
 /// Handles one host frame; false when the agent should stop reading.
-fn dispatch(mode: &dyn Mode, out: &Out, f: Frame) -> bool {
+fn dispatch(mode: &Rc<dyn Mode>, out: &Out, f: Frame) -> bool {
     match f.kind {
+        Kind::Quiesce => {
+            let (mode, out) = (mode.clone(), out.clone());
+            tokio::task::spawn_local(async move {
+                let msg = match mode.quiesce().await {
+                    Ok(()) => String::new(),
+                    Err(e) => e,
+                };
+                out.raw(Kind::Quiesced, b"{}", msg.as_bytes());
+            });
+        }
+        Kind::Resume => mode.clone().resume(),
         Kind::Invoke => match f.header::<Invoke>() {
             Ok(inv) => mode.invoke(inv, f.body),
             Err(e) => eprintln!("skiff-agent: bad invoke header: {e}"),

@@ -25,6 +25,12 @@ pub enum Kind {
     NetReady = 3,
     /// Host → agent: stop everything and exit.
     Shutdown = 4,
+    /// Host → agent: get ready for a snapshot (the function is idle): close every TCP socket
+    /// of the agent and pause the function processes; answered by [`Kind::Quiesced`].
+    Quiesce = 5,
+    /// Host → agent: the snapshot is taken (or this is a copy restored from one): reopen the
+    /// Runtime API and continue the function processes.
+    Resume = 6,
     /// Agent → host: sandbox set up ([`Ready`]).
     Ready = 10,
     /// Agent → host: [`Done`] header, response or error-JSON body.
@@ -49,6 +55,9 @@ pub enum Kind {
     /// invocation (every Runtime API worker asked for `next`, the HTTP server accepts, or at
     /// once in `command` mode). Sent once; a snapshot taken after it skips the init.
     Initialized = 20,
+    /// Agent → host: answer to [`Kind::Quiesce`]; the body is an error message when the
+    /// agent could not get ready (empty when it is).
+    Quiesced = 21,
 }
 
 impl Kind {
@@ -58,6 +67,8 @@ impl Kind {
             2 => Kind::Invoke,
             3 => Kind::NetReady,
             4 => Kind::Shutdown,
+            5 => Kind::Quiesce,
+            6 => Kind::Resume,
             10 => Kind::Ready,
             11 => Kind::Done,
             12 => Kind::Log,
@@ -69,6 +80,7 @@ impl Kind {
             18 => Kind::StreamEnd,
             19 => Kind::HttpReady,
             20 => Kind::Initialized,
+            21 => Kind::Quiesced,
             _ => return None,
         })
     }
@@ -139,8 +151,8 @@ pub struct AgentConfig {
     /// `http` mode: the port the function's server listens on (on 127.0.0.1).
     #[serde(default)]
     pub http_port: u16,
-    /// The tier already built the root, the identity and the limits (gVisor: `runsc` from an
-    /// OCI bundle): the agent skips its own root, privilege and seccomp setup.
+    /// The tier already built the root filesystem, hostname and loopback (gVisor: `runsc`
+    /// from an OCI bundle): the agent skips building its root, but still drops privileges.
     #[serde(default)]
     pub prebuilt_root: bool,
 }

@@ -9,9 +9,11 @@ use skiff_core::{FunctionSpec, ResponseStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod gvisor;
 pub mod native;
 pub mod tiers;
 
+pub use gvisor::{GvisorConfig, GvisorSandbox};
 pub use native::{NativeConfig, NativeSandbox};
 pub use tiers::Tiers;
 

@@ -329,6 +329,13 @@ impl CgroupRoot {
                 pids,
                 cpu,
             } => {
+                // Recreated if another tier of this process removed it at its shutdown.
+                for root in [Some(mroot), Some(pids), cpu.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    fs::create_dir_all(root)?;
+                }
                 let d = mroot.join(id);
                 mkdir_new(&d)?;
                 cg.dirs.push(d.clone());

@@ -136,6 +136,10 @@ enum HttpState {
 /// State shared between the instance handle and its background tasks.
 pub(crate) struct Shared {
     http: watch::Sender<HttpState>,
+    /// The agent reported [`Kind::Initialized`].
+    initialized: watch::Sender<bool>,
+    /// Waiting for the answer to a [`Kind::Quiesce`].
+    quiesced: Mutex<Option<oneshot::Sender<String>>>,
     id: String,
     state: Mutex<State>,
     alive: AtomicBool,
@@ -308,6 +312,14 @@ impl Shared {
                     starting
                 });
             }
+            Kind::Quiesced => {
+                if let Some(tx) = self.quiesced.lock().take() {
+                    let _ = tx.send(String::from_utf8_lossy(&f.body).into_owned());
+                }
+            }
+            Kind::Initialized => {
+                self.initialized.send_replace(true);
+            }
             Kind::Ready => {
                 if let Ok(r) = f.header::<Ready>() {
                     tracing::debug!(instance = %self.id, setup_us = r.setup_us, "sandbox ready");
@@ -365,6 +377,8 @@ pub struct NativeInstance {
     http: Option<HttpTarget>,
     /// Set once `stop` finished cleaning up.
     stopped: tokio::sync::Mutex<bool>,
+    /// Runs (blocking) once the agent process is gone: tier-specific cleanup.
+    on_exit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> SandboxError {
@@ -399,7 +413,8 @@ fn reap(pidfd: i32, nohang: bool) -> Option<ExitStatus> {
 }
 
 impl NativeInstance {
-    /// Wires up the tasks for a freshly cloned agent and sends its config.
+    /// Wires up the tasks for a freshly started agent and sends `config_frame` (none when
+    /// empty: an agent restored from a snapshot already has its config).
     pub(crate) fn launch(
         id: String,
         pidfd: OwnedFd,
@@ -413,6 +428,8 @@ impl NativeInstance {
         let (rd, wr) = tokio::net::UnixStream::from_std(chan)?.into_split();
         let shared = Arc::new(Shared {
             http: watch::Sender::new(HttpState::Starting),
+            initialized: watch::Sender::new(false),
+            quiesced: Mutex::new(None),
             id,
             state: Mutex::new(State::default()),
             alive: AtomicBool::new(true),
@@ -421,7 +438,9 @@ impl NativeInstance {
             agent_stderr: Mutex::new(Tail::default()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(config_frame);
+        if !config_frame.is_empty() {
+            let _ = tx.send(config_frame);
+        }
         tokio::spawn(writer(wr, rx));
 
         let (exit_tx, exited) = watch::channel(None);
@@ -446,7 +465,69 @@ impl NativeInstance {
             slirp: Mutex::new(None),
             http: None,
             stopped: tokio::sync::Mutex::new(false),
+            on_exit: Mutex::new(None),
         })
+    }
+
+    /// Sets the cleanup to run (blocking) once the agent process has exited.
+    pub(crate) fn on_exit(&self, f: impl FnOnce() + Send + 'static) {
+        *self.on_exit.lock() = Some(Box::new(f));
+    }
+
+    /// Records that the function is initialised (an instance restored from a snapshot taken
+    /// after its init).
+    pub(crate) fn mark_initialized(&self) {
+        self.shared.initialized.send_replace(true);
+    }
+
+    /// Asks the agent to get ready for a snapshot ([`Kind::Quiesce`]) and waits for it.
+    pub(crate) async fn quiesce(&self, within: Duration) -> Result<(), SandboxError> {
+        let (tx, rx) = oneshot::channel();
+        *self.shared.quiesced.lock() = Some(tx);
+        self.send_bare(Kind::Quiesce);
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(msg)) if msg.is_empty() => Ok(()),
+            Ok(Ok(msg)) => Err(SandboxError::Unsupported(format!(
+                "cannot snapshot now: {msg}"
+            ))),
+            Ok(Err(_)) => Err(self.dead_error()),
+            Err(_) => Err(SandboxError::Crashed {
+                message: "the agent did not get ready for the snapshot in time".into(),
+                log_tail: String::new(),
+            }),
+        }
+    }
+
+    /// Waits until the function reported [`Kind::Initialized`], at most `within`.
+    pub(crate) async fn wait_initialized(&self, within: Duration) -> Result<(), SandboxError> {
+        let mut rx = self.shared.initialized.subscribe();
+        let alive = self.shared.http.subscribe();
+        let waited = tokio::time::timeout(within, async {
+            let mut alive = alive;
+            loop {
+                if *rx.borrow_and_update() {
+                    return Ok(());
+                }
+                if !self.is_alive() {
+                    return Err(self.dead_error());
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return Err(self.dead_error()) },
+                    r = alive.changed() => if r.is_err() { return Err(self.dead_error()) },
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(r) => r,
+            Err(_) => Err(SandboxError::Crashed {
+                message: format!(
+                    "the function did not finish initialising within {:.1} s",
+                    within.as_secs_f64()
+                ),
+                log_tail: self.shared.state.lock().tail.text(),
+            }),
+        }
     }
 
     /// Makes this an `http` instance whose server is reached at `target`.
@@ -645,6 +726,10 @@ impl Instance for NativeInstance {
         if let Some(s) = slirp {
             s.stop().await;
         }
+        let on_exit = self.on_exit.lock().take();
+        if let Some(f) = on_exit {
+            let _ = tokio::task::spawn_blocking(f).await;
+        }
         self.shared.cgroup.remove().await;
         *stopped = true;
     }
@@ -717,6 +802,7 @@ impl Drop for NativeInstance {
         let cgroup = self.shared.cgroup.clone();
         let exited = self.exited.clone();
         let pidfd = self.pidfd.try_clone().ok();
+        let on_exit = self.on_exit.lock().take();
         let _ = std::thread::Builder::new()
             .name("skiff-sandbox-cleanup".into())
             .spawn(move || {
@@ -730,6 +816,9 @@ impl Drop for NativeInstance {
                         }
                         _ => break,
                     }
+                }
+                if let Some(f) = on_exit {
+                    f();
                 }
                 cgroup.remove_blocking(Duration::from_secs(2));
             });

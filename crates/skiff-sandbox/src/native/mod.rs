@@ -7,9 +7,9 @@
 //! Requires root for now (cgroup and namespace setup), a kernel with `pidfd` support (5.3+),
 //! and cgroup v1 (memory + pids) or a delegated cgroup v2 subtree.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod instance;
-mod net;
+pub(crate) mod net;
 mod netns;
 mod spawn;
 
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// `/etc` entries made visible (read-only) inside every sandbox, when they exist on the host.
-const ETC_WHITELIST: &[&str] = &[
+pub(crate) const ETC_WHITELIST: &[&str] = &[
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
@@ -43,7 +43,7 @@ const ETC_WHITELIST: &[&str] = &[
 
 /// Top-level system directories bound when they are real directories on the host (on
 /// merged-/usr hosts they are symlinks, recreated by the agent).
-const SYSTEM_DIRS: &[&str] = &["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
+pub(crate) const SYSTEM_DIRS: &[&str] = &["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
 
 /// Configuration of the native tier.
 #[derive(Debug, Clone)]
@@ -489,7 +489,7 @@ impl Spawner {
     }
 }
 
-fn valid_instance_id(id: &str) -> bool {
+pub(crate) fn valid_instance_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id != "."
@@ -614,7 +614,7 @@ impl Sandbox for NativeSandbox {
     }
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: valid array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

@@ -1,0 +1,174 @@
+//! Starting `runsc` from a multi-threaded process: a fork-like `clone` whose child joins the
+//! instance's cgroups, wires stdin (the agent channel) and stdout/stderr, and, for outbound
+//! networking, enters a fresh network and mount namespace (tmpfs over `/proc/sys/net`) and
+//! waits for the host to attach slirp4netns before it execs runsc.
+
+use crate::native::pipe;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Everything the child needs, prepared before the clone (the child may not allocate).
+pub(crate) struct Exec {
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+}
+
+impl Exec {
+    pub(crate) fn new(argv: &[String]) -> io::Result<Exec> {
+        let argv = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in runsc argument"))?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        Ok(Exec {
+            _argv: argv,
+            argv_ptrs,
+        })
+    }
+}
+
+/// A started runsc.
+pub(crate) struct Spawned {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pidfd: OwnedFd,
+    /// Outbound networking: a byte written here lets the child exec runsc (the network of
+    /// its namespace is ready); dropping it unwritten makes the child give up.
+    pub(crate) go: Option<OwnedFd>,
+}
+
+fn dup_high(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on a valid fd.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Clones and execs runsc (`argv[0]`) with an empty environment. Exit codes of the child
+/// before exec: 126 cgroup join, 125 fds, 124 namespaces, 127 exec.
+pub(crate) fn spawn(
+    exec: &Exec,
+    cgroup_procs: &[OwnedFd],
+    channel: &OwnedFd,
+    stderr: &OwnedFd,
+    own_netns: bool,
+) -> io::Result<Spawned> {
+    let chan = dup_high(channel.as_raw_fd())?;
+    let err = dup_high(stderr.as_raw_fd())?;
+    let (go_r, go_w, ns_r, ns_w) = if own_netns {
+        let (r, w) = pipe()?;
+        let (nr, nw) = pipe()?;
+        (Some(r), Some(w), Some(nr), Some(nw))
+    } else {
+        (None, None, None, None)
+    };
+    let go_fd = go_r.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let ns_fd = ns_w.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let procs: Vec<RawFd> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+    let (chan_fd, err_fd) = (chan.as_raw_fd(), err.as_raw_fd());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let root = c"/";
+    let proc_sys_net = c"/proc/sys/net";
+    let tmpfs = c"tmpfs";
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_PIDFD | libc::SIGCHLD;
+    // SAFETY: fork-like clone (no CLONE_VM, no new stack). The child runs only
+    // async-signal-safe syscalls on memory prepared before the clone, then execs or _exits.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags as libc::c_ulong,
+            0usize,
+            &mut pidfd as *mut libc::c_int,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only; never returns.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for &fd in &procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(126);
+                }
+            }
+            if go_fd >= 0 {
+                if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        tmpfs.as_ptr(),
+                        proc_sys_net.as_ptr(),
+                        tmpfs.as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    libc::_exit(124);
+                }
+                if libc::write(ns_fd, b"n".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(124);
+                }
+                // Wait until the host attached the network (it writes a byte; EOF if it
+                // gave up). Forked copies of the write end elsewhere make EOF unreliable.
+                let mut b = 0u8;
+                loop {
+                    let n = libc::read(go_fd, (&mut b as *mut u8).cast(), 1);
+                    if n == 1 {
+                        break;
+                    }
+                    if n == 0 {
+                        libc::_exit(124);
+                    }
+                }
+            }
+            if libc::dup2(chan_fd, 0) < 0 || libc::dup2(err_fd, 1) < 0 || libc::dup2(err_fd, 2) < 0
+            {
+                libc::_exit(125);
+            }
+            libc::execve(exec.argv_ptrs[0], exec.argv_ptrs.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    drop((chan, err, go_r, ns_w));
+    if let Some(ns_r) = ns_r {
+        // The child's namespaces exist once it wrote a byte (EOF: it failed, exit code 124).
+        let mut b = 0u8;
+        // SAFETY: reading one byte into a valid buffer from our own pipe.
+        let n = loop {
+            let n = unsafe { libc::read(ns_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
+            if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break n;
+            }
+        };
+        if n != 1 {
+            // SAFETY: reaping our own child, which exited.
+            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+            return Err(io::Error::other(
+                "could not create the network namespace for runsc",
+            ));
+        }
+    }
+    Ok(Spawned {
+        pid: pid as libc::pid_t,
+        // SAFETY: CLONE_PIDFD stored a fresh fd (close-on-exec) for the child.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        go: go_w,
+    })
+}
