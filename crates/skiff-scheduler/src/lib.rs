@@ -930,18 +930,18 @@ impl Scheduler {
             // after the function's initialisation.
             let r = inst.checkpoint(&partial, rev.spec.timeout, false).await;
             inst.stop().await;
-            r
-        }
-        .await;
-        if let Err(e) = built {
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(match e {
+            r.map_err(|e| match e {
                 SandboxError::Unsupported(m) => SandboxError::Unsupported(format!(
                     "mode: `{}` needs a sandbox tier that takes snapshots (sandbox: gvisor): {m}",
                     rev.spec.mode
                 )),
                 e => e,
-            });
+            })
+        }
+        .await;
+        if let Err(e) = built {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
         }
         std::fs::rename(&partial, &image)?;
         tracing::info!(

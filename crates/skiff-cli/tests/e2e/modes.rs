@@ -326,7 +326,7 @@ fn gvisor_server() -> Option<Server> {
 #[test]
 fn gvisor_warm_counts_up() {
     let Some(s) = gvisor_server() else { return };
-    let f = python_function("fx-gv-warm", "sandbox: gvisor\n", COUNTER);
+    let f = python_function("fx-gv-warm", "sandbox: gvisor\nnetwork: none\n", COUNTER);
     s.deploy(f.path());
     let counts: Vec<u64> = (0..3).map(|_| count(&s, "fx-gv-warm")).collect();
     assert_eq!(counts, [1, 2, 3]);
@@ -337,7 +337,7 @@ fn gvisor_checkpointed_cold_starts_restore_the_init_state() {
     let Some(s) = gvisor_server() else { return };
     let f = python_function(
         "fx-gv-ckpt",
-        "sandbox: gvisor\nmode: checkpointed\ntimeout: 60s\n",
+        "sandbox: gvisor\nnetwork: none\nmode: checkpointed\ntimeout: 60s\n",
         COUNTER,
     );
     s.deploy(f.path());
@@ -368,7 +368,7 @@ fn gvisor_branched_invocations_each_start_from_the_snapshot() {
     let Some(s) = gvisor_server() else { return };
     let f = python_function(
         "fx-gv-br",
-        "sandbox: gvisor\nmode: branched\ntimeout: 60s\n",
+        "sandbox: gvisor\nnetwork: none\nmode: branched\ntimeout: 60s\n",
         COUNTER,
     );
     s.deploy(f.path());
@@ -386,11 +386,21 @@ fn gvisor_snapshot_of_persistent_instance_forks_independent_branches() {
     let Some(s) = gvisor_server() else { return };
     let f = python_function(
         "fx-gv-pers",
-        "sandbox: gvisor\nmode: persistent\ntimeout: 60s\nscale: {idle: 10m}\n",
+        "sandbox: gvisor\nnetwork: none\nmode: persistent\ntimeout: 60s\nscale: {idle: 10m}\n",
         COUNTER,
     );
     s.deploy(f.path());
-    assert_eq!(count(&s, "fx-gv-pers"), 1);
+    let (v, _) = s.invoke_ok(
+        "fx-gv-pers",
+        &json!({"write": "/workspace/w", "data": "gv"}),
+    );
+    assert_eq!(v["count"], 1, "{v}");
+    let host = s.data_dir.join("workspaces/default/fx-gv-pers/w");
+    assert_eq!(
+        std::fs::read_to_string(host).unwrap(),
+        "gv",
+        "the workspace is bound"
+    );
     assert_eq!(count(&s, "fx-gv-pers"), 2);
     let r = s.post("/v1/functions/fx-gv-pers/snapshots", "");
     assert_eq!(r.status(), 201);
