@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_gateway::events::EventConfig;
 use skiff_gateway::{AppState, Auth};
-use skiff_sandbox::{NativeConfig, NativeSandbox, Tiers};
+use skiff_sandbox::{GvisorConfig, GvisorSandbox, NativeConfig, NativeSandbox, Tiers};
 use skiff_scheduler::{Scheduler, SchedulerConfig};
 use skiff_store::Store;
 use std::net::SocketAddr;
@@ -33,9 +33,9 @@ pub struct ServeArgs {
     /// Port on 127.0.0.1 when --listen is not given (seed-compatible configuration).
     #[arg(long, env = "FAAS_GATEWAY_PORT")]
     gateway_port: Option<u16>,
-    /// Sandbox executor: only `native` is supported (gVisor and microVM tiers are future work).
-    #[arg(long, env = "FAAS_EXECUTOR_TYPE", default_value = "native")]
-    executor: String,
+    /// Seed name of `--default-sandbox` (`native`, `gvisor`); used when FAAS_RUNTIME is not.
+    #[arg(long, env = "FAAS_EXECUTOR_TYPE")]
+    executor: Option<String>,
     /// Sandbox tier of functions whose function.yaml does not set `sandbox:`: `native`,
     /// `gvisor`, or `hybrid` (= native by default, each function picks with `sandbox:`).
     /// `microvm` is refused (that tier is not built). Fixed into each revision at deploy.
@@ -69,6 +69,14 @@ pub struct ServeArgs {
     /// Sandboxes kept pre-spawned (namespaces and cgroups ready) to cut cold starts.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
+    /// The `runsc` binary of the gVisor tier (`sandbox: gvisor`); default: `runsc` on `$PATH`.
+    /// Without it the tier is off and such functions are refused at deploy.
+    #[arg(long, env = "SKIFF_RUNSC")]
+    runsc: Option<PathBuf>,
+    /// `runsc --platform` for the gVisor tier: `ptrace` (works everywhere, the default),
+    /// `systrap` (newer runsc) or `kvm` (needs working hardware virtualisation).
+    #[arg(long, env = "SKIFF_RUNSC_PLATFORM", default_value = "ptrace")]
+    runsc_platform: String,
     /// Let in-process functions (`js`, `wasm`) with `network: outbound` reach loopback and
     /// private addresses too (internal services); by default only public ones.
     #[arg(long, env = "SKIFF_ALLOW_PRIVATE_EGRESS")]
@@ -159,14 +167,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     tracing::debug!(?nofile, "open file limit");
-    if args.executor != "native" {
-        bail!(
-            "FAAS_EXECUTOR_TYPE / --executor `{}` is not supported: this server runs only the \
-             `native` sandbox (gVisor and microVM tiers are future work)",
-            args.executor
-        );
-    }
-    let default_sandbox = parse_default_sandbox(&args.default_sandbox)?;
+    let default_sandbox = match &args.executor {
+        Some(e) if args.default_sandbox == "native" => parse_default_sandbox(e)
+            .with_context(|| format!("FAAS_EXECUTOR_TYPE / --executor `{e}`"))?,
+        _ => parse_default_sandbox(&args.default_sandbox)?,
+    };
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.gateway_port.unwrap_or(8080))));
@@ -197,7 +202,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let runtime_dir = data_dir.join("runtimes");
     write_runtimes(&runtime_dir)?;
     let exe = std::env::current_exe().context("locating the skiff binary")?;
-    let mut cfg = NativeConfig::new(exe, data_dir.join("run"), runtime_dir);
+    let mut cfg = NativeConfig::new(&exe, data_dir.join("run"), &runtime_dir);
     cfg.pids_max = args.pids_max;
     cfg.prewarm = args.prewarm;
     let native = NativeSandbox::new(cfg).context("preparing the native sandbox")?;
@@ -206,9 +211,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let js = Arc::new(skiff_js::JsSandbox::with_net(
         skiff_js::fetch::NetPolicy::new(egress.clone()),
     ));
+    let gvisor = gvisor_tier(
+        &exe,
+        &data_dir,
+        &runtime_dir,
+        args.runsc.as_deref(),
+        &args.runsc_platform,
+        args.pids_max,
+    );
+    if default_sandbox == skiff_core::SandboxKind::Gvisor && gvisor.is_none() {
+        bail!(
+            "FAAS_RUNTIME=gvisor needs the gVisor tier, which is not available here \
+             (apt-get install runsc; see `skiff doctor`)"
+        );
+    }
     let sandbox = Tiers {
         native: Arc::new(native),
-        gvisor: None,
+        gvisor,
         js: Some(js as Arc<dyn skiff_sandbox::Sandbox>),
         wasm: wasm_tier(data_dir.join("cache/wasm"), egress.clone()),
     };
@@ -299,6 +318,40 @@ async fn shutdown_signal() {
     }
 }
 
+/// The gVisor tier when `runsc` is there (declares `sandbox: gvisor` publishable), else `None`.
+fn gvisor_tier(
+    exe: &Path,
+    data_dir: &Path,
+    runtime_dir: &Path,
+    runsc: Option<&Path>,
+    platform: &str,
+    pids_max: u32,
+) -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+    let mut cfg = GvisorConfig::new(exe, data_dir.join("run/gvisor"), runtime_dir);
+    if let Some(r) = runsc {
+        cfg.runsc = r.to_path_buf();
+    }
+    cfg.platform = platform.to_string();
+    cfg.pids_max = cfg.pids_max.max(pids_max);
+    if !cfg.runsc.is_file() {
+        tracing::info!(
+            "gVisor tier off: {} not found (apt-get install runsc)",
+            cfg.runsc.display()
+        );
+        return None;
+    }
+    match GvisorSandbox::new(cfg) {
+        Ok(sb) => {
+            skiff_core::publish::set_gvisor_available(true);
+            Some(Arc::new(sb))
+        }
+        Err(e) => {
+            tracing::warn!("gVisor tier off: {e}");
+            None
+        }
+    }
+}
+
 /// `skiff doctor`: what this host offers the sandbox tiers.
 pub fn doctor() -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("skiff-doctor-{}", std::process::id()));
@@ -317,6 +370,13 @@ pub fn doctor() -> Result<()> {
             ok_all = false;
             println!("FAIL native sandbox: {e}");
         }
+    }
+    for (name, ok, detail) in GvisorSandbox::check(&GvisorConfig::new(
+        std::env::current_exe()?,
+        tmp.join("run/gvisor"),
+        tmp.join("runtimes"),
+    )) {
+        println!("{} {name}: {detail}", if ok { "ok  " } else { "warn" });
     }
     for (bin, why) in [
         ("/usr/bin/python3", "runtime python3"),
