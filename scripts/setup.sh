@@ -10,6 +10,7 @@ fi
 need=()
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # network: outbound (userspace NAT)
 command -v ip >/dev/null || need+=(iproute2)                # test hosts in network namespaces
+command -v runsc >/dev/null || need+=(runsc)                # sandbox: gvisor (gVisor's runsc)
 [ -x /usr/bin/python3 ] || need+=(python3)                  # runtime python3
 [ -x /usr/bin/node ] || need+=(nodejs)                      # runtime node
 # pip for the test clients (boto3, awscli) and fixtures (awslambdaric), installed with --target.
