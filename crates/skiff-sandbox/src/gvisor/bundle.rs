@@ -25,6 +25,8 @@ pub(crate) struct BundleSpec<'a> {
     pub resolv_conf: &'a Path,
     pub workspace: Option<&'a Path>,
     pub tmp_bytes: u64,
+    /// A network namespace to run in (outbound networking), instead of a new empty one.
+    pub netns: Option<&'a str>,
 }
 
 fn oci_err(e: impl std::fmt::Display) -> SandboxError {
@@ -214,7 +216,12 @@ pub(crate) fn spec(b: &BundleSpec) -> Result<Spec, SandboxError> {
         LinuxNamespaceType::Mount,
     ]
     .into_iter()
-    .map(|t| LinuxNamespaceBuilder::default().typ(t).build())
+    .map(|t| match (t, b.netns) {
+        (LinuxNamespaceType::Network, Some(path)) => {
+            LinuxNamespaceBuilder::default().typ(t).path(path).build()
+        }
+        _ => LinuxNamespaceBuilder::default().typ(t).build(),
+    })
     .collect::<Result<Vec<_>, _>>()
     .map_err(oci_err)?;
     SpecBuilder::default()

@@ -55,8 +55,8 @@ pub struct GvisorConfig {
     pub overhead: u64,
     /// slirp4netns binary for `network: outbound`; `None` disables outbound networking.
     pub slirp4netns: Option<PathBuf>,
-    /// Offer `network: outbound` (runsc's netstack on a slirp4netns tap). Off by default:
-    /// with the Debian runsc (20221219) the sandbox gets the interface but no route out.
+    /// Offer `network: outbound` (runsc's netstack on a slirp4netns tap in a network
+    /// namespace of the instance's own). On by default.
     pub outbound: bool,
 }
 
@@ -80,7 +80,7 @@ impl GvisorConfig {
             pids_max: 1024,
             overhead: 64 << 20,
             slirp4netns: find_in_path("slirp4netns"),
-            outbound: false,
+            outbound: true,
         }
     }
 }
@@ -246,7 +246,7 @@ impl Tier {
         }
         if spec.spec.network == Network::Outbound && !self.cfg.outbound {
             return Err(SandboxError::Unsupported(
-                "network: outbound is not available with sandbox: gvisor on this host yet \
+                "network: outbound is turned off for sandbox: gvisor on this server \
                  (use network: none, or sandbox: native)"
                     .into(),
             ));
@@ -286,7 +286,7 @@ impl Tier {
         };
         let id = id.to_string();
         let bundle_dir = self.bundles.join(&id);
-        let oci = bundle::spec(&bundle::BundleSpec {
+        let mut bspec = bundle::BundleSpec {
             rootfs: &self.rootfs,
             agent_exe: &self.cfg.agent_exe,
             agent_args: &self.cfg.agent_args,
@@ -299,8 +299,13 @@ impl Tier {
             },
             workspace: spec.workspace.as_deref(),
             tmp_bytes: spec.spec.tmp,
-        })?;
-        bundle::write(&bundle_dir, &oci)?;
+            netns: None,
+        };
+        // Outbound: the bundle names runsc's own network namespace (made by the spawned
+        // child before it execs runsc), written once its pid is known.
+        if !outbound {
+            bundle::write(&bundle_dir, &bundle::spec(&bspec)?)?;
+        }
         let cleanup = {
             let (runsc, root, dir, id) = (
                 self.cfg.runsc.clone(),
@@ -394,7 +399,13 @@ impl Tier {
         inst.on_exit(cleanup);
         if let Some(bin) = slirp_bin {
             // runsc waits for `go` in its fresh network namespace until the tap is there.
-            match Slirp::start(&bin, pid).await {
+            let ns = format!("/proc/{pid}/ns/net");
+            bspec.netns = Some(&ns);
+            let ready = match bundle::spec(&bspec).and_then(|o| bundle::write(&bundle_dir, &o)) {
+                Ok(()) => Slirp::start(&bin, pid).await,
+                Err(e) => Err(e),
+            };
+            match ready {
                 Ok(s) => inst.set_slirp(s),
                 Err(e) => {
                     inst.stop().await;

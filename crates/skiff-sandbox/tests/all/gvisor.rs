@@ -274,14 +274,3 @@ pub(crate) async fn fork_bomb(ctx: Arc<Ctx>) -> Result<(), String> {
     })?;
     assert_gone(&*ctx.sb, &id, ctx.uid).await
 }
-
-/// Outbound networking is not offered on gVisor here yet: a clear refusal, nothing started.
-pub(crate) async fn outbound_refused(ctx: Arc<Ctx>) -> Result<(), String> {
-    match start_cmd(&ctx, "network: outbound", &sh("echo hi")).await {
-        Err(e) => check(e.contains("network: outbound"), || e.clone()),
-        Ok(i) => {
-            i.stop().await;
-            Err("network: outbound started on gVisor".into())
-        }
-    }
-}

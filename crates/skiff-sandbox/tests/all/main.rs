@@ -186,10 +186,7 @@ async fn run_tier(ctx: &Arc<Ctx>, filters: &[String], tally: &mut (u32, u32)) {
         }),
         ("gvisor_fork_bomb", true, |c| Box::pin(gvisor::fork_bomb(c))),
         ("network_none", true, |c| Box::pin(network_none(c))),
-        ("network_outbound", false, |c| Box::pin(network_outbound(c))),
-        ("gvisor_outbound_refused", true, |c| {
-            Box::pin(gvisor::outbound_refused(c))
-        }),
+        ("network_outbound", true, |c| Box::pin(network_outbound(c))),
         ("http_server", false, |c| Box::pin(http_server(c))),
         ("runtime_api", true, |c| Box::pin(runtime_api(c))),
         ("runtime_api_init_error", true, |c| {
