@@ -189,6 +189,32 @@ impl GvisorSandbox {
         &self.0.cfg
     }
 
+    /// Writes the OCI bundle an instance of `spec` runs from into `dir` (network `none`) and
+    /// returns the config frame its agent expects first on stdin: what `runsc run --bundle
+    /// dir` needs to run the same sandbox without Skiff (the benchmarks' baseline).
+    pub fn write_bundle(&self, spec: &InstanceSpec, dir: &Path) -> Result<Vec<u8>, SandboxError> {
+        let t = &self.0;
+        let b = bundle::BundleSpec {
+            rootfs: &t.rootfs,
+            agent_exe: &t.cfg.agent_exe,
+            agent_args: &t.cfg.agent_args,
+            code_dir: &spec.code_dir,
+            runtime_dir: &t.cfg.runtime_dir,
+            resolv_conf: &t.resolv_none,
+            workspace: spec.workspace.as_deref(),
+            tmp_bytes: spec.spec.tmp,
+            netns: None,
+        };
+        bundle::write(dir, &bundle::spec(&b)?)?;
+        Ok(Frame {
+            kind: Kind::Config,
+            header: serde_json::to_vec(&t.agent_config(spec))
+                .map_err(|e| SandboxError::Start(format!("agent config: {e}")))?,
+            body: Vec::new(),
+        }
+        .encode())
+    }
+
     /// The cgroup directories an instance with this id uses (for tests and diagnostics).
     pub fn instance_cgroup_dirs(&self, instance_id: &str) -> Vec<PathBuf> {
         self.0.cgroups.instance_dirs(instance_id)
