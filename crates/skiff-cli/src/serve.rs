@@ -332,7 +332,9 @@ fn gvisor_tier(
         cfg.runsc = r.to_path_buf();
     }
     cfg.platform = platform.to_string();
-    cfg.pids_max = cfg.pids_max.max(pids_max);
+    // Every guest process is a host task under ptrace, and the sentry and gofer have threads
+    // of their own: the function's --pids-max plus room for them.
+    cfg.pids_max = pids_max + 256;
     if !cfg.runsc.is_file() {
         tracing::info!(
             "gVisor tier off: {} not found (apt-get install runsc)",

@@ -4,6 +4,7 @@
 mod aliases;
 mod events;
 mod execute_api;
+mod gvisor;
 mod harness;
 mod http_runtime;
 mod http_trigger;
@@ -200,19 +201,28 @@ fn handler_errors_are_surfaced() {
 fn timeout_kills_the_instance() {
     let s = Server::start();
     s.deploy(&fixture("fx-sleep"));
+    assert_timeout_kills(&s, "fx-sleep", Duration::from_millis(1600));
+}
+
+/// `name` (fx-sleep, `timeout: 1s`): over the timeout → 504, the instance and its processes
+/// are gone, the next call is a cold start, the server is healthy.
+pub(crate) fn assert_timeout_kills(s: &Server, name: &str, within: Duration) {
     let t0 = Instant::now();
-    let (st, e) = error_of(s.invoke("fx-sleep", &json!({"seconds": 5})));
+    let (st, e) = error_of(s.invoke(name, &json!({"seconds": 5})));
     let took = t0.elapsed();
     assert_eq!(st, 504, "{e}");
     assert_eq!(e["message"], "Task timed out after 1.00 seconds");
-    assert!(took < Duration::from_millis(1600), "took {took:?}");
+    assert!(took < within, "took {took:?}");
     // The instance is gone: no instance listed, no process left in its cgroups.
     std::thread::sleep(Duration::from_millis(300));
-    let rt: Value = s.get("/v1/functions/fx-sleep/runtime").json().unwrap();
+    let rt: Value = s
+        .get(&format!("/v1/functions/{name}/runtime"))
+        .json()
+        .unwrap();
     assert_eq!(rt["instances"].as_array().unwrap().len(), 0, "{rt}");
-    assert!(processes_in_cgroup("/fx-sleep-").is_empty());
+    assert!(processes_in_cgroup(&format!("/{name}-")).is_empty());
     // The next call starts a fresh instance and the server is fine.
-    let (_, h) = s.invoke_ok("fx-sleep", &json!({"seconds": 0.01}));
+    let (_, h) = s.invoke_ok(name, &json!({"seconds": 0.01}));
     assert_eq!(hdr(&h, "x-skiff-cold-start"), "true");
     assert!(s.healthy());
 }
@@ -221,12 +231,17 @@ fn timeout_kills_the_instance() {
 fn memory_limit_gives_502() {
     let s = Server::start();
     s.deploy(&fixture("fx-memhog"));
-    let (st, e) = error_of(s.invoke("fx-memhog", &json!({"mb": 400})));
+    assert_memory_limit(&s, "fx-memhog");
+}
+
+/// `name` (fx-memhog, `memory: 128Mi`): 400 MB → 502 `out_of_memory` naming the limit; under
+/// it, a fresh instance works.
+pub(crate) fn assert_memory_limit(s: &Server, name: &str) {
+    let (st, e) = error_of(s.invoke(name, &json!({"mb": 400})));
     assert_eq!(st, 502, "{e}");
     assert_eq!(e["code"], "out_of_memory", "{e}");
     assert!(e["message"].as_str().unwrap().contains("128 MiB"), "{e}");
-    // Under the limit it works, in a fresh instance.
-    let (v, h) = s.invoke_ok("fx-memhog", &json!({"mb": 16}));
+    let (v, h) = s.invoke_ok(name, &json!({"mb": 16}));
     assert_eq!(hdr(&h, "x-skiff-cold-start"), "true", "{v}");
     assert!(s.healthy());
 }
@@ -239,59 +254,73 @@ fn probe(s: &Server, name: &str, ev: Value) -> Value {
 fn sandbox_confines_the_function() {
     let s = Server::start();
     s.deploy(&fixture("fx-probe"));
+    assert_confined(&s, "fx-probe", false);
+}
+
+/// The security cases every process tier must pass, with the fx-probe function `name`.
+/// `gvisor`: gVisor's `/proc` does not show `NoNewPrivs`, and there a fork bomb may exhaust
+/// the sandbox's memory (sentry state per guest process) before its pids limit.
+pub(crate) fn assert_confined(s: &Server, name: &str, gvisor: bool) {
     // A marker file on the host, outside anything the sandbox mounts.
-    let marker = std::path::Path::new("/root").join(format!("skiff-marker-{}", std::process::id()));
+    let marker =
+        std::path::Path::new("/root").join(format!("skiff-marker-{}-{name}", std::process::id()));
     std::fs::write(&marker, "host secret").unwrap();
     let v = probe(
-        &s,
-        "fx-probe",
+        s,
+        name,
         json!({"check": "read", "path": marker.to_str().unwrap()}),
     );
     assert!(
         !v.to_string().contains("host secret"),
         "read host file: {v}"
     );
-    let v = probe(
-        &s,
-        "fx-probe",
-        json!({"check": "read", "path": "/etc/shadow"}),
-    );
+    let v = probe(s, name, json!({"check": "read", "path": "/etc/shadow"}));
     assert!(!v["ok"].as_bool().unwrap_or(false), "{v}");
     std::fs::remove_file(&marker).unwrap();
     // Code is read-only.
     let v = probe(
-        &s,
-        "fx-probe",
+        s,
+        name,
         json!({"check": "write", "path": "/var/task/evil.py"}),
     );
     assert_eq!(v["ok"], false, "{v}");
     // /tmp is limited (fx-probe has tmp: 16Mi) and wiped between invocations.
-    let v = probe(&s, "fx-probe", json!({"check": "tmpfill", "mb": 64}));
+    let v = probe(s, name, json!({"check": "tmpfill", "mb": 64}));
     let written = v["bytes_written"].as_u64().unwrap();
     assert!(written <= 16 << 20, "{v}");
     assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
-    let v = probe(&s, "fx-probe", json!({"check": "tmpkeep"}));
+    let v = probe(s, name, json!({"check": "tmpkeep"}));
     assert_eq!(v["existed"], false, "{v}");
-    let v = probe(&s, "fx-probe", json!({"check": "tmpkeep"}));
+    let v = probe(s, name, json!({"check": "tmpkeep"}));
     assert_eq!(v["existed"], false, "/tmp survived an invocation: {v}");
     // Only its own processes are visible.
-    let v = probe(&s, "fx-probe", json!({"check": "ps"}));
+    let v = probe(s, name, json!({"check": "ps"}));
     let pids = v["pids"].as_array().unwrap();
     assert!(pids.len() < 10, "sees host processes: {v}");
     assert!(pids.contains(&json!(1)), "{v}");
     // Unprivileged, no capabilities, seccomp on.
-    let v = probe(&s, "fx-probe", json!({"check": "whoami"}));
+    let v = probe(s, name, json!({"check": "whoami"}));
     assert_ne!(v["uid"], 0, "{v}");
     assert_eq!(v["status"]["CapEff"], "0000000000000000", "{v}");
     assert_eq!(v["status"]["CapBnd"], "0000000000000000", "{v}");
     assert_eq!(v["status"]["Seccomp"], "2", "{v}");
-    assert_eq!(v["status"]["NoNewPrivs"], "1", "{v}");
+    if !gvisor {
+        assert_eq!(v["status"]["NoNewPrivs"], "1", "{v}");
+    }
     // A fork bomb is contained by the pids limit and the host stays healthy.
-    let v = probe(&s, "fx-probe", json!({"check": "forkbomb", "n": 1000}));
-    let forked = v["forked"].as_u64().unwrap();
-    assert!(forked < 1000, "fork bomb not contained: {v}");
+    let (st, v) = {
+        let r = s.invoke(name, &json!({"check": "forkbomb", "n": 1000}));
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    if gvisor && st == 502 {
+        assert_eq!(v["error"]["code"], "out_of_memory", "{v}");
+    } else {
+        assert_eq!(st, 200, "{v}");
+        let forked = v["forked"].as_u64().unwrap();
+        assert!(forked < 1000, "fork bomb not contained: {v}");
+    }
     assert!(s.healthy());
-    let v = probe(&s, "fx-probe", json!({"check": "whoami"}));
+    let v = probe(s, name, json!({"check": "whoami"}));
     assert!(v["uid"].is_number());
 }
 
@@ -372,19 +401,25 @@ fn network_policy_is_enforced() {
         &[("name", "fx-probe-net"), ("network", "outbound")],
     );
     s.deploy(outbound.path());
-    let host = NetnsHost::start(7);
+    assert_network_policy(&s, "fx-probe", "fx-probe-net", 7);
+}
+
+/// fx-probe `none` (network: none) reaches nothing; `outbound` reaches a test host (in a
+/// network namespace numbered `tag`) but not the host's loopback.
+pub(crate) fn assert_network_policy(s: &Server, none: &str, outbound: &str, tag: u8) {
+    let host = NetnsHost::start(tag);
     // A TCP server on the host's loopback (the gateway itself).
     let port: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();
     // network: none → nothing is reachable.
     let v = probe(
-        &s,
-        "fx-probe",
-        json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 2}),
+        s,
+        none,
+        json!({"check": "connect", "host": format!("10.214.{tag}.2"), "port": 7777, "timeout": 2}),
     );
     assert_eq!(v["ok"], false, "network none reached the test host: {v}");
     let v = probe(
-        &s,
-        "fx-probe",
+        s,
+        none,
         json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}),
     );
     assert_eq!(
@@ -393,21 +428,21 @@ fn network_policy_is_enforced() {
     );
     // network: outbound → the test host is reachable...
     let v = probe(
-        &s,
-        "fx-probe-net",
-        json!({"check": "connect", "host": "10.214.7.2", "port": 7777, "timeout": 5}),
+        s,
+        outbound,
+        json!({"check": "connect", "host": format!("10.214.{tag}.2"), "port": 7777, "timeout": 5}),
     );
     assert_eq!(v["ok"], true, "outbound could not reach the test host: {v}");
     // ...but the host's own loopback services are not (neither directly nor via the NAT gateway).
     let v = probe(
-        &s,
-        "fx-probe-net",
+        s,
+        outbound,
         json!({"check": "connect", "host": "10.0.2.2", "port": port, "timeout": 2}),
     );
     assert_eq!(v["ok"], false, "outbound reached the host loopback: {v}");
     let v = probe(
-        &s,
-        "fx-probe-net",
+        s,
+        outbound,
         json!({"check": "connect", "host": "127.0.0.1", "port": port, "timeout": 2}),
     );
     assert_eq!(v["ok"], false, "{v}");

@@ -240,7 +240,7 @@ pub(crate) async fn workspace_persists(ctx: Arc<Ctx>) -> Result<(), String> {
 /// host stub under ptrace) or the sentry's own; the host and other sandboxes are unaffected
 /// and stopping it leaves nothing behind.
 pub(crate) async fn fork_bomb(ctx: Arc<Ctx>) -> Result<(), String> {
-    let inst = start_cmd(&ctx, "", &sh("b(){ b|b& }; b; exec sleep 10")).await?;
+    let inst = start_cmd(&ctx, "", &sh("(b(){ b|b& }; b) 2>/dev/null; exec sleep 10")).await?;
     let id = inst.id().to_string();
     let pids_dir = ctx.sb.cgroup_dirs(&id)[1].clone();
     let mut max = 0u32;
