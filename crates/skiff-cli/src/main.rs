@@ -36,6 +36,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process; boxing the server's arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Run the Skiff server.
     Serve(serve::ServeArgs),
