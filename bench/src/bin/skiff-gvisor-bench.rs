@@ -217,8 +217,9 @@ impl Raw {
     }
 
     /// Writes a bundle, then times `runsc run` from spawn to the agent's `Done` for one
-    /// invoke; returns (ms to Done, ms spent writing the bundle). Tears down untimed.
-    async fn run(&self, i: usize) -> (f64, f64) {
+    /// invoke; returns (ms to Done, ms spent writing the bundle, ms to the agent's `Ready`,
+    /// ms to `Initialized`). Tears down untimed.
+    async fn run(&self, i: usize) -> (f64, f64, f64, f64) {
         let id = format!("raw-{}-{i}", std::process::id());
         let dir = self.bundles.join(&id);
         let mut spec = self.spec.clone();
@@ -262,6 +263,7 @@ impl Raw {
         let mut host = tokio::net::UnixStream::from_std(host).unwrap();
         host.write_all(&config).await.unwrap();
         host.write_all(&invoke).await.unwrap();
+        let (mut ready_ms, mut init_ms) = (f64::NAN, f64::NAN);
         let ms = loop {
             let f = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut host))
                 .await
@@ -279,6 +281,8 @@ impl Raw {
                     );
                     break ms;
                 }
+                Kind::Ready => ready_ms = t.elapsed().as_secs_f64() * 1e3,
+                Kind::Initialized => init_ms = t.elapsed().as_secs_f64() * 1e3,
                 Kind::SetupFailed | Kind::InitError | Kind::Exit => panic!(
                     "raw runsc: {:?} {}",
                     f.kind,
@@ -315,7 +319,7 @@ impl Raw {
             let _ = std::fs::remove_file(self.root.join(format!("{id}_sandbox:{id}.{ext}")));
         }
         let _ = std::fs::remove_dir_all(&dir);
-        (ms, bundle_ms)
+        (ms, bundle_ms, ready_ms, init_ms)
     }
 }
 
@@ -469,15 +473,18 @@ async fn main() {
         invoke(&mut conn, &addr, "gv-cold", Some(true)).await;
         raw.run(usize::MAX).await;
         let (mut skiff_ms, mut raw_ms, mut bundle_ms) = (vec![], vec![], vec![]);
+        let (mut ready_ms, mut init_ms) = (vec![], vec![]);
         for i in 0..cold_n {
             for first_skiff in [i % 2 == 0, i % 2 == 1] {
                 tokio::time::sleep(pause).await;
                 if first_skiff {
                     skiff_ms.push(invoke(&mut conn, &addr, "gv-cold", Some(true)).await);
                 } else {
-                    let (r, b) = raw.run(i).await;
+                    let (r, b, ready, init) = raw.run(i).await;
                     raw_ms.push(r);
                     bundle_ms.push(b);
+                    ready_ms.push(ready);
+                    init_ms.push(init);
                 }
             }
         }
@@ -486,6 +493,8 @@ async fn main() {
         println!("| path | n | median | p90 | min | max |\n|---|---:|---:|---:|---:|---:|");
         row("Skiff: `mode: ephemeral` invoke through the gateway", &s);
         row("raw `runsc run` of the same bundle, to `Done`", &r);
+        row("  raw: spawn to the agent's `Ready` (runsc up, agent set up)", &sorted(ready_ms));
+        row("  raw: spawn to `Initialized` (python bootstrap + main.py imported)", &sorted(init_ms));
         println!(
             "\nratio Skiff/raw (medians): {:.2}× (target ≤ 1.1×); writing the bundle (untimed in raw): median {:.2} ms",
             median(&s) / median(&r),
