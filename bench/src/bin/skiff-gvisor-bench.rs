@@ -292,7 +292,9 @@ impl Raw {
             }
         };
         // Teardown (untimed): ask the agent to exit, then make sure runsc is gone.
-        let _ = host.write_all(&Frame::bare(Kind::Shutdown, Vec::new()).encode()).await;
+        let _ = host
+            .write_all(&Frame::bare(Kind::Shutdown, Vec::new()).encode())
+            .await;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if proc.try_wait().unwrap().is_some() {
@@ -375,8 +377,8 @@ fn sample_memory(server_pid: u32, function: &str) -> (usize, u64, u64, usize) {
         usage += u;
         for pid in pids.lines() {
             procs += 1;
-            let s = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
-                .unwrap_or_default();
+            let s =
+                std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap_or_default();
             rss += s
                 .lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -415,12 +417,21 @@ async fn main() {
         .unwrap()
         .to_path_buf();
     let skiff = root.join("target/release/skiff");
-    assert!(skiff.exists(), "build first: cargo build --release -p skiff-cli");
+    assert!(
+        skiff.exists(),
+        "build first: cargo build --release -p skiff-cli"
+    );
     raise_nofile();
     let runsc_version = Command::new("runsc")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_else(|_| "runsc not found".into());
     println!("{runsc_version}, platform ptrace (skiff serve's default)");
     let tmp = std::env::temp_dir().join(format!("skiff-gvisor-bench-{}", std::process::id()));
@@ -433,15 +444,32 @@ async fn main() {
     let fns = tmp.join("fns");
     let gv = "sandbox: gvisor\n";
     let cold_yaml = format!("{gv}mode: ephemeral\n");
-    deploy(&skiff, &addr, &function(&fns, "gv-cold", &cold_yaml, TRIVIAL));
-    deploy(&skiff, &addr, &function(&fns, "gv-plain", &cold_yaml, SLOW_INIT));
     deploy(
         &skiff,
         &addr,
-        &function(&fns, "gv-branched", &format!("{gv}mode: branched\n"), SLOW_INIT),
+        &function(&fns, "gv-cold", &cold_yaml, TRIVIAL),
+    );
+    deploy(
+        &skiff,
+        &addr,
+        &function(&fns, "gv-plain", &cold_yaml, SLOW_INIT),
+    );
+    deploy(
+        &skiff,
+        &addr,
+        &function(
+            &fns,
+            "gv-branched",
+            &format!("{gv}mode: branched\n"),
+            SLOW_INIT,
+        ),
     );
     deploy(&skiff, &addr, &function(&fns, "gv-warm", gv, TRIVIAL));
-    deploy(&skiff, &addr, &function(&fns, "nat-warm", "sandbox: native\n", TRIVIAL));
+    deploy(
+        &skiff,
+        &addr,
+        &function(&fns, "nat-warm", "sandbox: native\n", TRIVIAL),
+    );
     deploy(
         &skiff,
         &addr,
@@ -493,8 +521,14 @@ async fn main() {
         println!("| path | n | median | p90 | min | max |\n|---|---:|---:|---:|---:|---:|");
         row("Skiff: `mode: ephemeral` invoke through the gateway", &s);
         row("raw `runsc run` of the same bundle, to `Done`", &r);
-        row("  raw: spawn to the agent's `Ready` (runsc up, agent set up)", &sorted(ready_ms));
-        row("  raw: spawn to `Initialized` (python bootstrap + main.py imported)", &sorted(init_ms));
+        row(
+            "  raw: spawn to the agent's `Ready` (runsc up, agent set up)",
+            &sorted(ready_ms),
+        );
+        row(
+            "  raw: spawn to `Initialized` (python bootstrap + main.py imported)",
+            &sorted(init_ms),
+        );
         println!(
             "\nratio Skiff/raw (medians): {:.2}× (target ≤ 1.1×); writing the bundle (untimed in raw): median {:.2} ms",
             median(&s) / median(&r),
@@ -552,7 +586,11 @@ async fn main() {
         for (name, v) in &res {
             println!(
                 "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
-                if *name == "gv-warm" { "gvisor" } else { "native" },
+                if *name == "gv-warm" {
+                    "gvisor"
+                } else {
+                    "native"
+                },
                 v.len(),
                 pct(v, 0.5),
                 pct(v, 0.9),
@@ -570,7 +608,7 @@ async fn main() {
     // 4. Many concurrent gVisor instances.
     {
         tokio::time::sleep(Duration::from_secs(2)).await;
-                let peak = Arc::new(peak::Peak::default());
+        let peak = Arc::new(peak::Peak::default());
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = {
             let (peak, sampling) = (peak.clone(), sampling.clone());
