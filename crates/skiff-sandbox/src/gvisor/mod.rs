@@ -487,8 +487,6 @@ impl Tier {
     }
 }
 
-/// `runsc delete --force ID`: removes the container's state (the sandbox is already dead or
-/// dies now).
 /// Removes runsc's state files of a container whose processes are gone.
 fn forget_container(root: &Path, id: &str) {
     for ext in ["state", "lock"] {
@@ -496,6 +494,8 @@ fn forget_container(root: &Path, id: &str) {
     }
 }
 
+/// `runsc delete --force ID`: kills the container if it still runs and removes its state
+/// (for containers left by an earlier server; slow, so not used on the stop path).
 fn runsc_delete(runsc: &Path, root: &Path, id: &str) {
     let _ = std::process::Command::new(runsc)
         .arg(format!("--root={}", root.display()))
