@@ -106,11 +106,7 @@ impl Cmd {
         let conv = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
         let stdout = conv(child.stdout.take().map(OwnedFd::from));
         let stderr = conv(child.stderr.take().map(OwnedFd::from));
-        let stdin = child
-            .stdin
-            .take()
-            .map(OwnedFd::from)
-            .and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+        let stdin = child.stdin.take().map(OwnedFd::from);
         drop(child);
         let (Some(mut stdout), Some(mut stderr)) = (stdout, stderr) else {
             // SAFETY: killing our own child's group.
@@ -122,11 +118,7 @@ impl Cmd {
                 Vec::new(),
             );
         };
-        let feeder = stdin.map(|mut s| {
-            tokio::task::spawn_local(async move {
-                let _ = s.write_all(&payload).await;
-            })
-        });
+        let feeder = stdin.and_then(|fd| feed(fd, payload));
 
         let mut out = Vec::new();
         let mut too_large = false;
@@ -214,4 +206,44 @@ fn stack(tail: &[u8]) -> Vec<String> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let from = lines.len().saturating_sub(10);
     lines[from..].iter().map(|l| l.to_string()).collect()
+}
+
+/// Writes the payload to the command's stdin on the event loop; if the pipe cannot be
+/// registered with it (seen under gVisor with several commands at once), with blocking writes
+/// on a thread of its own, so the payload is never lost.
+fn feed(fd: OwnedFd, payload: Vec<u8>) -> Option<tokio::task::JoinHandle<()>> {
+    let raw = match fd.try_clone() {
+        Ok(dup) => dup,
+        Err(e) => {
+            eprintln!("skiff-agent: command stdin: {e}");
+            return None;
+        }
+    };
+    match pipe::Sender::from_owned_fd(fd) {
+        Ok(mut s) => Some(tokio::task::spawn_local(async move {
+            let _ = s.write_all(&payload).await;
+        })),
+        Err(e) => {
+            eprintln!(
+                "skiff-agent: command stdin on the event loop: {e}; writing it from a thread"
+            );
+            let _ = std::thread::Builder::new()
+                .name("stdin-feed".into())
+                .spawn(move || {
+                    use std::io::Write;
+                    // Blocking writes: the event loop may have left the pipe non-blocking.
+                    // SAFETY: fcntl on our own fd.
+                    unsafe {
+                        let fl = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&raw), libc::F_GETFL);
+                        libc::fcntl(
+                            std::os::fd::AsRawFd::as_raw_fd(&raw),
+                            libc::F_SETFL,
+                            fl & !libc::O_NONBLOCK,
+                        );
+                    }
+                    let _ = std::fs::File::from(raw).write_all(&payload);
+                });
+            None
+        }
+    }
 }
