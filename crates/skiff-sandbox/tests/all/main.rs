@@ -634,14 +634,23 @@ async fn concurrency(ctx: Arc<Ctx>) -> Result<(), String> {
     let t = Instant::now();
     let calls = (0..6).map(|i| {
         let inst = inst.clone();
-        async move { call_ok(&inst, format!("n{i}").as_bytes()).await }
+        async move { call(&inst, format!("n{i}").as_bytes()).await }
     });
     let results = futures_join(calls.collect()).await;
     let elapsed = t.elapsed();
+    let agent_output = inst.take_output();
     inst.stop().await;
     for (i, r) in results.into_iter().enumerate() {
-        let r = r?;
-        check(r == format!("n{i}"), || format!("call {i}: {r}"))?;
+        let r = r.map_err(|e| format!("call {i}: {e:?}"))?;
+        let body = String::from_utf8_lossy(&r.body);
+        check(r.error_type.is_none() && body == format!("n{i}"), || {
+            format!(
+                "call {i}: {body:?} (error {:?}, logs {:?}, agent {:?})",
+                r.error_type,
+                String::from_utf8_lossy(&r.logs),
+                String::from_utf8_lossy(&agent_output)
+            )
+        })?;
     }
     // 6 calls of 0.5 s, 3 at a time: about 1 s (+ process starts, slow under gVisor's
     // ptrace), well below 3 s serial.
