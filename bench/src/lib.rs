@@ -81,3 +81,65 @@ pub fn raise_nofile() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// One response: status, headers (lower-cased), body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// Sends one HTTP/1.1 request on `r`'s stream and reads the response (by Content-Length).
+pub async fn request(
+    r: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    close: bool,
+) -> std::io::Result<Reply> {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let s = r.get_mut();
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut headers = String::new();
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+            break;
+        }
+        let l = line.to_ascii_lowercase();
+        if let Some(v) = l.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        headers.push_str(&l);
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The value of header `name` (lower-case) in `headers` as [`request`] returns them.
+pub fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}

@@ -12,12 +12,11 @@
 //!
 //! Usage: `bench/js-concurrency.sh [--n 10000] [--warm 2000] [--cold 200]`.
 
-use skiff_bench::{arg, deploy, raise_nofile, start_server};
+use skiff_bench::{arg, deploy, header, raise_nofile, request, start_server};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
@@ -42,66 +41,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// One response: status, headers (lower-cased), body.
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-/// Sends one HTTP/1.1 request on `r`'s stream and reads the response (by Content-Length).
-async fn request(
-    r: &mut tokio::io::BufReader<TcpStream>,
-    host: &str,
-    method: &str,
-    path: &str,
-    body: &[u8],
-    close: bool,
-) -> std::io::Result<Reply> {
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
-        body.len(),
-        if close { "Connection: close\r\n" } else { "" }
-    );
-    let s = r.get_mut();
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    let mut line = String::new();
-    r.read_line(&mut line).await?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut headers = String::new();
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await? == 0 || line == "\r\n" {
-            break;
-        }
-        let l = line.to_ascii_lowercase();
-        if let Some(v) = l.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        headers.push_str(&l);
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await?;
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(str::trim)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {

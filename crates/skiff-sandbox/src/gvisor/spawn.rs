@@ -3,7 +3,7 @@
 //! networking, enters a fresh network and mount namespace (tmpfs over `/proc/sys/net`) and
 //! waits for the host to attach slirp4netns before it execs runsc.
 
-use crate::native::pipe;
+use crate::native::{dup_high, pipe};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -37,16 +37,6 @@ pub(crate) struct Spawned {
     /// Outbound networking: a byte written here lets the child exec runsc (the network of
     /// its namespace is ready); dropping it unwritten makes the child give up.
     pub(crate) go: Option<OwnedFd>,
-}
-
-fn dup_high(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl on a valid fd.
-    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Clones and execs runsc (`argv[0]`) with an empty environment. Exit codes of the child

@@ -37,47 +37,6 @@ def handler(event, context):
     return {"count": count, "boot": boot, "trail": open("/tmp/trail").read()}
 "#;
 
-/// A python3 function (the shipped Lambda bootstrap) in a code dir of its own.
-fn python_spec(extra: &str, main_py: &str) -> Result<(InstanceSpec, tempfile::TempDir), String> {
-    let code = tempfile::tempdir().map_err(|e| e.to_string())?;
-    std::fs::set_permissions(
-        code.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(code.path().join("main.py"), main_py).map_err(|e| e.to_string())?;
-    let spec = FunctionSpec::from_yaml(&format!(
-        "name: py\nruntime: python3\nhandler: main.handler\nnetwork: none\n{extra}"
-    ))
-    .map_err(|e| e.to_string())?;
-    let (mode, argv) = skiff_core::launch::program(&spec);
-    let env = skiff_core::launch::environment(&skiff_core::launch::LaunchInfo {
-        spec: &spec,
-        revision: 1,
-        workspace: "default",
-        secrets: &[],
-        otel_endpoint: None,
-    });
-    let ispec = InstanceSpec {
-        instance_id: unique("py"),
-        function: "py".into(),
-        revision: 1,
-        spec,
-        code_dir: code.path().to_path_buf(),
-        env,
-        exec_mode: mode,
-        argv,
-        rootfs: None,
-        workspace: None,
-    };
-    Ok((ispec, code))
-}
-
-fn fresh_id(mut s: InstanceSpec) -> InstanceSpec {
-    s.instance_id = unique("py");
-    s
-}
-
 async fn json_call(inst: &Arc<dyn Instance>, mark: &str) -> Result<serde_json::Value, String> {
     let out = call_ok(inst, format!("{{\"mark\":\"{mark}\"}}").as_bytes()).await?;
     serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))

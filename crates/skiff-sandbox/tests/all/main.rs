@@ -293,6 +293,50 @@ fn ispec(spec: FunctionSpec, mode: ExecMode, argv: &[&str], code: &Path) -> Inst
     }
 }
 
+/// A python3 function (the shipped Lambda bootstrap) in a code dir of its own.
+pub(crate) fn python_spec(
+    extra: &str,
+    main_py: &str,
+) -> Result<(InstanceSpec, tempfile::TempDir), String> {
+    let code = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::set_permissions(
+        code.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(code.path().join("main.py"), main_py).map_err(|e| e.to_string())?;
+    let spec = FunctionSpec::from_yaml(&format!(
+        "name: py\nruntime: python3\nhandler: main.handler\nnetwork: none\n{extra}"
+    ))
+    .map_err(|e| e.to_string())?;
+    let (mode, argv) = skiff_core::launch::program(&spec);
+    let env = skiff_core::launch::environment(&skiff_core::launch::LaunchInfo {
+        spec: &spec,
+        revision: 1,
+        workspace: "default",
+        secrets: &[],
+        otel_endpoint: None,
+    });
+    let ispec = InstanceSpec {
+        instance_id: unique("py"),
+        function: "py".into(),
+        revision: 1,
+        spec,
+        code_dir: code.path().to_path_buf(),
+        env,
+        exec_mode: mode,
+        argv,
+        rootfs: None,
+        workspace: None,
+    };
+    Ok((ispec, code))
+}
+
+pub(crate) fn fresh_id(mut s: InstanceSpec) -> InstanceSpec {
+    s.instance_id = unique("py");
+    s
+}
+
 fn sh(script: &str) -> Vec<&str> {
     vec!["/usr/bin/sh", "-c", script]
 }
@@ -1231,41 +1275,11 @@ async fn measure_latency(ctx: Arc<Ctx>) -> Result<(), String> {
 
     let bootstrap = ctx.runtime.join("python/bootstrap.py");
     if bootstrap.is_file() {
-        let code = tempfile::tempdir().map_err(|e| e.to_string())?;
-        std::fs::set_permissions(
-            code.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        std::fs::write(
-            code.path().join("main.py"),
+        let (spec, _code) = python_spec(
+            "",
             "def handler(event, context):\n    return {'ok': True}\n",
-        )
-        .map_err(|e| e.to_string())?;
-        let spec = FunctionSpec::from_yaml(
-            "name: py\nruntime: python3\nhandler: main.handler\nnetwork: none\n",
-        )
-        .unwrap();
-        let (mode, argv) = skiff_core::launch::program(&spec);
-        let env = skiff_core::launch::environment(&skiff_core::launch::LaunchInfo {
-            spec: &spec,
-            revision: 1,
-            workspace: "default",
-            secrets: &[],
-            otel_endpoint: None,
-        });
-        let mk = || InstanceSpec {
-            instance_id: unique("py"),
-            function: "py".into(),
-            revision: 1,
-            spec: spec.clone(),
-            code_dir: code.path().to_path_buf(),
-            env: env.clone(),
-            exec_mode: mode,
-            argv: argv.clone(),
-            rootfs: None,
-            workspace: None,
-        };
+        )?;
+        let mk = || fresh_id(spec.clone());
         let mut cold = Vec::new();
         for _ in 0..10 {
             let t = Instant::now();
