@@ -212,10 +212,7 @@ impl Incoming {
 
 async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
     let (tx, rx) = mpsc::unbounded_channel();
-    // In gVisor the channel is a host file the sandbox was restored with after a snapshot,
-    // and epoll on such a file does not wake up after a restore: there, dedicated threads
-    // read and write it with blocking calls.
-    let incoming = if cfg.prebuilt_root {
+    let incoming = if cfg.blocking_channel {
         match channel_threads(chan, rx) {
             Ok(frames) => Incoming::Thread(frames),
             Err(e) => {

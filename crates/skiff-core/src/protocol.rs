@@ -155,6 +155,10 @@ pub struct AgentConfig {
     /// from an OCI bundle): the agent skips building its root, but still drops privileges.
     #[serde(default)]
     pub prebuilt_root: bool,
+    /// Read and write the channel from two threads with blocking calls instead of on the
+    /// event loop (gVisor: after a restore, epoll on the restored channel never wakes).
+    #[serde(default)]
+    pub blocking_channel: bool,
 }
 
 /// Host → agent: run one invocation.

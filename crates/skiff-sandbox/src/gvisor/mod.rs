@@ -255,6 +255,8 @@ impl Tier {
             rootfs: None,
             http_port: HTTP_PORT,
             prebuilt_root: true,
+            // After a restore, epoll on the restored channel never wakes.
+            blocking_channel: true,
         }
     }
 

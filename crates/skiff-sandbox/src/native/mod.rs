@@ -377,6 +377,7 @@ impl NativeSandbox {
             rootfs,
             http_port: HTTP_PORT,
             prebuilt_root: false,
+            blocking_channel: false,
         })
     }
 }
