@@ -3,10 +3,10 @@
 //! networking, enters a fresh network and mount namespace (tmpfs over `/proc/sys/net`) and
 //! waits for the host to attach slirp4netns before it execs runsc.
 
-use crate::native::{dup_high, pipe};
+use crate::native::{clone_into_cgroups, dup_high, pipe};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Everything the child needs, prepared before the clone (the child may not allocate).
 pub(crate) struct Exec {
@@ -65,34 +65,11 @@ pub(crate) fn spawn(
     let root = c"/";
     let proc_sys_net = c"/proc/sys/net";
     let tmpfs = c"tmpfs";
-    let mut pidfd: libc::c_int = -1;
-    let flags = libc::CLONE_PIDFD | libc::SIGCHLD;
-    // SAFETY: fork-like clone (no CLONE_VM, no new stack). The child runs only
-    // async-signal-safe syscalls on memory prepared before the clone, then execs or _exits.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            flags as libc::c_ulong,
-            0usize,
-            &mut pidfd as *mut libc::c_int,
-            0usize,
-            0usize,
-        )
-    };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
+    // SAFETY: the child only makes async-signal-safe calls on memory prepared before the
+    // clone, then execs or _exits.
+    let Some((pid, pidfd)) = (unsafe { clone_into_cgroups(0, &procs)? }) else {
         // SAFETY: async-signal-safe calls only; never returns.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for &fd in &procs {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    libc::_exit(126);
-                }
-            }
             if go_fd >= 0 {
                 if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) != 0
                     || libc::mount(
@@ -135,7 +112,7 @@ pub(crate) fn spawn(
             libc::execve(exec.argv_ptrs[0], exec.argv_ptrs.as_ptr(), envp.as_ptr());
             libc::_exit(127);
         }
-    }
+    };
     drop((chan, err, go_r, ns_w));
     if let Some(ns_r) = ns_r {
         // The child's namespaces exist once it wrote a byte (EOF: it failed, exit code 124).
@@ -149,16 +126,15 @@ pub(crate) fn spawn(
         };
         if n != 1 {
             // SAFETY: reaping our own child, which exited.
-            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
             return Err(io::Error::other(
                 "could not create the network namespace for runsc",
             ));
         }
     }
     Ok(Spawned {
-        pid: pid as libc::pid_t,
-        // SAFETY: CLONE_PIDFD stored a fresh fd (close-on-exec) for the child.
-        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        pid,
+        pidfd,
         go: go_w,
     })
 }

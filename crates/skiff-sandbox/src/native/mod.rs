@@ -14,7 +14,7 @@ mod netns;
 mod spawn;
 
 pub use instance::NativeInstance;
-pub(crate) use spawn::dup_high;
+pub(crate) use spawn::{clone_into_cgroups, dup_high};
 
 use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
 use async_trait::async_trait;

@@ -73,12 +73,44 @@ pub(crate) fn clone_agent(
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_PIDFD
-        | libc::SIGCHLD;
+        | libc::CLONE_NEWUTS;
+    // SAFETY: the child only makes async-signal-safe calls on memory prepared before the
+    // clone, then execs or _exits.
+    let Some((pid, pidfd)) = (unsafe { clone_into_cgroups(flags, &procs)? }) else {
+        // Child.
+        // SAFETY: async-signal-safe calls only; never returns.
+        unsafe {
+            if libc::dup2(null_fd, 0) < 0
+                || libc::dup2(err_fd, 1) < 0
+                || libc::dup2(err_fd, 2) < 0
+                || libc::dup2(chan_fd, 3) < 0
+            {
+                libc::_exit(125);
+            }
+            libc::execve(exec.exe.as_ptr(), exec.argv_ptrs.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    };
+    drop((chan, null, err));
+    Ok((pid, pidfd))
+}
+
+/// A fork-like `clone` (`CLONE_PIDFD | SIGCHLD` plus `extra_flags`: namespaces) whose child
+/// clears its signal mask and joins the cgroups whose `cgroup.procs` are `cgroup_procs`
+/// (exit code 126 if it cannot). Returns the child's pid and pidfd in the parent, `None` in
+/// the child.
+///
+/// # Safety
+/// Like `fork` in a multi-threaded process: in the child (`None`) the caller may only make
+/// async-signal-safe calls on memory prepared before, then must `execve` or `_exit`.
+pub(crate) unsafe fn clone_into_cgroups(
+    extra_flags: libc::c_int,
+    cgroup_procs: &[RawFd],
+) -> io::Result<Option<(libc::pid_t, OwnedFd)>> {
+    let flags = extra_flags | libc::CLONE_PIDFD | libc::SIGCHLD;
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: fork-like clone (no CLONE_VM, no new stack). The child runs only async-signal-safe
-    // syscalls on memory prepared before the clone, then execs or _exits.
+    // SAFETY: no CLONE_VM and no new stack: the child gets a copy of this address space, as
+    // with fork.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -93,29 +125,21 @@ pub(crate) fn clone_agent(
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        // Child.
-        // SAFETY: async-signal-safe calls only; never returns.
+        // SAFETY: async-signal-safe calls only.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for &fd in &procs {
+            for &fd in cgroup_procs {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     libc::_exit(126);
                 }
             }
-            if libc::dup2(null_fd, 0) < 0
-                || libc::dup2(err_fd, 1) < 0
-                || libc::dup2(err_fd, 2) < 0
-                || libc::dup2(chan_fd, 3) < 0
-            {
-                libc::_exit(125);
-            }
-            libc::execve(exec.exe.as_ptr(), exec.argv_ptrs.as_ptr(), envp.as_ptr());
-            libc::_exit(127);
         }
+        return Ok(None);
     }
-    drop((chan, null, err));
     // SAFETY: CLONE_PIDFD stored a fresh fd (close-on-exec) for the child.
-    Ok((pid as libc::pid_t, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    Ok(Some((pid as libc::pid_t, unsafe {
+        OwnedFd::from_raw_fd(pidfd)
+    })))
 }
