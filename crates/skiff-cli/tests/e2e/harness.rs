@@ -362,3 +362,19 @@ pub fn python_function(name: &str, yaml: &str, code: &str) -> tempfile::TempDir 
     std::fs::write(dir.path().join("main.py"), code).unwrap();
     dir
 }
+
+/// Uploads `dir` as a revision through the API; returns the status and JSON body.
+pub fn upload(
+    s: &Server,
+    name: &str,
+    dir: &std::path::Path,
+    promote: bool,
+) -> (u16, serde_json::Value) {
+    let pkg = skiff_store::Store::pack_dir(dir, |_| {}).unwrap();
+    let r = s.post(
+        &format!("/v1/functions/{name}/revisions?promote={promote}"),
+        pkg,
+    );
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(serde_json::Value::Null))
+}

@@ -54,17 +54,6 @@ fn delete(s: &Server, path: &str) -> reqwest::blocking::Response {
     s.http.delete(format!("{}{path}", s.url)).send().unwrap()
 }
 
-/// Uploads `dir` through the API; returns the status and JSON body.
-fn upload(s: &Server, name: &str, dir: &std::path::Path, promote: bool) -> (u16, Value) {
-    let pkg = skiff_store::Store::pack_dir(dir, |_| {}).unwrap();
-    let r = s.post(
-        &format!("/v1/functions/{name}/revisions?promote={promote}"),
-        pkg,
-    );
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
-
 #[test]
 fn persistent_workspace_and_tmp_survive_restarts_and_idleness() {
     let s = Server::start();

@@ -4,17 +4,6 @@
 use crate::harness::*;
 use serde_json::{json, Value};
 
-/// Uploads `dir` as a revision through the API; returns the status and JSON body.
-fn upload(s: &Server, name: &str, dir: &std::path::Path, promote: bool) -> (u16, Value) {
-    let pkg = skiff_store::Store::pack_dir(dir, |_| {}).unwrap();
-    let r = s.post(
-        &format!("/v1/functions/{name}/revisions?promote={promote}"),
-        pkg,
-    );
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
-
 fn codes(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
