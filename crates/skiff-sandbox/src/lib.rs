@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod gvisor;
+pub mod microvm;
 pub mod native;
 pub mod tiers;
 
