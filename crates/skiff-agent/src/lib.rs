@@ -1,9 +1,10 @@
-//! The Skiff agent: PID 1 inside a native or gVisor sandbox.
+//! The Skiff agent: PID 1 inside a native or gVisor sandbox, and the init of a microVM.
 //!
 //! The native tier starts it in fresh pid/mount/net/ipc/uts namespaces, already inside the
 //! instance's cgroups, with the framed channel on fd 3 (see [`skiff_core::protocol`]); the
 //! gVisor tier starts it as the container's process with the channel on stdin
-//! ([`STDIO_CHANNEL_ARG`]) and a root `runsc` already built (`prebuilt_root`). The agent reads its
+//! ([`STDIO_CHANNEL_ARG`]) and a root `runsc` already built (`prebuilt_root`); a microVM's
+//! initramfs execs it with its channel on a virtio-serial port ([`VM_CHANNEL_ARG`]). The agent reads its
 //! [`AgentConfig`], builds the sandbox (a tmpfs root with read-only binds, `/dev`, `/proc`, a
 //! sized `/tmp`, `pivot_root`), drops every privilege (capability bounding set, uid/gid,
 //! `no_new_privs`, seccomp), reports `Ready`, then runs the function: either Lambda Runtime API
@@ -20,6 +21,9 @@ mod rapi;
 mod seccomp;
 mod serve;
 mod setup;
+mod vm;
+
+pub use vm::VM_CHANNEL_ARG;
 
 use skiff_core::protocol::{AgentConfig, Kind, Ready};
 use std::os::fd::FromRawFd;
@@ -59,6 +63,10 @@ fn run() -> i32 {
             }
         }
     }
+    if let Some(Err(e)) = vm::take_channel_arg() {
+        eprintln!("skiff-agent: {e}");
+        return 2;
+    }
     // Nothing but fds 0..=3 may leak in from the host; fd 3 must not leak into the function.
     // SAFETY: plain syscalls on fds we own.
     unsafe {
@@ -94,6 +102,11 @@ fn run() -> i32 {
                 Ok(Some(f)) => early.push(f),
                 Ok(None) | Err(_) => return 0,
             }
+        }
+    }
+    if cfg.vm {
+        if let Err(e) = vm::start_helper() {
+            return fail(&mut chan, &format!("sandbox setup failed: {e}"));
         }
     }
     if let Err(e) = setup::drop_privileges(&cfg) {

@@ -349,7 +349,12 @@ fn dispatch(mode: &Rc<dyn Mode>, out: &Out, f: Frame) -> bool {
                 out.raw(Kind::Quiesced, b"{}", msg.as_bytes());
             });
         }
-        Kind::Resume => mode.clone().resume(),
+        Kind::Resume => {
+            if !f.body.is_empty() {
+                crate::vm::resume(&f.body);
+            }
+            mode.clone().resume()
+        }
         Kind::Invoke => match f.header::<Invoke>() {
             Ok(inv) => mode.invoke(inv, f.body),
             Err(e) => eprintln!("skiff-agent: bad invoke header: {e}"),
@@ -384,6 +389,7 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<OutMsg>)
 
 /// PID 1 duty: reap every child; hand our own children's statuses to their waiters.
 async fn reaper(agent: Rc<Agent>, mut sigchld: tokio::signal::unix::Signal) {
+    let oom = agent.cfg.vm.then(crate::vm::OomWatch::new);
     loop {
         loop {
             let mut st = 0;
@@ -399,6 +405,11 @@ async fn reaper(agent: Rc<Agent>, mut sigchld: tokio::signal::unix::Signal) {
                 // group id cannot have been reused.
                 // SAFETY: signalling a process group we created.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // In a microVM the guest kernel's OOM killer is the memory limit; the host
+                // hears of it before the death it caused.
+                if libc::WIFSIGNALED(st) && oom.as_ref().is_some_and(|o| o.fired()) {
+                    agent.out.raw(Kind::OomKill, b"{}", &[]);
+                }
                 let _ = tx.send(st);
             }
         }

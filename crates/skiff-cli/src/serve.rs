@@ -4,7 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_gateway::events::EventConfig;
 use skiff_gateway::{AppState, Auth};
-use skiff_sandbox::{GvisorConfig, GvisorSandbox, NativeConfig, NativeSandbox, Tiers};
+use skiff_sandbox::{
+    Accel, GvisorConfig, GvisorSandbox, MicrovmConfig, MicrovmSandbox, NativeConfig, NativeSandbox,
+    Tiers,
+};
 use skiff_scheduler::{Scheduler, SchedulerConfig};
 use skiff_store::Store;
 use std::net::SocketAddr;
@@ -33,12 +36,13 @@ pub struct ServeArgs {
     /// Port on 127.0.0.1 when --listen is not given (seed-compatible configuration).
     #[arg(long, env = "FAAS_GATEWAY_PORT")]
     gateway_port: Option<u16>,
-    /// Seed name of `--default-sandbox` (`native`, `gvisor`); used when FAAS_RUNTIME is not.
+    /// Seed name of `--default-sandbox` (`native`, `gvisor`, `microvm` or its seed alias
+    /// `firecracker`); used when FAAS_RUNTIME is not.
     #[arg(long, env = "FAAS_EXECUTOR_TYPE")]
     executor: Option<String>,
     /// Sandbox tier of functions whose function.yaml does not set `sandbox:`: `native`,
-    /// `gvisor`, or `hybrid` (= native by default, each function picks with `sandbox:`).
-    /// `microvm` is refused (that tier is not built). Fixed into each revision at deploy.
+    /// `gvisor`, `microvm`, or `hybrid` (= native by default, each function picks with
+    /// `sandbox:`). Fixed into each revision at deploy.
     #[arg(long, env = "FAAS_RUNTIME", default_value = "native")]
     default_sandbox: String,
     /// Instances kept started for each `warm` revision an alias routes to (capped by its
@@ -77,6 +81,22 @@ pub struct ServeArgs {
     /// `systrap` (newer runsc) or `kvm` (needs working hardware virtualisation).
     #[arg(long, env = "SKIFF_RUNSC_PLATFORM", default_value = "ptrace")]
     runsc_platform: String,
+    /// The QEMU binary of the microVM tier (`sandbox: microvm`); default:
+    /// `qemu-system-x86_64` on `$PATH`. Without it the tier is off.
+    #[arg(long, env = "SKIFF_QEMU")]
+    qemu: Option<PathBuf>,
+    /// microVM acceleration: `auto` (KVM when the host has working hardware virtualisation,
+    /// else TCG software emulation), `kvm` or `tcg`.
+    #[arg(long, env = "SKIFF_MICROVM_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    microvm_accel: String,
+    /// Cache of microVM guest images (kernel, initramfs, root filesystem), shareable between
+    /// servers; default `<data-dir>/images`.
+    #[arg(long, env = "SKIFF_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// Take the guest kernel from this `linux-image-*-cloud-amd64` package instead of
+    /// downloading it with apt.
+    #[arg(long, env = "SKIFF_KERNEL_DEB")]
+    kernel_deb: Option<PathBuf>,
     /// Let in-process functions (`js`, `wasm`) with `network: outbound` reach loopback and
     /// private addresses too (internal services); by default only public ones.
     #[arg(long, env = "SKIFF_ALLOW_PRIVATE_EGRESS")]
@@ -103,10 +123,7 @@ fn parse_default_sandbox(s: &str) -> Result<skiff_core::SandboxKind> {
     match s {
         "native" | "hybrid" => Ok(SandboxKind::Native),
         "gvisor" => Ok(SandboxKind::Gvisor),
-        "microvm" => bail!(
-            "FAAS_RUNTIME / --default-sandbox `microvm`: the microVM tier is not built into \
-             this server (use native, gvisor or hybrid)"
-        ),
+        "microvm" | "firecracker" => Ok(SandboxKind::Microvm),
         other => bail!(
             "FAAS_RUNTIME / --default-sandbox `{other}` is not a sandbox tier (native, gvisor, \
              microvm, hybrid)"
@@ -157,7 +174,7 @@ fn raise_nofile_limit() -> Option<u64> {
     Some(lim.rlim_cur)
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(mut args: ServeArgs) -> Result<()> {
     let nofile = raise_nofile_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -181,8 +198,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .map(std::fs::canonicalize)
         .transpose()
         .context("--image-root / FAAS_IMAGE_ROOT")?;
-    let api_keys: Vec<String> = args
-        .api_keys
+    let api_keys: Vec<String> = std::mem::take(&mut args.api_keys)
         .into_iter()
         .map(|k| k.trim().to_string())
         .filter(|k| !k.is_empty())
@@ -219,6 +235,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         &args.runsc_platform,
         args.pids_max,
     );
+    let microvm = microvm_tier(&exe, &data_dir, &runtime_dir, &args);
+    if default_sandbox == skiff_core::SandboxKind::Microvm && microvm.is_none() {
+        bail!(
+            "FAAS_RUNTIME=microvm needs the microVM tier, which is not available here \
+             (apt-get install qemu-system-x86; see `skiff doctor`)"
+        );
+    }
     if default_sandbox == skiff_core::SandboxKind::Gvisor && gvisor.is_none() {
         bail!(
             "FAAS_RUNTIME=gvisor needs the gVisor tier, which is not available here \
@@ -228,6 +251,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let sandbox = Tiers {
         native: Arc::new(native),
         gvisor,
+        microvm,
         js: Some(js as Arc<dyn skiff_sandbox::Sandbox>),
         wasm: wasm_tier(data_dir.join("cache/wasm"), egress.clone()),
     };
@@ -354,6 +378,59 @@ fn gvisor_tier(
     }
 }
 
+/// The microVM tier's configuration from the server's arguments.
+fn microvm_config(
+    exe: &Path,
+    data_dir: &Path,
+    runtime_dir: &Path,
+    args: &ServeArgs,
+) -> MicrovmConfig {
+    let image_dir = args
+        .image_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("images"));
+    let mut cfg = MicrovmConfig::new(exe, data_dir.join("run/microvm"), image_dir, runtime_dir);
+    if let Some(q) = &args.qemu {
+        cfg.qemu = q.clone();
+    }
+    match args.microvm_accel.as_str() {
+        "kvm" => cfg.accel = Accel::Kvm,
+        "tcg" => cfg.accel = Accel::Tcg,
+        _ => {}
+    }
+    cfg.kernel_deb = args.kernel_deb.clone();
+    cfg
+}
+
+/// The microVM tier when QEMU is there (declares `sandbox: microvm` publishable), else
+/// `None`. The guest image is built on the first microVM start.
+fn microvm_tier(
+    exe: &Path,
+    data_dir: &Path,
+    runtime_dir: &Path,
+    args: &ServeArgs,
+) -> Option<Arc<dyn skiff_sandbox::Sandbox>> {
+    let cfg = microvm_config(exe, data_dir, runtime_dir, args);
+    if !cfg.qemu.is_file() {
+        tracing::info!(
+            "microVM tier off: {} not found (apt-get install qemu-system-x86)",
+            cfg.qemu.display()
+        );
+        return None;
+    }
+    match MicrovmSandbox::new(cfg) {
+        Ok(sb) => {
+            tracing::info!("microVM tier: accelerator {}", sb.config().accel);
+            skiff_core::publish::set_microvm_available(true);
+            Some(Arc::new(sb))
+        }
+        Err(e) => {
+            tracing::warn!("microVM tier off: {e}");
+            None
+        }
+    }
+}
+
 /// `skiff doctor`: what this host offers the sandbox tiers.
 pub fn doctor() -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("skiff-doctor-{}", std::process::id()));
@@ -376,6 +453,14 @@ pub fn doctor() -> Result<()> {
     for (name, ok, detail) in GvisorSandbox::check(&GvisorConfig::new(
         std::env::current_exe()?,
         tmp.join("run/gvisor"),
+        tmp.join("runtimes"),
+    )) {
+        println!("{} {name}: {detail}", if ok { "ok  " } else { "warn" });
+    }
+    for (name, ok, detail) in MicrovmSandbox::check(&MicrovmConfig::new(
+        std::env::current_exe()?,
+        tmp.join("run/microvm"),
+        tmp.join("images"),
         tmp.join("runtimes"),
     )) {
         println!("{} {name}: {detail}", if ok { "ok  " } else { "warn" });

@@ -58,6 +58,9 @@ pub enum Kind {
     /// Agent → host: answer to [`Kind::Quiesce`]; the body is an error message when the
     /// agent could not get ready (empty when it is).
     Quiesced = 21,
+    /// Agent → host (microVMs): the guest kernel's OOM killer killed a process; sent before
+    /// the frame that reports the death, so the host reports it as a memory error.
+    OomKill = 22,
 }
 
 impl Kind {
@@ -81,6 +84,7 @@ impl Kind {
             19 => Kind::HttpReady,
             20 => Kind::Initialized,
             21 => Kind::Quiesced,
+            22 => Kind::OomKill,
             _ => return None,
         })
     }
@@ -159,6 +163,35 @@ pub struct AgentConfig {
     /// event loop (gVisor: after a restore, epoll on the restored channel never wakes).
     #[serde(default)]
     pub blocking_channel: bool,
+    /// The agent is the init of a microVM: the whole guest kernel is this sandbox's, so the
+    /// agent reports the kernel's OOM kills ([`Kind::OomKill`]) and, on [`Kind::Resume`] with
+    /// a body ([`VmResume`]), sets the clock and reseeds the RNG of a restored guest.
+    #[serde(default)]
+    pub vm: bool,
+}
+
+/// Body of [`Kind::Resume`] for a microVM restored from a snapshot: the host's wall clock
+/// (Unix nanoseconds, little-endian u64) followed by fresh random seed bytes.
+pub struct VmResume;
+
+impl VmResume {
+    /// Bytes of seed that follow the clock.
+    pub const SEED_LEN: usize = 32;
+    /// Encodes the body.
+    pub fn encode(unix_nanos: u64, seed: &[u8; Self::SEED_LEN]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + Self::SEED_LEN);
+        b.extend_from_slice(&unix_nanos.to_le_bytes());
+        b.extend_from_slice(seed);
+        b
+    }
+    /// Decodes a body written by [`VmResume::encode`].
+    pub fn decode(body: &[u8]) -> Option<(u64, [u8; Self::SEED_LEN])> {
+        if body.len() != 8 + Self::SEED_LEN {
+            return None;
+        }
+        let nanos = u64::from_le_bytes(body[..8].try_into().ok()?);
+        Some((nanos, body[8..].try_into().ok()?))
+    }
 }
 
 /// Host → agent: run one invocation.
@@ -396,6 +429,7 @@ mod tests {
             (Kind::StreamStart, 16),
             (Kind::StreamChunk, 17),
             (Kind::StreamEnd, 18),
+            (Kind::OomKill, 22),
         ] {
             assert_eq!(Kind::from_u8(n), Some(kind));
         }

@@ -27,6 +27,7 @@ impl Blocker {
 
 static WASM_AVAILABLE: AtomicBool = AtomicBool::new(false);
 static GVISOR_AVAILABLE: AtomicBool = AtomicBool::new(false);
+static MICROVM_AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// Declares whether this server runs `runtime: wasm` (set once at startup by the server when
 /// its Wasm tier is compiled in).
@@ -38,6 +39,17 @@ pub fn set_wasm_available(available: bool) {
 /// usable).
 pub fn set_gvisor_available(available: bool) {
     GVISOR_AVAILABLE.store(available, Ordering::Relaxed);
+}
+
+/// Declares whether this server runs `sandbox: microvm` (set once at startup when QEMU is
+/// usable).
+pub fn set_microvm_available(available: bool) {
+    MICROVM_AVAILABLE.store(available, Ordering::Relaxed);
+}
+
+/// Whether this server runs `sandbox: microvm`.
+pub fn microvm_available() -> bool {
+    MICROVM_AVAILABLE.load(Ordering::Relaxed)
 }
 
 /// Whether this server runs `sandbox: gvisor`.
@@ -52,6 +64,8 @@ pub struct Available {
     pub wasm: bool,
     /// `sandbox: gvisor` (`runsc` found).
     pub gvisor: bool,
+    /// `sandbox: microvm` (QEMU found).
+    pub microvm: bool,
 }
 
 /// The blockers of a revision with this spec on this server (empty = publishable).
@@ -61,6 +75,7 @@ pub fn blockers(spec: &FunctionSpec) -> Vec<Blocker> {
         Available {
             wasm: WASM_AVAILABLE.load(Ordering::Relaxed),
             gvisor: gvisor_available(),
+            microvm: microvm_available(),
         },
     )
 }
@@ -72,6 +87,7 @@ pub fn blockers_with(spec: &FunctionSpec, wasm: bool) -> Vec<Blocker> {
         Available {
             wasm,
             gvisor: gvisor_available(),
+            microvm: microvm_available(),
         },
     )
 }
@@ -105,16 +121,17 @@ pub fn blockers_on(spec: &FunctionSpec, available: Available) -> Vec<Blocker> {
     let sandbox_ok = match spec.sandbox {
         SandboxKind::Native => true,
         SandboxKind::Gvisor => available.gvisor,
-        SandboxKind::Microvm => false,
+        SandboxKind::Microvm => available.microvm,
     };
     if process && !sandbox_ok {
         out.push(Blocker {
             code: "missing_runtime",
             field: "sandbox",
             message: format!(
-                "sandbox: `{}` is not available on this server (available: native{})",
+                "sandbox: `{}` is not available on this server (available: native{}{})",
                 spec.sandbox,
-                if available.gvisor { ", gvisor" } else { "" }
+                if available.gvisor { ", gvisor" } else { "" },
+                if available.microvm { ", microvm" } else { "" }
             ),
         });
     }
@@ -204,8 +221,8 @@ mod tests {
             ))
             .unwrap();
             let with_gvisor = Available {
-                wasm: false,
                 gvisor: true,
+                ..Available::default()
             };
             assert!(blockers_on(&gv, with_gvisor).is_empty());
             // Without runsc the tier is what is missing.
@@ -220,9 +237,18 @@ mod tests {
         assert!(blockers_on(
             &gv,
             Available {
-                wasm: false,
-                gvisor: true
+                gvisor: true,
+                ..Available::default()
             }
+        )
+        .is_empty());
+        let mv_on = Available {
+            microvm: true,
+            ..Available::default()
+        };
+        assert!(blockers_on(
+            &FunctionSpec::from_yaml("name: a\nruntime: python3\nsandbox: microvm\n").unwrap(),
+            mv_on
         )
         .is_empty());
         let mv = FunctionSpec::from_yaml("name: a\nruntime: python3\nsandbox: microvm\n").unwrap();
@@ -231,7 +257,8 @@ mod tests {
                 &mv,
                 Available {
                     wasm: true,
-                    gvisor: true
+                    gvisor: true,
+                    microvm: false,
                 }
             )[0]
             .field,

@@ -15,6 +15,7 @@ pub mod native;
 pub mod tiers;
 
 pub use gvisor::{GvisorConfig, GvisorSandbox};
+pub use microvm::{Accel, MicrovmConfig, MicrovmSandbox};
 pub use native::{NativeConfig, NativeSandbox};
 pub use tiers::Tiers;
 

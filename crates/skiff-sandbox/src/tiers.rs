@@ -8,12 +8,14 @@ use skiff_core::{FunctionSpec, Runtime, SandboxKind};
 use std::path::Path;
 use std::sync::Arc;
 
-/// The tiers of this server: process runtimes go to `native` or `gvisor` (by `sandbox:`),
-/// `runtime: js` to `js`, `runtime: wasm` to `wasm`.
+/// The tiers of this server: process runtimes go to `native`, `gvisor` or `microvm` (by
+/// `sandbox:`), `runtime: js` to `js`, `runtime: wasm` to `wasm`.
 pub struct Tiers {
     pub native: Arc<dyn Sandbox>,
     /// The gVisor tier; `None` refuses `sandbox: gvisor` instances.
     pub gvisor: Option<Arc<dyn Sandbox>>,
+    /// The microVM tier; `None` refuses `sandbox: microvm` instances.
+    pub microvm: Option<Arc<dyn Sandbox>>,
     /// The JS isolate tier; `None` refuses `runtime: js` instances.
     pub js: Option<Arc<dyn Sandbox>>,
     /// The WebAssembly tier; `None` refuses `runtime: wasm` instances.
@@ -81,6 +83,9 @@ impl Sandbox for Tiers {
         if let Some(gvisor) = &self.gvisor {
             gvisor.shutdown().await;
         }
+        if let Some(microvm) = &self.microvm {
+            microvm.shutdown().await;
+        }
         self.native.shutdown().await;
     }
 }
@@ -97,9 +102,13 @@ impl Tiers {
                         .into(),
                 )
             }),
-            SandboxKind::Microvm => Err(SandboxError::Unsupported(
-                "sandbox microvm is not available on this server".into(),
-            )),
+            SandboxKind::Microvm => self.microvm.as_ref().ok_or_else(|| {
+                SandboxError::Unsupported(
+                    "sandbox microvm is not available on this server (QEMU not found; \
+                     apt-get install qemu-system-x86)"
+                        .into(),
+                )
+            }),
         }
     }
 }

@@ -15,7 +15,7 @@
 //! host's network namespace and refuses.
 
 mod bundle;
-mod spawn;
+pub(crate) mod spawn;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::{find_in_path, Slirp};
@@ -257,6 +257,7 @@ impl Tier {
             prebuilt_root: true,
             // After a restore, epoll on the restored channel never wakes.
             blocking_channel: true,
+            vm: false,
         }
     }
 

@@ -1,4 +1,583 @@
-//! The microVM tier: each instance is a QEMU `microvm` guest (KVM when the host has it, TCG
-//! software emulation otherwise) whose init is the Skiff agent.
+//! The microVM tier: each instance is a QEMU `microvm` guest (virtio-mmio devices, no PCI, no
+//! firmware tables beyond ACPI) booted from a guest image built from Debian packages
+//! ([`image`]): a cloud kernel, a small initramfs that loads the virtio modules and mounts the
+//! disks, and a read-only ext4 root with the Skiff agent and the runtimes. The agent is the
+//! guest's init; it talks to the host over a virtio-serial port backed by a unix socket pair,
+//! with the same framed protocol as the other process tiers, and builds the same sandbox
+//! inside the guest (tmpfs root, read-only binds, sized `/tmp`, uid 10001, seccomp).
+//!
+//! Acceleration is KVM where the host has working hardware virtualisation and TCG software
+//! emulation otherwise ([`Accel::detect`]). QEMU runs in a host cgroup sized to the guest's
+//! memory plus QEMU's own overhead, so a runaway guest cannot take the host down; inside, the
+//! guest kernel's OOM killer is the function's memory limit.
 
 pub mod image;
+
+use crate::native::cgroup::CgroupRoot;
+use crate::native::net::find_in_path;
+use crate::native::{etc_files, path_str, pipe, system_binds, valid_instance_id, NativeInstance};
+use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
+use async_trait::async_trait;
+use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
+use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind};
+use skiff_core::{FunctionSpec, Mode, Network, Runtime};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation (the Tiny Code Generator): slower, works everywhere.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` opens, answers API version 12 and is not the nested "PVM" flavour
+    /// (`kvm_pvm`, on which stock guest kernels fail); TCG otherwise. Returns the reason too.
+    pub fn detect() -> (Accel, String) {
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            return (
+                Accel::Tcg,
+                "/dev/kvm is the nested PVM flavour (kvm_pvm), which stock guest kernels cannot use".into(),
+            );
+        }
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            Ok(f) => f,
+            Err(e) => return (Accel::Tcg, format!("/dev/kvm: {e}")),
+        };
+        const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+        // SAFETY: an argument-less ioctl on an fd we own.
+        let v = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), KVM_GET_API_VERSION) };
+        if v != 12 {
+            return (Accel::Tcg, format!("/dev/kvm answers API version {v}"));
+        }
+        (Accel::Kvm, "/dev/kvm works".into())
+    }
+}
+
+/// Configuration of the microVM tier.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    /// The agent executable put into the guest image (the `skiff` binary).
+    pub agent_exe: PathBuf,
+    /// Host directory with Skiff's runtime bootstraps (copied into the image).
+    pub runtime_dir: PathBuf,
+    /// Cache of guest images (`<data>/images`); several servers may share one.
+    pub image_dir: PathBuf,
+    /// A `linux-image-*-cloud-amd64` package to take the kernel from instead of
+    /// downloading one (`None`: the cached or downloaded package).
+    pub kernel_deb: Option<PathBuf>,
+    /// State directory (`<data>/run/microvm`): per-instance sockets, code disks.
+    pub state_dir: PathBuf,
+    /// Unprivileged uid/gid functions run as inside the guest.
+    pub uid: u32,
+    pub gid: u32,
+    /// Guest memory on top of the function's `memory`: the guest kernel, the agent and the
+    /// page cache of the root image.
+    pub guest_overhead: u64,
+    /// Host memory on top of the guest's: QEMU itself and, under TCG, its code cache.
+    pub host_overhead: u64,
+    /// Most host tasks (QEMU threads) per instance.
+    pub pids_max: u32,
+    /// Offer `network: outbound` (a virtio NIC on QEMU's user-mode network stack).
+    pub outbound: bool,
+    /// The host's TSC frequency in kHz, given to TCG guests (`tsc_early_khz=`): without it
+    /// the guest's calibration under emulation is far off and boots stall.
+    pub tsc_khz: Option<u64>,
+}
+
+impl MicrovmConfig {
+    /// Defaults: QEMU from `$PATH`, detected accelerator, uid/gid 10001, 64 MiB guest and
+    /// 160 MiB host overhead, 64 tasks.
+    pub fn new(
+        agent_exe: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        image_dir: impl Into<PathBuf>,
+        runtime_dir: impl Into<PathBuf>,
+    ) -> Self {
+        MicrovmConfig {
+            qemu: find_in_path("qemu-system-x86_64")
+                .unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()),
+            accel: Accel::detect().0,
+            agent_exe: agent_exe.into(),
+            runtime_dir: runtime_dir.into(),
+            image_dir: image_dir.into(),
+            kernel_deb: None,
+            state_dir: state_dir.into(),
+            uid: 10001,
+            gid: 10001,
+            guest_overhead: 64 << 20,
+            host_overhead: 160 << 20,
+            pids_max: 64,
+            outbound: true,
+            tsc_khz: host_tsc_khz(),
+        }
+    }
+
+    fn image_config(&self) -> image::ImageConfig {
+        image::ImageConfig {
+            image_dir: self.image_dir.clone(),
+            agent_exe: self.agent_exe.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+            kernel: match &self.kernel_deb {
+                Some(deb) => image::KernelSource::Deb(deb.clone()),
+                None => image::KernelSource::Auto,
+            },
+        }
+    }
+}
+
+/// The host CPU's frequency in kHz (`cpu MHz` of `/proc/cpuinfo`; the TSC runs at it on
+/// the hosts we target).
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+/// The microVM sandbox tier.
+pub struct MicrovmSandbox(Arc<Tier>);
+
+struct Tier {
+    cfg: MicrovmConfig,
+    cgroups: CgroupRoot,
+    /// Built (or found in the cache) on first use.
+    image: tokio::sync::OnceCell<Arc<image::GuestImage>>,
+    /// Read-only ext4 disks of function code, by code directory.
+    code_disks: PathBuf,
+    /// Per-instance directories.
+    vms: PathBuf,
+}
+
+impl MicrovmSandbox {
+    /// Checks the platform (root, cgroups, QEMU) and prepares the state directories. The
+    /// guest image is built on first use ([`MicrovmSandbox::image`]).
+    pub fn new(cfg: MicrovmConfig) -> Result<Self, SandboxError> {
+        // SAFETY: getter.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(SandboxError::Start(
+                "the microVM tier needs root (cgroups); run skiff as root".into(),
+            ));
+        }
+        if !cfg.qemu.is_file() {
+            return Err(SandboxError::Start(format!(
+                "QEMU not found at {} (apt-get install qemu-system-x86)",
+                cfg.qemu.display()
+            )));
+        }
+        let cgroups = CgroupRoot::detect().map_err(SandboxError::Start)?;
+        let code_disks = cfg.state_dir.join("code");
+        let vms = cfg.state_dir.join("vms");
+        for d in [&code_disks, &vms, &cfg.image_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", d.display())))?;
+        }
+        // Instances of an earlier server that was killed: their QEMUs died with their
+        // cgroups' server directory; only their directories are left.
+        if let Ok(entries) = std::fs::read_dir(&vms) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(MicrovmSandbox(Arc::new(Tier {
+            cfg,
+            cgroups,
+            image: tokio::sync::OnceCell::new(),
+            code_disks,
+            vms,
+        })))
+    }
+
+    /// The configuration this tier runs with.
+    pub fn config(&self) -> &MicrovmConfig {
+        &self.0.cfg
+    }
+
+    /// The guest image, built on first call (seconds; later calls and servers reuse it).
+    pub async fn image(&self) -> Result<Arc<image::GuestImage>, SandboxError> {
+        self.0.image().await
+    }
+
+    /// Platform checks for `skiff doctor`: `(name, ok, detail)`.
+    pub fn check(cfg: &MicrovmConfig) -> Vec<(String, bool, String)> {
+        let version = std::process::Command::new(&cfg.qemu)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output();
+        let qemu = match version {
+            Ok(o) if o.status.success() => (
+                true,
+                format!(
+                    "{} ({}), accelerator {} ({})",
+                    cfg.qemu.display(),
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim(),
+                    cfg.accel,
+                    Accel::detect().1
+                ),
+            ),
+            _ => (
+                false,
+                format!(
+                    "{} not runnable; sandbox: microvm unavailable (apt-get install qemu-system-x86)",
+                    cfg.qemu.display()
+                ),
+            ),
+        };
+        let mut out = vec![("qemu".to_string(), qemu.0, qemu.1)];
+        for (tool, pkg) in [("mkfs.ext4", "e2fsprogs"), ("busybox", "busybox-static")] {
+            let found = find_in_path(tool).or_else(|| {
+                ["/sbin", "/usr/sbin", "/bin"]
+                    .iter()
+                    .map(|d| Path::new(d).join(tool))
+                    .find(|p| p.is_file())
+            });
+            out.push(match found {
+                Some(p) => (
+                    tool.to_string(),
+                    true,
+                    format!("{} (guest image builds)", p.display()),
+                ),
+                None => (
+                    tool.to_string(),
+                    false,
+                    format!("not found: guest images cannot be built (apt-get install {pkg})"),
+                ),
+            });
+        }
+        out
+    }
+
+    /// The cgroup directories an instance with this id uses (for tests and diagnostics).
+    pub fn instance_cgroup_dirs(&self, instance_id: &str) -> Vec<PathBuf> {
+        self.0.cgroups.instance_dirs(instance_id)
+    }
+}
+
+impl Tier {
+    async fn image(&self) -> Result<Arc<image::GuestImage>, SandboxError> {
+        self.image
+            .get_or_try_init(|| async {
+                let cfg = self.cfg.image_config();
+                let img = tokio::task::spawn_blocking(move || image::build(&cfg))
+                    .await
+                    .map_err(|e| SandboxError::Start(format!("image build: {e}")))??;
+                if let Some(t) = img.built_in {
+                    tracing::info!(
+                        "microvm: built guest image {} in {:.1} s",
+                        img.dir.display(),
+                        t.as_secs_f64()
+                    );
+                }
+                Ok(Arc::new(img))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The read-only disk holding `code_dir` (made once per code directory: code
+    /// directories are content-addressed and never change).
+    async fn code_disk(&self, code_dir: &Path) -> Result<PathBuf, SandboxError> {
+        use sha2::Digest;
+        let key = hex::encode(&sha2::Sha256::digest(code_dir.as_os_str().as_encoded_bytes())[..12]);
+        let disk = self.code_disks.join(format!("{key}.ext4"));
+        if !disk.is_file() {
+            let (dir, out) = (code_dir.to_path_buf(), disk.clone());
+            tokio::task::spawn_blocking(move || image::code_disk(&dir, &out))
+                .await
+                .map_err(|e| SandboxError::Start(format!("code disk: {e}")))??;
+        }
+        Ok(disk)
+    }
+
+    fn check_spec(&self, spec: &InstanceSpec) -> Result<(), SandboxError> {
+        if !valid_instance_id(&spec.instance_id) {
+            return Err(SandboxError::Start(format!(
+                "invalid instance id {:?}",
+                spec.instance_id
+            )));
+        }
+        if spec.exec_mode == ExecMode::Http {
+            return Err(SandboxError::Unsupported(
+                "runtime http is not available with sandbox: microvm yet (use native)".into(),
+            ));
+        }
+        if spec.spec.network == Network::Outbound && !self.cfg.outbound {
+            return Err(SandboxError::Unsupported(
+                "network: outbound is turned off for sandbox: microvm on this server".into(),
+            ));
+        }
+        if spec.rootfs.is_some() {
+            return Err(SandboxError::Unsupported(
+                "root images are not available with sandbox: microvm yet".into(),
+            ));
+        }
+        if spec.workspace.is_some() {
+            return Err(SandboxError::Unsupported(
+                "mode: persistent is not available with sandbox: microvm yet".into(),
+            ));
+        }
+        if !spec.code_dir.is_dir() {
+            return Err(SandboxError::Start(format!(
+                "code directory {} does not exist",
+                spec.code_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn agent_config(&self, spec: &InstanceSpec) -> Result<AgentConfig, SandboxError> {
+        let mut binds = system_binds();
+        binds.push(Bind {
+            src: image::GUEST_CODE_DIR.into(),
+            dst: TASK_ROOT.into(),
+            rw: false,
+        });
+        binds.push(Bind {
+            src: image::GUEST_RUNTIME_DIR.into(),
+            dst: RUNTIME_DIR.into(),
+            rw: false,
+        });
+        let (uid, gid) = (self.cfg.uid, self.cfg.gid);
+        Ok(AgentConfig {
+            exec_mode: spec.exec_mode,
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: TASK_ROOT.to_string(),
+            workers: spec.spec.concurrency.max(1),
+            runtime_api_port: RUNTIME_API_PORT,
+            uid,
+            gid,
+            hostname: "skiff".to_string(),
+            root_dir: image::GUEST_ROOT_DIR.to_string(),
+            binds,
+            etc_files: etc_files(uid, gid, spec.spec.network == Network::Outbound),
+            tmp_bytes: spec.spec.tmp,
+            wipe_tmp: matches!(spec.spec.mode, Mode::Warm | Mode::Ephemeral),
+            // The initramfs configured the NIC before the agent started.
+            wait_for_network: false,
+            seccomp: true,
+            rootfs: None,
+            http_port: HTTP_PORT,
+            prebuilt_root: false,
+            // A character device: read and written by two blocking threads.
+            blocking_channel: true,
+            vm: true,
+        })
+    }
+
+    /// The QEMU command line of an instance.
+    fn qemu_argv(
+        &self,
+        spec: &InstanceSpec,
+        img: &image::GuestImage,
+        code_disk: &Path,
+        dir: &Path,
+    ) -> Result<Vec<String>, SandboxError> {
+        let guest_mb = (spec.spec.memory + self.cfg.guest_overhead).div_ceil(1 << 20);
+        // One vCPU per 1769 MiB of memory (Lambda's ratio), at least one, at most the host's.
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let vcpus = (spec.spec.memory_mb() / 1769 + 1).min(host_cpus).max(1);
+        let mut append = String::from(
+            "console=ttyS0 quiet loglevel=1 rdinit=/init panic=-1 pci=off nomodeset \
+             i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on",
+        );
+        let mut argv = vec![self.cfg.qemu.display().to_string()];
+        let mut push = |a: &[&str]| argv.extend(a.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("skiff-{}", spec.instance_id)]);
+        push(&["-M", "microvm,pit=on,pic=on,rtc=on"]);
+        match self.cfg.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => {
+                push(&["-accel", "tcg,tb-size=32"]);
+                if let Some(khz) = self.cfg.tsc_khz {
+                    append.push_str(&format!(" tsc_early_khz={khz}"));
+                }
+            }
+        }
+        push(&[
+            "-m",
+            &format!("{guest_mb}M"),
+            "-smp",
+            &vcpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&["-kernel", &path_str(&img.kernel)?]);
+        push(&["-initrd", &path_str(&img.initrd)?]);
+        push(&["-append", &append]);
+        // The guest console (kernel and agent messages) goes to our stderr pipe.
+        push(&["-chardev", "file,id=ser,path=/proc/self/fd/2"]);
+        push(&["-serial", "chardev:ser"]);
+        for (id, file, serial) in [
+            ("root", &img.rootfs, image::ROOT_SERIAL),
+            ("code", &code_disk.to_path_buf(), image::CODE_SERIAL),
+        ] {
+            push(&[
+                "-drive",
+                &format!(
+                    "id={id},file={},format=raw,if=none,readonly=on",
+                    path_str(file)?
+                ),
+                "-device",
+                &format!("virtio-blk-device,drive={id},serial={serial}"),
+            ]);
+        }
+        // The agent channel: QEMU's end of our socket pair is its stdin.
+        push(&["-device", "virtio-serial-device,max_ports=2"]);
+        push(&["-chardev", "socket,id=chan,fd=0"]);
+        push(&[
+            "-device",
+            &format!("virtserialport,chardev=chan,name={}", image::CHANNEL_NAME),
+        ]);
+        if spec.spec.network == Network::Outbound {
+            push(&["-netdev", "user,id=n0,ipv6=off"]);
+            push(&["-device", "virtio-net-device,netdev=n0"]);
+        }
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                path_str(&dir.join("qmp.sock"))?
+            ),
+        ]);
+        Ok(argv)
+    }
+
+    /// Boots an instance.
+    async fn launch(&self, spec: &InstanceSpec) -> Result<NativeInstance, SandboxError> {
+        self.check_spec(spec)?;
+        let img = self.image().await?;
+        let code_disk = self.code_disk(&spec.code_dir).await?;
+        let id = spec.instance_id.clone();
+        let dir = self.vms.join(&id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", dir.display())))?;
+        let argv = self.qemu_argv(spec, &img, &code_disk, &dir)?;
+        let config_frame = Frame {
+            kind: Kind::Config,
+            header: serde_json::to_vec(&self.agent_config(spec)?)
+                .map_err(|e| SandboxError::Start(format!("agent config: {e}")))?,
+            body: Vec::new(),
+        }
+        .encode();
+        let cleanup = {
+            let dir = dir.clone();
+            move || {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        };
+        let limit = spec.spec.memory + self.cfg.guest_overhead + self.cfg.host_overhead;
+        let cg = match self.cgroups.create(&id, limit, self.cfg.pids_max) {
+            Ok(cg) => cg,
+            Err(e) => {
+                cleanup();
+                return Err(SandboxError::Start(format!("cgroup: {e}")));
+            }
+        };
+        let spawned = (|| -> std::io::Result<_> {
+            let (host, child) = std::os::unix::net::UnixStream::pair()?;
+            let (err_r, err_w) = pipe()?;
+            let child: std::os::fd::OwnedFd = child.into();
+            let exec = crate::gvisor::spawn::Exec::new(&argv)?;
+            let s = crate::gvisor::spawn::spawn(&exec, &cg.procs, &child, &err_w, false)?;
+            Ok((host, err_r, s))
+        })();
+        let mut cg = cg;
+        cg.procs.clear();
+        let (host, err_r, spawned) = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                cg.remove_blocking(Duration::from_millis(500));
+                cleanup();
+                return Err(SandboxError::Start(format!("cannot run QEMU: {e}")));
+            }
+        };
+        let cg = Arc::new(cg);
+        let pid = spawned.pid;
+        let inst = match NativeInstance::launch(
+            id,
+            spawned.pidfd,
+            host,
+            err_r,
+            cg.clone(),
+            spec.spec.memory_mb(),
+            config_frame,
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                // SAFETY: signalling and reaping our own child (not reaped yet: no pid reuse).
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                cg.remove().await;
+                cleanup();
+                return Err(SandboxError::Start(format!("cannot watch QEMU: {e}")));
+            }
+        };
+        inst.on_exit(cleanup);
+        Ok(inst)
+    }
+}
+
+#[async_trait]
+impl Sandbox for MicrovmSandbox {
+    async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError> {
+        Ok(Arc::new(self.0.launch(&spec).await?))
+    }
+
+    async fn prepare(
+        &self,
+        spec: &FunctionSpec,
+        code_dir: &Path,
+    ) -> Result<ExecMode, SandboxError> {
+        if spec.runtime == Runtime::Http {
+            return Err(SandboxError::Unsupported(
+                "runtime http is not available with sandbox: microvm yet (use sandbox: native)"
+                    .into(),
+            ));
+        }
+        if code_dir.is_dir() {
+            self.0.code_disk(code_dir).await?;
+        }
+        Ok(skiff_core::launch::program(spec).0)
+    }
+
+    async fn shutdown(&self) {
+        self.0.cgroups.remove_server_dirs();
+    }
+}

@@ -116,6 +116,9 @@ struct State {
     tail: Tail,
     unattributed: Vec<u8>,
     oom_seen: u64,
+    /// OOM kills a microVM's agent reported ([`Kind::OomKill`]): the guest kernel's, which
+    /// the host cgroup never sees.
+    guest_ooms: u64,
 }
 
 /// Where an `http` instance's server is.
@@ -175,7 +178,7 @@ impl Shared {
 
     /// True (once per kill) if the OOM killer fired since we last looked.
     fn oom_fired(&self, st: &mut State) -> bool {
-        let n = self.cgroup.oom_kills();
+        let n = self.cgroup.oom_kills() + st.guest_ooms;
         if n > st.oom_seen {
             st.oom_seen = n;
             true
@@ -222,6 +225,7 @@ impl Shared {
     /// deliver (it waits for the consumer, outside the lock).
     fn on_frame(&self, f: Frame) -> Option<Delivery> {
         match f.kind {
+            Kind::OomKill => self.state.lock().guest_ooms += 1,
             Kind::Log => {
                 let Ok(h) = f.header::<Log>() else {
                     return None;

@@ -46,6 +46,60 @@ pub(crate) const ETC_WHITELIST: &[&str] = &[
 /// merged-/usr hosts they are symlinks, recreated by the agent).
 pub(crate) const SYSTEM_DIRS: &[&str] = &["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
 
+/// Read-only binds of the host's system: `/usr`, the top-level system dirs that are real
+/// directories (not usr-merge symlinks) and the [`ETC_WHITELIST`] entries that exist.
+pub(crate) fn system_binds() -> Vec<Bind> {
+    let mut binds = vec![Bind {
+        src: "/usr".into(),
+        dst: "/usr".into(),
+        rw: false,
+    }];
+    for d in SYSTEM_DIRS {
+        let p = Path::new("/").join(d);
+        if std::fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            binds.push(Bind {
+                src: p.display().to_string(),
+                dst: p.display().to_string(),
+                rw: false,
+            });
+        }
+    }
+    for e in ETC_WHITELIST {
+        let p = Path::new("/etc").join(e);
+        if p.exists() {
+            let s = p.display().to_string();
+            binds.push(Bind {
+                src: s.clone(),
+                dst: s,
+                rw: false,
+            });
+        }
+    }
+    binds
+}
+
+/// The files the agent writes into a sandbox's `/etc`: users, hosts, hostname, resolver.
+pub(crate) fn etc_files(uid: u32, gid: u32, outbound: bool) -> Vec<(String, String)> {
+    vec![
+        (
+            "passwd".to_string(),
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\nsbx_user:x:{uid}:{gid}::/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        ),
+        ("group".to_string(), format!("root:x:0:\nsbx_user:x:{gid}:\nnogroup:x:65534:\n")),
+        ("hosts".to_string(), "127.0.0.1 localhost skiff\n::1 localhost ip6-localhost\n".to_string()),
+        ("hostname".to_string(), "skiff\n".to_string()),
+        (
+            "resolv.conf".to_string(),
+            if outbound { "nameserver 10.0.2.3\n".to_string() } else { "# network: none\n".to_string() },
+        ),
+    ]
+}
+
 /// Configuration of the native tier.
 #[derive(Debug, Clone)]
 pub struct NativeConfig {
@@ -152,7 +206,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn path_str(p: &Path) -> Result<String, SandboxError> {
+pub(crate) fn path_str(p: &Path) -> Result<String, SandboxError> {
     p.to_str()
         .map(str::to_string)
         .ok_or_else(|| SandboxError::Start(format!("path is not UTF-8: {}", p.display())))
@@ -180,35 +234,7 @@ impl NativeSandbox {
             .map_err(|e| SandboxError::Start(format!("create state directories: {e}")))?;
         let exec = spawn::AgentExec::new(&cfg.agent_exe, &cfg.agent_args)?;
 
-        let mut system_binds = vec![Bind {
-            src: "/usr".into(),
-            dst: "/usr".into(),
-            rw: false,
-        }];
-        for d in SYSTEM_DIRS {
-            let p = Path::new("/").join(d);
-            if std::fs::symlink_metadata(&p)
-                .map(|m| m.is_dir())
-                .unwrap_or(false)
-            {
-                system_binds.push(Bind {
-                    src: p.display().to_string(),
-                    dst: p.display().to_string(),
-                    rw: false,
-                });
-            }
-        }
-        for e in ETC_WHITELIST {
-            let p = Path::new("/etc").join(e);
-            if p.exists() {
-                let s = p.display().to_string();
-                system_binds.push(Bind {
-                    src: s.clone(),
-                    dst: s,
-                    rw: false,
-                });
-            }
-        }
+        let system_binds = system_binds();
         tracing::info!("native sandbox: cgroups {}", cgroups.describe());
         let spawner = Arc::new(Spawner {
             cgroups,
@@ -342,21 +368,7 @@ impl NativeSandbox {
         }
         let (uid, gid) = (self.cfg.uid, self.cfg.gid);
         let outbound = spec.spec.network == Network::Outbound;
-        let etc_files = vec![
-            (
-                "passwd".to_string(),
-                format!(
-                    "root:x:0:0:root:/root:/usr/sbin/nologin\nsbx_user:x:{uid}:{gid}::/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-                ),
-            ),
-            ("group".to_string(), format!("root:x:0:\nsbx_user:x:{gid}:\nnogroup:x:65534:\n")),
-            ("hosts".to_string(), "127.0.0.1 localhost skiff\n::1 localhost ip6-localhost\n".to_string()),
-            ("hostname".to_string(), "skiff\n".to_string()),
-            (
-                "resolv.conf".to_string(),
-                if outbound { "nameserver 10.0.2.3\n".to_string() } else { "# network: none\n".to_string() },
-            ),
-        ];
+        let etc_files = etc_files(uid, gid, outbound);
         Ok(AgentConfig {
             exec_mode: spec.exec_mode,
             argv: spec.argv.clone(),
@@ -378,6 +390,7 @@ impl NativeSandbox {
             http_port: HTTP_PORT,
             prebuilt_root: false,
             blocking_channel: false,
+            vm: false,
         })
     }
 }
