@@ -148,13 +148,13 @@ pub fn blockers_on(spec: &FunctionSpec, available: Available) -> Vec<Blocker> {
         }),
         Mode::Persistent => {}
         Mode::Checkpointed | Mode::Branched => {
-            if !process || spec.sandbox != SandboxKind::Gvisor {
+            if !process || spec.sandbox == SandboxKind::Native {
                 out.push(Blocker {
                     code: "manual_runtime",
                     field: "mode",
                     message: format!(
                         "mode: `{}` restores instances from a memory snapshot, which needs \
-                         `sandbox: gvisor` and a process runtime (this function has runtime \
+                         `sandbox: gvisor` or `microvm` and a process runtime (this function has runtime \
                          `{}`, sandbox `{}`)",
                         spec.mode, spec.runtime, spec.sandbox
                     ),

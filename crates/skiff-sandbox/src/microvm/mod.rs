@@ -12,14 +12,15 @@
 //! guest kernel's OOM killer is the function's memory limit.
 
 pub mod image;
+mod qmp;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::find_in_path;
 use crate::native::{etc_files, path_str, pipe, system_binds, valid_instance_id, NativeInstance};
-use crate::{Instance, InstanceSpec, Sandbox, SandboxError};
+use crate::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
-use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind};
+use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind, VmResume};
 use skiff_core::{FunctionSpec, Mode, Network, Runtime};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -174,6 +175,25 @@ struct Tier {
     code_disks: PathBuf,
     /// Per-instance directories.
     vms: PathBuf,
+    /// Prefix of this tier's guest RAM files in `/dev/shm` (unique per state directory).
+    ram_prefix: String,
+}
+
+/// Where guest RAM files live: a tmpfs, so guest memory stays memory.
+const SHM: &str = "/dev/shm";
+
+/// What a snapshot image records besides the migration stream (`state`) and the guest RAM
+/// (`ram`): restores must rebuild the very same machine.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SnapshotMeta {
+    guest_mb: u64,
+    vcpus: u64,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+    code_disk: PathBuf,
+    /// The RAM is in the image's `ram` file (else in the migration stream).
+    ram_file: bool,
 }
 
 impl MicrovmSandbox {
@@ -200,10 +220,22 @@ impl MicrovmSandbox {
                 .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", d.display())))?;
         }
         // Instances of an earlier server that was killed: their QEMUs died with their
-        // cgroups' server directory; only their directories are left.
+        // cgroups' server directory; only their directories and RAM files are left.
         if let Ok(entries) = std::fs::read_dir(&vms) {
             for e in entries.flatten() {
                 let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let ram_prefix = {
+            use sha2::Digest;
+            let key = sha2::Sha256::digest(cfg.state_dir.as_os_str().as_encoded_bytes());
+            format!("skiff-vm-{}-", hex::encode(&key[..6]))
+        };
+        if let Ok(entries) = std::fs::read_dir(SHM) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&ram_prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         Ok(MicrovmSandbox(Arc::new(Tier {
@@ -212,6 +244,7 @@ impl MicrovmSandbox {
             image: tokio::sync::OnceCell::new(),
             code_disks,
             vms,
+            ram_prefix,
         })))
     }
 
@@ -396,18 +429,37 @@ impl Tier {
         })
     }
 
-    /// The QEMU command line of an instance.
-    fn qemu_argv(
+    /// The machine of an instance of `spec` booted from `img`.
+    fn machine(
         &self,
         spec: &InstanceSpec,
         img: &image::GuestImage,
-        code_disk: &Path,
-        dir: &Path,
-    ) -> Result<Vec<String>, SandboxError> {
-        let guest_mb = (spec.spec.memory + self.cfg.guest_overhead).div_ceil(1 << 20);
+        code_disk: PathBuf,
+    ) -> SnapshotMeta {
         // One vCPU per 1769 MiB of memory (Lambda's ratio), at least one, at most the host's.
         let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-        let vcpus = (spec.spec.memory_mb() / 1769 + 1).min(host_cpus).max(1);
+        SnapshotMeta {
+            guest_mb: (spec.spec.memory + self.cfg.guest_overhead).div_ceil(1 << 20),
+            vcpus: (spec.spec.memory_mb() / 1769 + 1).min(host_cpus).max(1),
+            kernel: img.kernel.clone(),
+            initrd: img.initrd.clone(),
+            rootfs: img.rootfs.clone(),
+            code_disk,
+            ram_file: true,
+        }
+    }
+
+    /// The QEMU command line of an instance: `m` is the machine, `ram` its memory file
+    /// (shared: the instance writes it; or private: a restored copy of a snapshot's), and
+    /// `incoming` makes QEMU wait for a migration stream instead of booting.
+    fn qemu_argv(
+        &self,
+        spec: &InstanceSpec,
+        m: &SnapshotMeta,
+        ram: Option<(&Path, bool)>,
+        dir: &Path,
+        incoming: bool,
+    ) -> Result<Vec<String>, SandboxError> {
         let mut append = String::from(
             "console=ttyS0 quiet loglevel=1 rdinit=/init panic=-1 pci=off nomodeset \
              i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on",
@@ -415,7 +467,20 @@ impl Tier {
         let mut argv = vec![self.cfg.qemu.display().to_string()];
         let mut push = |a: &[&str]| argv.extend(a.iter().map(|s| s.to_string()));
         push(&["-name", &format!("skiff-{}", spec.instance_id)]);
-        push(&["-M", "microvm,pit=on,pic=on,rtc=on"]);
+        let mut machine = String::from("microvm,pit=on,pic=on,rtc=on");
+        if let Some((file, shared)) = ram {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                    m.guest_mb,
+                    path_str(file)?,
+                    if shared { "on" } else { "off" }
+                ),
+            ]);
+            machine.push_str(",memory-backend=mem");
+        }
+        push(&["-M", &machine]);
         match self.cfg.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => {
@@ -427,24 +492,24 @@ impl Tier {
         }
         push(&[
             "-m",
-            &format!("{guest_mb}M"),
+            &format!("{}M", m.guest_mb),
             "-smp",
-            &vcpus.to_string(),
+            &m.vcpus.to_string(),
             "-nodefaults",
             "-no-user-config",
             "-display",
             "none",
             "-no-reboot",
         ]);
-        push(&["-kernel", &path_str(&img.kernel)?]);
-        push(&["-initrd", &path_str(&img.initrd)?]);
+        push(&["-kernel", &path_str(&m.kernel)?]);
+        push(&["-initrd", &path_str(&m.initrd)?]);
         push(&["-append", &append]);
         // The guest console (kernel and agent messages) goes to our stderr pipe.
         push(&["-chardev", "file,id=ser,path=/proc/self/fd/2"]);
         push(&["-serial", "chardev:ser"]);
         for (id, file, serial) in [
-            ("root", &img.rootfs, image::ROOT_SERIAL),
-            ("code", &code_disk.to_path_buf(), image::CODE_SERIAL),
+            ("root", &m.rootfs, image::ROOT_SERIAL),
+            ("code", &m.code_disk, image::CODE_SERIAL),
         ] {
             push(&[
                 "-drive",
@@ -474,30 +539,78 @@ impl Tier {
                 path_str(&dir.join("qmp.sock"))?
             ),
         ]);
+        if incoming {
+            push(&["-incoming", "defer"]);
+        }
         Ok(argv)
     }
 
-    /// Boots an instance.
-    async fn launch(&self, spec: &InstanceSpec) -> Result<NativeInstance, SandboxError> {
-        self.check_spec(spec)?;
-        let img = self.image().await?;
-        let code_disk = self.code_disk(&spec.code_dir).await?;
+    /// Boots an instance, or restores it from the snapshot in `image`.
+    async fn launch(
+        self: &Arc<Self>,
+        spec: InstanceSpec,
+        image: Option<&Path>,
+    ) -> Result<MicrovmInstance, SandboxError> {
+        self.check_spec(&spec)?;
+        let machine = match image {
+            None => {
+                let img = self.image().await?;
+                let code_disk = self.code_disk(&spec.code_dir).await?;
+                self.machine(&spec, &img, code_disk)
+            }
+            Some(dir) => {
+                let meta = std::fs::read(dir.join("vm.json")).map_err(|e| {
+                    SandboxError::Start(format!("no microVM snapshot in {}: {e}", dir.display()))
+                })?;
+                let m: SnapshotMeta = serde_json::from_slice(&meta)
+                    .map_err(|e| SandboxError::Start(format!("snapshot metadata: {e}")))?;
+                for f in [&m.kernel, &m.initrd, &m.rootfs, &m.code_disk] {
+                    if !f.is_file() {
+                        return Err(SandboxError::Start(format!(
+                            "the snapshot needs {}, which is gone (guest image rebuilt?); \
+                             take a new snapshot",
+                            f.display()
+                        )));
+                    }
+                }
+                m
+            }
+        };
         let id = spec.instance_id.clone();
         let dir = self.vms.join(&id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", dir.display())))?;
-        let argv = self.qemu_argv(spec, &img, &code_disk, &dir)?;
-        let config_frame = Frame {
-            kind: Kind::Config,
-            header: serde_json::to_vec(&self.agent_config(spec)?)
-                .map_err(|e| SandboxError::Start(format!("agent config: {e}")))?,
-            body: Vec::new(),
-        }
-        .encode();
+        // A booted guest's RAM is a shared file we can copy for snapshots; a restored one maps
+        // the snapshot's privately (copy on write: restores share its unchanged pages).
+        let own_ram = PathBuf::from(SHM).join(format!("{}{id}.ram", self.ram_prefix));
+        let ram: Option<(PathBuf, bool)> = match image {
+            None => Some((own_ram.clone(), true)),
+            Some(img) if machine.ram_file => Some((img.join("ram"), false)),
+            Some(_) => None,
+        };
+        let argv = self.qemu_argv(
+            &spec,
+            &machine,
+            ram.as_ref().map(|(p, s)| (p.as_path(), *s)),
+            &dir,
+            image.is_some(),
+        )?;
+        let config_frame = match image {
+            // A restored agent already has its config.
+            Some(_) => Vec::new(),
+            None => Frame {
+                kind: Kind::Config,
+                header: serde_json::to_vec(&self.agent_config(&spec)?)
+                    .map_err(|e| SandboxError::Start(format!("agent config: {e}")))?,
+                body: Vec::new(),
+            }
+            .encode(),
+        };
         let cleanup = {
-            let dir = dir.clone();
+            let (dir, ram) = (dir.clone(), own_ram.clone());
             move || {
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(&ram);
             }
         };
         let limit = spec.spec.memory + self.cfg.guest_overhead + self.cfg.host_overhead;
@@ -550,14 +663,238 @@ impl Tier {
             }
         };
         inst.on_exit(cleanup);
-        Ok(inst)
+        if let Some(img) = image {
+            if let Err(e) = incoming(&dir, img, machine.ram_file).await {
+                inst.stop().await;
+                return Err(e);
+            }
+            // The restored agent was idle and initialised when the snapshot was taken; its
+            // clock and RNG are the snapshot's until it applies these.
+            inst.mark_initialized();
+            inst.send_body(Kind::Resume, resume_body());
+        }
+        Ok(MicrovmInstance {
+            tier: self.clone(),
+            spec,
+            inner: inst,
+            dir,
+            machine,
+            shared_ram: image.is_none().then_some(own_ram),
+            snapshotting: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// Feeds a QEMU started with `-incoming defer` the migration stream of the snapshot in
+/// `image` and waits until the guest runs.
+async fn incoming(dir: &Path, image: &Path, ram_file: bool) -> Result<(), SandboxError> {
+    let mut q = qmp::Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10)).await?;
+    if ram_file {
+        q.capabilities(&["x-ignore-shared"]).await?;
+    }
+    q.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({
+            "uri": format!("exec:cat {}", shell_quote(&image.join("state"))?)
+        })),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = q.execute("query-status", None).await?;
+        if st.get("running").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Ok(());
+        }
+        let status = st
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        if status == "paused" || status == "postmigrate" {
+            // Loaded but not started (older QEMUs): start it.
+            q.execute("cont", None).await?;
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SandboxError::Crashed {
+                message: format!("the snapshot did not load in time (QEMU status {status})"),
+                log_tail: String::new(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// `path` quoted for the shell QEMU runs `exec:` migrations with.
+fn shell_quote(path: &Path) -> Result<String, SandboxError> {
+    let s = path_str(path)?;
+    Ok(format!("'{}'", s.replace('\'', "'\\''")))
+}
+
+/// A [`Kind::Resume`] body for a restored guest: the host's clock and fresh entropy.
+fn resume_body() -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut seed = [0u8; VmResume::SEED_LEN];
+    // SAFETY: getrandom into a valid buffer of that length.
+    unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    VmResume::encode(now, &seed)
+}
+
+/// Copies the allocated parts of `src` into a new sparse file `dst` (guest RAM files are
+/// mostly holes).
+fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = std::fs::File::open(src)?;
+    let len = from.metadata()?.len();
+    let to = std::fs::File::create(dst)?;
+    to.set_len(len)?;
+    let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on our own fds.
+        let data = unsafe { libc::lseek(fi, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // only a hole is left
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let (mut off_in, mut off_out) = (data, data);
+        let mut left = (end - data) as usize;
+        while left > 0 {
+            // SAFETY: copy_file_range between our own fds with valid offset pointers.
+            let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, left, 0) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            left -= n as usize;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// A running microVM.
+pub struct MicrovmInstance {
+    tier: Arc<Tier>,
+    spec: InstanceSpec,
+    inner: NativeInstance,
+    dir: PathBuf,
+    machine: SnapshotMeta,
+    /// The guest's RAM file when it is shared (booted guests); restored guests map a
+    /// snapshot's privately.
+    shared_ram: Option<PathBuf>,
+    /// One snapshot at a time.
+    snapshotting: tokio::sync::Mutex<()>,
+}
+
+#[async_trait]
+impl Instance for MicrovmInstance {
+    fn id(&self) -> &str {
+        &self.spec.instance_id
+    }
+
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, SandboxError> {
+        self.inner.invoke(req).await
+    }
+
+    async fn stop(&self) {
+        self.inner.stop().await
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    fn memory_usage(&self) -> Option<u64> {
+        self.inner.memory_usage()
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        self.inner.memory_peak()
+    }
+
+    fn take_output(&self) -> Vec<u8> {
+        self.inner.take_output()
+    }
+
+    /// Pauses the guest, saves its device state (QEMU migration to a file) and its RAM (a
+    /// sparse copy of the shared RAM file, or inside the stream for a restored guest), then
+    /// continues it (`leave_running`) or stops it. No quiesce is needed: the guest kernel's
+    /// sockets and processes are saved as they are.
+    async fn checkpoint(
+        &self,
+        image: &Path,
+        init_within: Duration,
+        leave_running: bool,
+    ) -> Result<(), SandboxError> {
+        let _one = self.snapshotting.lock().await;
+        self.inner.wait_initialized(init_within).await?;
+        let _ = &self.tier;
+        std::fs::create_dir_all(image)?;
+        for f in ["vm.json", "state", "ram"] {
+            match std::fs::remove_file(image.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        let mut q = qmp::Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_secs(5)).await?;
+        q.execute("stop", None).await?;
+        let saved = async {
+            if self.shared_ram.is_some() {
+                q.capabilities(&["x-ignore-shared"]).await?;
+            }
+            q.execute(
+                "migrate",
+                Some(serde_json::json!({
+                    "uri": format!("exec:cat > {}", shell_quote(&image.join("state"))?)
+                })),
+            )
+            .await?;
+            q.wait_migration(Duration::from_secs(60)).await?;
+            if let Some(ram) = &self.shared_ram {
+                let (src, dst) = (ram.clone(), image.join("ram"));
+                tokio::task::spawn_blocking(move || copy_sparse(&src, &dst))
+                    .await
+                    .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
+            }
+            let meta = SnapshotMeta {
+                ram_file: self.shared_ram.is_some(),
+                ..self.machine.clone()
+            };
+            std::fs::write(
+                image.join("vm.json"),
+                serde_json::to_vec(&meta).map_err(std::io::Error::other)?,
+            )?;
+            Ok::<(), SandboxError>(())
+        }
+        .await;
+        if leave_running && saved.is_ok() {
+            q.execute("cont", None).await?;
+        } else {
+            drop(q);
+            self.inner.stop().await;
+        }
+        saved
     }
 }
 
 #[async_trait]
 impl Sandbox for MicrovmSandbox {
     async fn start(&self, spec: InstanceSpec) -> Result<Arc<dyn Instance>, SandboxError> {
-        Ok(Arc::new(self.0.launch(&spec).await?))
+        Ok(Arc::new(self.0.launch(spec, None).await?))
+    }
+
+    async fn restore(
+        &self,
+        spec: InstanceSpec,
+        image: &Path,
+    ) -> Result<Arc<dyn Instance>, SandboxError> {
+        Ok(Arc::new(self.0.launch(spec, Some(image)).await?))
     }
 
     async fn prepare(

@@ -546,7 +546,12 @@ impl NativeInstance {
 
     /// Sends a bare frame (e.g. `NetReady`).
     pub(crate) fn send_bare(&self, kind: Kind) {
-        let _ = self.tx.send(Frame::bare(kind, Vec::new()).encode());
+        self.send_body(kind, Vec::new());
+    }
+
+    /// Sends a frame with an empty header and `body`.
+    pub(crate) fn send_body(&self, kind: Kind, body: Vec<u8>) {
+        let _ = self.tx.send(Frame::bare(kind, body).encode());
     }
 
     fn kill(&self) {
