@@ -410,6 +410,15 @@ pub(crate) fn drop_privileges(cfg: &AgentConfig) -> Res {
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &core);
+        if cfg.max_procs > 0 {
+            let n = libc::rlimit {
+                rlim_cur: cfg.max_procs.into(),
+                rlim_max: cfg.max_procs.into(),
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &n) != 0 {
+                return Err(errno_msg("RLIMIT_NPROC"));
+            }
+        }
         for cap in 0..=last_cap {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
                 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)

@@ -399,6 +399,7 @@ fn microvm_config(
         _ => {}
     }
     cfg.kernel_deb = args.kernel_deb.clone();
+    cfg.guest_pids_max = args.pids_max;
     cfg
 }
 

@@ -168,6 +168,10 @@ pub struct AgentConfig {
     /// a body ([`VmResume`]), sets the clock and reseeds the RNG of a restored guest.
     #[serde(default)]
     pub vm: bool,
+    /// Most processes and threads the function's uid may have (`RLIMIT_NPROC`; 0: no limit):
+    /// the pids limit inside a microVM, whose guest has no pids cgroup.
+    #[serde(default)]
+    pub max_procs: u32,
 }
 
 /// Body of [`Kind::Resume`] for a microVM restored from a snapshot: the host's wall clock

@@ -11,6 +11,7 @@ mod http_trigger;
 mod js_tier;
 mod lambda_api;
 mod lambda_runtime;
+mod microvm;
 mod modes;
 mod publish;
 mod routing;

@@ -258,6 +258,7 @@ impl Tier {
             // After a restore, epoll on the restored channel never wakes.
             blocking_channel: true,
             vm: false,
+            max_procs: 0,
         }
     }
 

@@ -100,6 +100,8 @@ pub struct MicrovmConfig {
     pub host_overhead: u64,
     /// Most host tasks (QEMU threads) per instance.
     pub pids_max: u32,
+    /// Most processes and threads of the function inside the guest.
+    pub guest_pids_max: u32,
     /// Offer `network: outbound` (a virtio NIC on QEMU's user-mode network stack).
     pub outbound: bool,
     /// The host's TSC frequency in kHz, given to TCG guests (`tsc_early_khz=`): without it
@@ -109,7 +111,7 @@ pub struct MicrovmConfig {
 
 impl MicrovmConfig {
     /// Defaults: QEMU from `$PATH`, detected accelerator, uid/gid 10001, 64 MiB guest and
-    /// 160 MiB host overhead, 64 tasks.
+    /// 160 MiB host overhead, 64 host tasks, 256 guest processes.
     pub fn new(
         agent_exe: impl Into<PathBuf>,
         state_dir: impl Into<PathBuf>,
@@ -130,6 +132,7 @@ impl MicrovmConfig {
             guest_overhead: 64 << 20,
             host_overhead: 160 << 20,
             pids_max: 64,
+            guest_pids_max: 256,
             outbound: true,
             tsc_khz: host_tsc_khz(),
         }
@@ -426,6 +429,7 @@ impl Tier {
             // A character device: read and written by two blocking threads.
             blocking_channel: true,
             vm: true,
+            max_procs: self.cfg.guest_pids_max,
         })
     }
 

@@ -391,6 +391,7 @@ impl NativeSandbox {
             prebuilt_root: false,
             blocking_channel: false,
             vm: false,
+            max_procs: 0,
         })
     }
 }

@@ -1,0 +1,199 @@
+//! The microVM tier (`sandbox: microvm`) against the real binary and real QEMU (TCG on hosts
+//! without usable KVM): the python and `provided` examples, the foundation's security and
+//! limit cases, and the snapshot modes with the in-memory counter. Every server shares one
+//! guest image cache under the target dir, so the image is built once per run. Skipped
+//! (saying so) when QEMU is not installed.
+
+use super::*;
+
+/// Whether QEMU is on PATH.
+fn qemu_on_path() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+}
+
+/// A server whose guest images live in one cache shared by the whole run.
+fn server() -> Option<Server> {
+    if !qemu_on_path() {
+        eprintln!("skipping: qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)");
+        return None;
+    }
+    let images = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("microvm-images");
+    Some(Server::start_with(&[
+        "--image-dir",
+        images.to_str().unwrap(),
+    ]))
+}
+
+fn microvm_variant(fixture: &str, name: &str, extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let mut fields = vec![("name", name), ("sandbox", "microvm")];
+    fields.extend_from_slice(extra);
+    fixture_variant(fixture, &fields)
+}
+
+/// A copy of `dir` whose function.yaml also says `sandbox: microvm` and `name: name`.
+fn in_microvm(dir: &std::path::Path, name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+        }
+    }
+    let yaml = std::fs::read_to_string(tmp.path().join("function.yaml")).unwrap();
+    let mut lines: Vec<String> = yaml
+        .lines()
+        .filter(|l| !l.starts_with("name:") && !l.starts_with("sandbox:"))
+        .map(str::to_string)
+        .collect();
+    lines.push(format!("name: {name}"));
+    lines.push("sandbox: microvm".into());
+    std::fs::write(tmp.path().join("function.yaml"), lines.join("\n") + "\n").unwrap();
+    tmp
+}
+
+#[test]
+fn microvm_runs_the_python_and_provided_examples_cold_and_warm() {
+    let Some(s) = server() else { return };
+    let py = in_microvm(&example("python-hello"), "py-vm");
+    let rust = in_microvm(&provided_example(), "rust-vm");
+    s.deploy(py.path());
+    s.deploy(rust.path());
+    for name in ["py-vm", "rust-vm"] {
+        let t = Instant::now();
+        let (v, h) = s.invoke_ok(name, &json!({"name": "VM"}));
+        let cold = t.elapsed();
+        assert_eq!(hdr(&h, "x-skiff-cold-start"), "true", "{name}: {v}");
+        assert!(v.to_string().contains("VM"), "{name}: {v}");
+        let t = Instant::now();
+        let (v2, h) = s.invoke_ok(name, &json!({"name": "again"}));
+        let warm = t.elapsed();
+        assert_eq!(hdr(&h, "x-skiff-cold-start"), "false", "{name}: {v2}");
+        assert!(v2.to_string().contains("again"), "{name}: {v2}");
+        eprintln!("{name}: cold {cold:?}, warm {warm:?}");
+    }
+    // The instance really is a QEMU guest: its host cgroup holds a qemu process.
+    let comms: Vec<String> = processes_in_cgroup("/py-vm-")
+        .iter()
+        .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
+        .collect();
+    assert!(
+        comms.iter().any(|c| c.starts_with("qemu-system")),
+        "no qemu in the instance's cgroup: {comms:?}"
+    );
+}
+
+#[test]
+fn microvm_confines_the_function() {
+    let Some(s) = server() else { return };
+    let f = microvm_variant("fx-probe", "fx-probe-vm", &[]);
+    s.deploy(f.path());
+    assert_confined(&s, "fx-probe-vm", false);
+}
+
+#[test]
+fn microvm_network_policy_is_enforced() {
+    let Some(s) = server() else { return };
+    let none = microvm_variant("fx-probe", "fx-probe-vmn", &[]);
+    let out = microvm_variant("fx-probe", "fx-probe-vmo", &[("network", "outbound")]);
+    s.deploy(none.path());
+    s.deploy(out.path());
+    assert_network_policy(&s, "fx-probe-vmn", "fx-probe-vmo", 9);
+}
+
+#[test]
+fn microvm_timeout_and_memory_limits() {
+    let Some(s) = server() else { return };
+    let sleep = microvm_variant("fx-sleep", "fx-sleep-vm", &[]);
+    let hog = microvm_variant("fx-memhog", "fx-memhog-vm", &[]);
+    s.deploy(sleep.path());
+    s.deploy(hog.path());
+    // The cold boot (seconds under TCG) comes before the 1 s timeout starts.
+    assert_timeout_kills(&s, "fx-sleep-vm", Duration::from_secs(20));
+    assert_memory_limit(&s, "fx-memhog-vm");
+}
+
+/// Counts invocations in memory; reports the guest's clock and fresh kernel randomness.
+const COUNTER: &str = r#"
+import os, time
+COUNT = 0
+BOOT = os.urandom(8).hex()
+
+def handler(event, context):
+    global COUNT
+    COUNT += 1
+    return {"count": COUNT, "boot": BOOT, "rand": os.urandom(8).hex(), "now": time.time()}
+"#;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn microvm_checkpointed_restores_the_init_state_with_a_fresh_clock_and_rng() {
+    let Some(s) = server() else { return };
+    let f = python_function(
+        "fx-vm-ckpt",
+        "sandbox: microvm\nnetwork: none\nmode: checkpointed\ntimeout: 60s\n",
+        COUNTER,
+    );
+    s.deploy(f.path());
+    let (v, h) = s.invoke_ok("fx-vm-ckpt", &json!({}));
+    assert_eq!(
+        (v["count"].as_u64(), hdr(&h, "x-skiff-cold-start").as_str()),
+        (Some(1), "true"),
+        "{v}"
+    );
+    let first = v;
+    assert_eq!(s.invoke_ok("fx-vm-ckpt", &json!({})).0["count"], 2);
+    assert_eq!(s.invoke_ok("fx-vm-ckpt", &json!({})).0["count"], 3);
+    let image = s.data_dir.join("snapshots/rev/default-fx-vm-ckpt-1");
+    assert!(
+        image.join("state").is_file(),
+        "the revision snapshot is kept on disk"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // A new cold start restores the checkpoint (count 0 → 1), not the later state (3)...
+    assert_eq!(
+        s.post("/v1/functions/fx-vm-ckpt/runtime/restart", "")
+            .status(),
+        200
+    );
+    let (v, h) = s.invoke_ok("fx-vm-ckpt", &json!({}));
+    assert_eq!(hdr(&h, "x-skiff-cold-start"), "true");
+    assert_eq!(v["count"], 1, "{v}");
+    // ...the same init (same BOOT value: memory came from the snapshot)...
+    assert_eq!(v["boot"], first["boot"], "{v} vs {first}");
+    // ...but the guest's clock is today's, not the snapshot's, and its RNG was reseeded.
+    let skew = (v["now"].as_f64().unwrap() - unix_now()).abs();
+    assert!(skew < 1.5, "guest clock off by {skew:.1} s: {v}");
+    assert_ne!(v["rand"], first["rand"], "same randomness after restore");
+    let mut r = s.http.delete(format!("{}/v1/functions/fx-vm-ckpt", s.url));
+    if let Some(k) = &s.key {
+        r = r.bearer_auth(k);
+    }
+    assert_eq!(r.send().unwrap().status(), 204);
+    assert!(!image.exists());
+}
+
+#[test]
+fn microvm_branched_invocations_each_start_from_the_snapshot() {
+    let Some(s) = server() else { return };
+    let f = python_function(
+        "fx-vm-br",
+        "sandbox: microvm\nnetwork: none\nmode: branched\ntimeout: 60s\n",
+        COUNTER,
+    );
+    s.deploy(f.path());
+    let (a, _) = s.invoke_ok("fx-vm-br", &json!({}));
+    let (b, _) = s.invoke_ok("fx-vm-br", &json!({}));
+    assert_eq!(
+        (a["count"].as_u64(), b["count"].as_u64()),
+        (Some(1), Some(1)),
+        "{a} {b}"
+    );
+    assert_eq!(a["boot"], b["boot"], "both branches come from one snapshot");
+    assert_ne!(a["rand"], b["rand"], "branches share their randomness");
+}
