@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 mod client;
+mod image;
 mod serve;
 
 #[derive(Parser)]
@@ -127,6 +128,11 @@ enum Cmd {
     },
     /// Check this host for what the sandbox tiers need.
     Doctor,
+    /// Manage the microVM guest image.
+    Image {
+        #[command(subcommand)]
+        cmd: image::ImageCmd,
+    },
     /// Internal: run as the agent inside a sandbox.
     #[command(name = "__agent", hide = true)]
     Agent,
@@ -255,6 +261,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Doctor => serve::doctor(),
+        Cmd::Image { cmd } => image::run(cmd),
         Cmd::Agent => unreachable!("handled above"),
     }
 }

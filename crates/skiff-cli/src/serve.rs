@@ -136,7 +136,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("`{s}` is not a duration such as 500ms, 1s or 2m"))
 }
 
-fn write_runtimes(dir: &Path) -> Result<()> {
+pub(crate) fn write_runtimes(dir: &Path) -> Result<()> {
     for (rel, text) in RUNTIME_FILES {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().expect("has parent"))?;
