@@ -119,7 +119,8 @@ pub fn build(cfg: &ImageConfig) -> Result<GuestImage, SandboxError> {
         )));
     }
 
-    let _lock;
+    // flock locks conflict between descriptors even within one process: take it once.
+    let mut held: Option<Lock> = None;
     let kernel_src = match &cfg.kernel {
         KernelSource::Dir(d) => KernelPkg::Dir(d.clone()),
         KernelSource::Deb(f) => KernelPkg::Deb(f.clone()),
@@ -128,7 +129,7 @@ pub fn build(cfg: &ImageConfig) -> Result<GuestImage, SandboxError> {
             match cached_kernel_deb(image_dir) {
                 Some(f) => KernelPkg::Deb(f),
                 None => {
-                    _lock = lock(image_dir)?;
+                    held = Some(lock(image_dir)?);
                     KernelPkg::Deb(download_kernel_deb(image_dir)?)
                 }
             }
@@ -141,7 +142,10 @@ pub fn build(cfg: &ImageConfig) -> Result<GuestImage, SandboxError> {
     if let Some(img) = cached(&dir, &hash) {
         return Ok(img);
     }
-    let _lock = lock(image_dir)?;
+    if held.is_none() {
+        held = Some(lock(image_dir)?);
+    }
+    let _held = held;
     if let Some(img) = cached(&dir, &hash) {
         return Ok(img);
     }
@@ -159,7 +163,10 @@ pub fn build(cfg: &ImageConfig) -> Result<GuestImage, SandboxError> {
         KernelPkg::Dir(d) => d.clone(),
         KernelPkg::Deb(f) => {
             let k = tmp.path().join("kernel");
-            run(Command::new("dpkg-deb").arg("-x").arg(f).arg(&k), "dpkg-deb")?;
+            run(
+                Command::new("dpkg-deb").arg("-x").arg(f).arg(&k),
+                "dpkg-deb",
+            )?;
             k
         }
     };
@@ -296,7 +303,9 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// Runs a command, turning a failure into an error with its stderr.
 fn run(c: &mut Command, what: &str) -> Result<(), SandboxError> {
-    let o = c.output().map_err(|e| io_err(format_args!("running {what}"), e))?;
+    let o = c
+        .output()
+        .map_err(|e| io_err(format_args!("running {what}"), e))?;
     if !o.status.success() {
         return Err(err(format!(
             "{what} failed ({}): {}",
@@ -307,7 +316,8 @@ fn run(c: &mut Command, what: &str) -> Result<(), SandboxError> {
     Ok(())
 }
 
-struct Lock(std::fs::File);
+/// An flock on `<image_dir>/.lock`, released when the file closes (on drop).
+struct Lock(#[allow(dead_code)] std::fs::File);
 
 fn lock(image_dir: &Path) -> Result<Lock, SandboxError> {
     use std::os::fd::AsRawFd;
@@ -327,12 +337,6 @@ fn lock(image_dir: &Path) -> Result<Lock, SandboxError> {
         if e.kind() != std::io::ErrorKind::Interrupted {
             return Err(io_err(format_args!("locking {}", path.display()), e));
         }
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = &self.0; // closing the file releases the lock
     }
 }
 
@@ -571,8 +575,8 @@ fn modinfo_graph(moddir: &Path) -> Result<ModGraph, SandboxError> {
         }
         let data = std::fs::read(moddir.join(rel))
             .map_err(|e| io_err(format_args!("reading {rel}"), e))?;
-        let deps = modinfo_depends(&data)
-            .ok_or_else(|| err(format!("{rel}: no .modinfo section")))?;
+        let deps =
+            modinfo_depends(&data).ok_or_else(|| err(format!("{rel}: no .modinfo section")))?;
         todo.extend(deps.iter().cloned());
         graph.insert(name, (rel.clone(), deps));
     }
@@ -644,9 +648,11 @@ fn module_order(
         if depth > 64 {
             return Err(err(format!("kernel module dependency cycle at {name}")));
         }
-        let (rel, deps) = graph
-            .get(name)
-            .ok_or_else(|| err(format!("kernel module {name} not found in the kernel package")))?;
+        let (rel, deps) = graph.get(name).ok_or_else(|| {
+            err(format!(
+                "kernel module {name} not found in the kernel package"
+            ))
+        })?;
         for d in deps {
             visit(d, graph, builtin, seen, out, depth + 1)?;
         }
@@ -751,7 +757,7 @@ impl Cpio {
         self.pad();
     }
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -824,8 +830,7 @@ impl Plan {
             if lib.is_dir() {
                 let skip = ["test", "idlelib", "tkinter", "turtledemo", "ensurepip"];
                 p.add_tree(&lib, &|rel: &Path| {
-                    rel.components().count() == 1
-                        && skip.iter().any(|s| rel.as_os_str() == *s)
+                    rel.components().count() == 1 && skip.iter().any(|s| rel.as_os_str() == *s)
                 })?;
                 if let Ok(rd) = std::fs::read_dir(lib.join("lib-dynload")) {
                     elves.extend(rd.flatten().map(|e| e.path()));
@@ -880,8 +885,7 @@ impl Plan {
             }
         }
         if Path::new("/etc/localtime").exists() {
-            p.entries
-                .insert("/etc/localtime".into(), Entry::Resolved);
+            p.entries.insert("/etc/localtime".into(), Entry::Resolved);
         }
         if Path::new("/usr/share/ca-certificates").is_dir() {
             p.add_tree(Path::new("/usr/share/ca-certificates"), &|_: &Path| false)?;
@@ -996,8 +1000,17 @@ impl Plan {
                 .map_err(|e| io_err(format_args!("symlink /{l}"), e))?;
         }
         for d in [
-            "dev", "proc", "sys", "tmp", "mnt/root", "mnt/code", "var/task", "var/runtime",
-            "root", "opt/skiff", "etc",
+            "dev",
+            "proc",
+            "sys",
+            "tmp",
+            "mnt/root",
+            "mnt/code",
+            "var/task",
+            "var/runtime",
+            "root",
+            "opt/skiff",
+            "etc",
         ] {
             mkdir(&staging.join(d))?;
         }
@@ -1094,7 +1107,8 @@ fn sha256_file(p: &Path) -> Result<[u8; 32], SandboxError> {
     let mut f =
         std::fs::File::open(p).map_err(|e| io_err(format_args!("reading {}", p.display()), e))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| io_err(format_args!("reading {}", p.display()), e))?;
+    std::io::copy(&mut f, &mut h)
+        .map_err(|e| io_err(format_args!("reading {}", p.display()), e))?;
     Ok(h.finalize().into())
 }
 
@@ -1120,9 +1134,8 @@ fn cache_key(cfg: &ImageConfig, kernel: &KernelPkg, plan: &Plan) -> Result<Strin
     let mut stack = vec![cfg.runtime_dir.clone()];
     let mut files = Vec::new();
     while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).map_err(|e| {
-            io_err(format_args!("runtime dir {}", d.display()), e)
-        })?;
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| io_err(format_args!("runtime dir {}", d.display()), e))?;
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -1161,9 +1174,16 @@ mod tests {
                 u32::from_str_radix(std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
                     .unwrap()
             };
-            let (mode, size, rmaj, rmin, namesize) =
-                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
-            let name = std::str::from_utf8(&b[110..110 + namesize - 1]).unwrap().to_string();
+            let (mode, size, rmaj, rmin, namesize) = (
+                field(1),
+                field(6) as usize,
+                field(9),
+                field(10),
+                field(11) as usize,
+            );
+            let name = std::str::from_utf8(&b[110..110 + namesize - 1])
+                .unwrap()
+                .to_string();
             assert_eq!(b[110 + namesize - 1], 0);
             let data_start = (110 + namesize).div_ceil(4) * 4;
             let data = b[data_start..data_start + size].to_vec();
@@ -1244,7 +1264,33 @@ kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/virtio/virtio.ko
         // Built-in modules are skipped; missing ones are an error.
         let builtin: BTreeSet<String> = ["virtio".to_string()].into();
         let order = module_order(&g, &["virtio_blk"], &builtin).unwrap();
-        assert_eq!(order, ["kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/block/virtio_blk.ko"]);
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/block/virtio_blk.ko"
+            ]
+        );
         assert!(module_order(&g, &["nope"], &BTreeSet::new()).is_err());
+    }
+
+    #[test]
+    fn code_disk_is_written_once() {
+        if which("mkfs.ext4").is_none() {
+            eprintln!("skipped: no mkfs.ext4");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let code = t.path().join("code");
+        std::fs::create_dir_all(code.join("sub")).unwrap();
+        std::fs::write(code.join("main.py"), "print(1)\n").unwrap();
+        let out = t.path().join("disks/code.ext4");
+        code_disk(&code, &out).unwrap();
+        let len = std::fs::metadata(&out).unwrap().len();
+        assert_eq!(len, 8 * MIB);
+        let mtime = std::fs::metadata(&out).unwrap().modified().unwrap();
+        code_disk(&code, &out).unwrap();
+        assert_eq!(std::fs::metadata(&out).unwrap().modified().unwrap(), mtime);
+        assert!(code_disk(&t.path().join("missing"), &t.path().join("x.ext4")).is_err());
     }
 }
