@@ -1,8 +1,9 @@
-//! Frame encoding and blocking I/O on the host channel (used before the async runtime starts).
+//! Frame encoding and blocking I/O on the host channel (before the async runtime starts, and
+//! on the channel threads). The channel is a unix socket or, in a microVM, a virtio-serial
+//! character device: only plain `read`/`write` work on both.
 
 use skiff_core::protocol::{Frame, Kind};
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 
 /// Encodes one frame: `u32 LE len | kind | u32 LE header len | header | body`.
 pub(crate) fn encode(kind: Kind, header: &[u8], body: &[u8]) -> Vec<u8> {
@@ -17,7 +18,7 @@ pub(crate) fn encode(kind: Kind, header: &[u8], body: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one frame; `None` on a clean EOF before the frame starts.
-pub(crate) fn read_blocking(chan: &mut UnixStream) -> io::Result<Option<Frame>> {
+pub(crate) fn read_blocking(chan: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut prefix = [0u8; 4];
     match chan.read_exact(&mut prefix) {
         Ok(()) => {}
@@ -33,6 +34,6 @@ pub(crate) fn read_blocking(chan: &mut UnixStream) -> io::Result<Option<Frame>> 
 }
 
 /// Writes an encoded frame.
-pub(crate) fn write_blocking(chan: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_blocking(chan: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     chan.write_all(bytes)
 }

@@ -26,8 +26,8 @@ mod vm;
 pub use vm::VM_CHANNEL_ARG;
 
 use skiff_core::protocol::{AgentConfig, Kind, Ready};
+use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 /// File descriptor of the framed channel to the host.
@@ -74,7 +74,7 @@ fn run() -> i32 {
         libc::fcntl(CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
     }
     // SAFETY: fd 3 is the channel handed to us by the host; we are its only owner.
-    let mut chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+    let mut chan = unsafe { File::from_raw_fd(CHANNEL_FD) };
     let cfg: AgentConfig = match frames::read_blocking(&mut chan) {
         Ok(Some(f)) if f.kind == Kind::Config => match f.header() {
             Ok(c) => c,
@@ -126,7 +126,7 @@ fn run() -> i32 {
 }
 
 /// Reports a fatal setup error to the host and returns the exit code.
-fn fail(chan: &mut UnixStream, msg: &str) -> i32 {
+fn fail(chan: &mut File, msg: &str) -> i32 {
     eprintln!("skiff-agent: {msg}");
     let _ = frames::write_blocking(
         chan,

@@ -8,6 +8,7 @@ use serde::Serialize;
 use skiff_core::protocol::{AgentConfig, ExecMode, Frame, Invoke, Kind};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -178,7 +179,7 @@ pub(crate) trait Mode {
 }
 
 /// Starts the async runtime and serves until the host goes away. Returns the exit code.
-pub(crate) fn run(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
+pub(crate) fn run(cfg: AgentConfig, chan: File, early: Vec<Frame>) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -210,7 +211,7 @@ impl Incoming {
     }
 }
 
-async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
+async fn serve(cfg: AgentConfig, chan: File, early: Vec<Frame>) -> i32 {
     let (tx, rx) = mpsc::unbounded_channel();
     let incoming = if cfg.blocking_channel {
         match channel_threads(chan, rx) {
@@ -221,6 +222,7 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
             }
         }
     } else {
+        let chan = UnixStream::from(std::os::fd::OwnedFd::from(chan));
         let stream = match chan
             .set_nonblocking(true)
             .and_then(|_| tokio::net::UnixStream::from_std(chan))
@@ -295,7 +297,7 @@ async fn serve(cfg: AgentConfig, chan: UnixStream, early: Vec<Frame>) -> i32 {
 
 /// Starts a reader and a writer thread for the channel (blocking I/O).
 fn channel_threads(
-    chan: UnixStream,
+    chan: File,
     out: mpsc::UnboundedReceiver<OutMsg>,
 ) -> io::Result<mpsc::UnboundedReceiver<Frame>> {
     let mut rd = chan.try_clone()?;

@@ -764,20 +764,55 @@ fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
         let end = if hole < 0 { len as i64 } else { hole };
-        let (mut off_in, mut off_out) = (data, data);
-        let mut left = (end - data) as usize;
-        while left > 0 {
-            // SAFETY: copy_file_range between our own fds with valid offset pointers.
-            let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, left, 0) };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if n == 0 {
-                break;
-            }
-            left -= n as usize;
-        }
+        copy_range(&from, &to, data as u64, (end - data) as u64)?;
         pos = end;
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes at `off` from `from` to the same offset of `to` (in the kernel when
+/// both are on one filesystem, else through a buffer).
+fn copy_range(from: &std::fs::File, to: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (off as i64, off as i64);
+    let mut left = len as usize;
+    while left > 0 {
+        // SAFETY: copy_file_range between our own fds with valid offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        if n > 0 {
+            left -= n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EXDEV)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOSYS)
+            | Some(libc::EOPNOTSUPP) => break,
+            _ => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = off_in as u64;
+    while left > 0 {
+        let n = left.min(buf.len());
+        from.read_exact_at(&mut buf[..n], pos)?;
+        to.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+        left -= n;
     }
     Ok(())
 }
