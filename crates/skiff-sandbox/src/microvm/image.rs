@@ -246,6 +246,8 @@ pub fn code_disk(code_dir: &Path, out: &Path) -> Result<(), SandboxError> {
         .tempfile_in(parent)
         .map_err(|e| io_err("creating a temp file", e))?;
     mkfs(code_dir, tmp.path(), CODE_SERIAL, count + 64, size)?;
+    std::fs::set_permissions(tmp.path(), PermissionsExt::from_mode(0o644))
+        .map_err(|e| io_err("chmod code disk", e))?;
     tmp.persist(out)
         .map_err(|e| io_err(format_args!("writing {}", out.display()), e.error))?;
     Ok(())
