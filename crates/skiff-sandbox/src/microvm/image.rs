@@ -863,7 +863,7 @@ impl Plan {
             }
         }
         p.top.push("coreutils".into());
-        for lib in ldd(&elves) {
+        for lib in ldd(&elves)? {
             p.add(&lib);
         }
         for e in [
@@ -1081,11 +1081,12 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
 }
 
 /// The shared libraries (and the dynamic loader) the given executables load, from `ldd`.
-fn ldd(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+fn ldd(files: &[PathBuf]) -> Result<BTreeSet<PathBuf>, SandboxError> {
     let mut libs = BTreeSet::new();
-    let Ok(o) = Command::new("ldd").args(files).output() else {
-        return libs;
-    };
+    let o = Command::new("ldd")
+        .args(files)
+        .output()
+        .map_err(|e| io_err("running ldd (apt-get install libc-bin)", e))?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         if !l.contains("(0x") {
             continue;
@@ -1100,7 +1101,7 @@ fn ldd(files: &[PathBuf]) -> BTreeSet<PathBuf> {
             libs.insert(PathBuf::from(path));
         }
     }
-    libs
+    Ok(libs)
 }
 
 // ---- cache key ----
