@@ -246,6 +246,8 @@ pub fn code_disk(code_dir: &Path, out: &Path) -> Result<(), SandboxError> {
         .tempfile_in(parent)
         .map_err(|e| io_err("creating a temp file", e))?;
     mkfs(code_dir, tmp.path(), CODE_SERIAL, count + 64, size)?;
+    std::fs::set_permissions(tmp.path(), PermissionsExt::from_mode(0o644))
+        .map_err(|e| io_err("chmod code disk", e))?;
     tmp.persist(out)
         .map_err(|e| io_err(format_args!("writing {}", out.display()), e.error))?;
     Ok(())
@@ -861,7 +863,7 @@ impl Plan {
             }
         }
         p.top.push("coreutils".into());
-        for lib in ldd(&elves) {
+        for lib in ldd(&elves)? {
             p.add(&lib);
         }
         for e in [
@@ -1079,11 +1081,12 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
 }
 
 /// The shared libraries (and the dynamic loader) the given executables load, from `ldd`.
-fn ldd(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+fn ldd(files: &[PathBuf]) -> Result<BTreeSet<PathBuf>, SandboxError> {
     let mut libs = BTreeSet::new();
-    let Ok(o) = Command::new("ldd").args(files).output() else {
-        return libs;
-    };
+    let o = Command::new("ldd")
+        .args(files)
+        .output()
+        .map_err(|e| io_err("running ldd (apt-get install libc-bin)", e))?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         if !l.contains("(0x") {
             continue;
@@ -1098,7 +1101,7 @@ fn ldd(files: &[PathBuf]) -> BTreeSet<PathBuf> {
             libs.insert(PathBuf::from(path));
         }
     }
-    libs
+    Ok(libs)
 }
 
 // ---- cache key ----

@@ -16,7 +16,7 @@ $B mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 
 # Module parameters given on the kernel command line as `module.param=value` (what modprobe
 # would pass; QEMU microvm describes its virtio-mmio devices as `virtio_mmio.device=...`).
-CMDLINE=$($B cat /proc/cmdline)
+read -r CMDLINE </proc/cmdline
 while read -r m; do
 	[ -n "$m" ] || continue
 	name=${m%.ko}
@@ -28,15 +28,23 @@ while read -r m; do
 	$B insmod "/lib/modules/$m" $params || echo "skiff-init: insmod $m failed" >/dev/console
 done </lib/modules/order
 
-# Polls (every 5 ms, up to 3 s) until `find_$1` sets $found.
+# Uptime in centiseconds, without forking (slow under emulation).
+uptime_cs() {
+	read -r up _ </proc/uptime
+	f=${up#*.}
+	NOW=$((${up%.*} * 100 + ${f#0}))
+}
+
+# Polls `find_$1` every 5 ms for up to 3 s.
 wait_for() {
-	i=0
-	while [ $i -lt 600 ]; do
+	uptime_cs
+	deadline=$((NOW + 300))
+	while :; do
 		"find_$1" && return 0
+		uptime_cs
+		[ "$NOW" -lt "$deadline" ] || return 1
 		$B usleep 5000
-		i=$((i + 1))
 	done
-	return 1
 }
 
 ROOT_DEV=""
@@ -46,7 +54,9 @@ find_disks() {
 		[ -r "$s" ] || continue
 		d=${s%/serial}
 		d=${d##*/}
-		case $($B cat "$s") in
+		v=""
+		read -r v <"$s"
+		case $v in
 		skiff-root) ROOT_DEV=/dev/$d ;;
 		skiff-code) CODE_DEV=/dev/$d ;;
 		esac
@@ -67,7 +77,9 @@ CHANNEL=""
 find_channel() {
 	for n in /sys/class/virtio-ports/vport*/name; do
 		[ -r "$n" ] || continue
-		if [ "$($B cat "$n")" = skiff ]; then
+		v=""
+		read -r v <"$n"
+		if [ "$v" = skiff ]; then
 			d=${n%/name}
 			CHANNEL=/dev/${d##*/}
 			return 0
