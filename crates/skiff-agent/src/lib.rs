@@ -105,6 +105,7 @@ fn run() -> i32 {
         }
     }
     if cfg.vm {
+        vm::tune_kernel();
         if let Err(e) = vm::start_helper() {
             return fail(&mut chan, &format!("sandbox setup failed: {e}"));
         }

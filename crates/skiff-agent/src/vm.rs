@@ -54,6 +54,13 @@ pub(crate) fn take_channel_arg() -> Option<Result<(), String>> {
     Some(Ok(()))
 }
 
+/// Guest kernel settings for a function VM (call while still root): allocations may exceed
+/// the guest's RAM, as under a host memory cgroup, so a function over its memory is
+/// OOM-killed (reported as such) rather than failing an early `malloc` with its own error.
+pub(crate) fn tune_kernel() {
+    let _ = std::fs::write("/proc/sys/vm/overcommit_memory", b"1");
+}
+
 /// Forks the privileged helper (call while still root, single-threaded).
 pub(crate) fn start_helper() -> Result<(), String> {
     let mut fds = [0i32; 2];

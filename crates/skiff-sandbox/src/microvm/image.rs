@@ -31,7 +31,7 @@ pub const GUEST_ROOT_DIR: &str = "/mnt/root";
 pub const GUEST_CODE_DIR: &str = "/mnt/code";
 
 /// Bump when the image layout changes (part of the cache key).
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const INIT_SH: &str = include_str!("init.sh");
 /// Drivers loaded by `/init`, with their dependencies resolved from the kernel's modules.
 const MODULES: &[&str] = &[
@@ -853,16 +853,44 @@ impl Plan {
         } else {
             tracing::info!("microvm image: no /usr/bin/node on the host; node left out");
         }
-        for t in [
-            "sh", "dash", "env", "cat", "ls", "sleep", "true", "false", "echo", "id",
-        ] {
-            let path = Path::new("/usr/bin").join(t);
-            if std::fs::symlink_metadata(&path).is_ok() {
-                p.add(&path);
+        // The everyday command-line tools, from the host's Debian packages (their dpkg file
+        // lists), as `command` functions and shell-script runtimes expect them.
+        let mut tools: BTreeSet<PathBuf> = TOOLS
+            .iter()
+            .map(|t| Path::new("/usr/bin").join(t))
+            .collect();
+        for pkg in TOOL_PACKAGES {
+            let list = std::fs::read_to_string(format!("/var/lib/dpkg/info/{pkg}.list"))
+                .or_else(|_| {
+                    std::fs::read_to_string(format!("/var/lib/dpkg/info/{pkg}:amd64.list"))
+                })
+                .unwrap_or_default();
+            for l in list.lines() {
+                let l = l.trim();
+                if ["/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/"]
+                    .iter()
+                    .any(|d| {
+                        l.strip_prefix(d)
+                            .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+                    })
+                {
+                    tools.insert(PathBuf::from(l));
+                }
+            }
+        }
+        for path in tools {
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if md.is_dir() {
+                continue;
+            }
+            p.add(&path);
+            if is_elf(&path) {
                 elves.push(path);
             }
         }
-        p.top.push("coreutils".into());
+        p.top.push(format!("tools ({})", TOOL_PACKAGES.join(", ")));
         for lib in ldd(&elves)? {
             p.add(&lib);
         }
@@ -1081,6 +1109,36 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
 }
 
 /// The shared libraries (and the dynamic loader) the given executables load, from `ldd`.
+/// Tools always included when the host has them (even without dpkg file lists).
+const TOOLS: &[&str] = &[
+    "sh", "dash", "env", "cat", "ls", "sleep", "true", "false", "echo", "id", "head",
+];
+
+/// Debian packages whose programs go into the image.
+const TOOL_PACKAGES: &[&str] = &[
+    "coreutils",
+    "dash",
+    "bash",
+    "grep",
+    "sed",
+    "findutils",
+    "gzip",
+    "tar",
+    "util-linux",
+    "procps",
+    "mawk",
+];
+
+/// Whether `path` (followed) is an ELF file.
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
 fn ldd(files: &[PathBuf]) -> Result<BTreeSet<PathBuf>, SandboxError> {
     let mut libs = BTreeSet::new();
     let o = Command::new("ldd")

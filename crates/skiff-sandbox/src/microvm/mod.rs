@@ -341,11 +341,14 @@ impl Tier {
             .cloned()
     }
 
-    /// The read-only disk holding `code_dir` (made once per code directory: code
-    /// directories are content-addressed and never change).
+    /// The read-only disk holding `code_dir`, made once per content: the key covers the
+    /// directory and every entry's path, size and modification time (store code directories
+    /// never change, but a directory given by hand may).
     async fn code_disk(&self, code_dir: &Path) -> Result<PathBuf, SandboxError> {
-        use sha2::Digest;
-        let key = hex::encode(&sha2::Sha256::digest(code_dir.as_os_str().as_encoded_bytes())[..12]);
+        let dir = code_dir.to_path_buf();
+        let key = tokio::task::spawn_blocking(move || tree_fingerprint(&dir))
+            .await
+            .map_err(|e| SandboxError::Start(format!("code disk: {e}")))??;
         let disk = self.code_disks.join(format!("{key}.ext4"));
         if !disk.is_file() {
             let (dir, out) = (code_dir.to_path_buf(), disk.clone());
@@ -734,6 +737,44 @@ fn shell_quote(path: &Path) -> Result<String, SandboxError> {
     Ok(format!("'{}'", s.replace('\'', "'\\''")))
 }
 
+/// A hex digest of a directory tree's paths, sizes and modification times.
+fn tree_fingerprint(root: &Path) -> Result<String, SandboxError> {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let mut h = sha2::Sha256::new();
+    h.update(root.as_os_str().as_encoded_bytes());
+    let mut stack = vec![root.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| SandboxError::Start(format!("code directory {}: {e}", dir.display())))?
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            seen += 1;
+            if seen > 200_000 {
+                return Err(SandboxError::Start(format!(
+                    "code directory {} has too many entries",
+                    root.display()
+                )));
+            }
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            h.update(e.path().as_os_str().as_encoded_bytes());
+            h.update(md.size().to_le_bytes());
+            h.update(md.mtime().to_le_bytes());
+            h.update(md.mtime_nsec().to_le_bytes());
+            h.update(md.mode().to_le_bytes());
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(hex::encode(&h.finalize()[..12]))
+}
+
 /// A [`Kind::Resume`] body for a restored guest: the host's clock and fresh entropy.
 fn resume_body() -> Vec<u8> {
     let now = std::time::SystemTime::now()
@@ -753,7 +794,7 @@ fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
     let len = from.metadata()?.len();
     let to = std::fs::File::create(dst)?;
     to.set_len(len)?;
-    let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
+    let fi = from.as_raw_fd();
     let mut pos: i64 = 0;
     while (pos as u64) < len {
         // SAFETY: lseek on our own fds.
