@@ -63,9 +63,18 @@ fn run() -> i32 {
             }
         }
     }
-    if let Some(Err(e)) = vm::take_channel_arg() {
-        eprintln!("skiff-agent: {e}");
-        return 2;
+    match vm::take_channel_arg() {
+        Some(Err(e)) => {
+            eprintln!("skiff-agent: {e}");
+            return 2;
+        }
+        Some(Ok(())) => {
+            if let Err(e) = vm::enter_pid_namespace() {
+                eprintln!("skiff-agent: {e}");
+                return 2;
+            }
+        }
+        None => {}
     }
     // Nothing but fds 0..=3 may leak in from the host; fd 3 must not leak into the function.
     // SAFETY: plain syscalls on fds we own.

@@ -54,6 +54,36 @@ pub(crate) fn take_channel_arg() -> Option<Result<(), String>> {
     Some(Ok(()))
 }
 
+/// Moves the agent into a fresh pid namespace (call as the guest's init, single-threaded,
+/// before the config is read): the init forks the agent as PID 1 of that namespace, so the
+/// function's `/proc` shows only the sandbox, not the guest kernel's threads, and stays
+/// behind only to reap and to end the VM when the agent ends. Returns in the agent.
+pub(crate) fn enter_pid_namespace() -> Result<(), String> {
+    // SAFETY: unshare and fork in a single-threaded process; the parent never returns.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return Err(format!("unshare(pid): {}", std::io::Error::last_os_error()));
+        }
+        match libc::fork() {
+            -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+            0 => Ok(()),
+            agent => {
+                // The guest's init: nothing but the agent and orphans; the channel is the
+                // agent's alone.
+                libc::close(crate::CHANNEL_FD);
+                loop {
+                    let mut st = 0;
+                    let pid = libc::waitpid(-1, &mut st, 0);
+                    if pid == agent || (pid < 0 && *libc::__errno_location() == libc::ECHILD) {
+                        // Init exiting ends the VM (the host sees QEMU exit).
+                        libc::_exit(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Guest kernel settings for a function VM (call while still root): allocations may exceed
 /// the guest's RAM, as under a host memory cgroup, so a function over its memory is
 /// OOM-killed (reported as such) rather than failing an early `malloc` with its own error.

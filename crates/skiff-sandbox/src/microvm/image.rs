@@ -1127,6 +1127,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "mawk",
+    "hostname",
 ];
 
 /// Whether `path` (followed) is an ELF file.
