@@ -212,6 +212,7 @@ pub fn build(cfg: &ImageConfig) -> Result<GuestImage, SandboxError> {
     }
     std::fs::rename(&out, &dir)
         .map_err(|e| io_err(format_args!("renaming into {}", dir.display()), e))?;
+    prune(image_dir, &dir, KEEP_IMAGES);
     Ok(GuestImage {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.cpio"),
@@ -343,6 +344,26 @@ fn lock(image_dir: &Path) -> Result<Lock, SandboxError> {
 }
 
 /// Removes `.build-*` dirs left by builds that died (only called under the lock).
+/// Images kept in an image dir: the one just built and the most recent others (a server or
+/// snapshot of an older `skiff` binary may still use them; each binary makes its own image).
+const KEEP_IMAGES: usize = 3;
+
+/// Deletes all but the `keep` most recently built images (never `current`).
+fn prune(image_dir: &Path, current: &Path, keep: usize) {
+    let Ok(rd) = std::fs::read_dir(image_dir) else {
+        return;
+    };
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("microvm-") && e.path() != current)
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    others.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, p) in others.into_iter().skip(keep.saturating_sub(1)) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+}
+
 fn remove_stale_builds(image_dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(image_dir) {
         for e in rd.flatten() {
