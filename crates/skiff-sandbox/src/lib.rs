@@ -197,6 +197,13 @@ pub trait Instance: Send + Sync {
     fn take_output(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// Waits, at most `within`, until the function has initialised: the sandbox is up (a
+    /// microVM has booted) and the runtime waits for work. At once for tiers without such a
+    /// phase. `Err` when the instance died meanwhile (its next invoke reports why).
+    async fn initialized(&self, within: std::time::Duration) -> Result<(), SandboxError> {
+        let _ = within;
+        Ok(())
+    }
     /// Saves the whole instance (memory, processes, `/tmp`) into the directory `image`, for
     /// [`Sandbox::restore`]. Waits first (at most `init_within`) until the function has
     /// initialised; call it before the instance serves anything when every restored copy

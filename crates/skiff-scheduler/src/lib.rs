@@ -275,6 +275,11 @@ impl Stops {
 }
 
 /// A lease on an instance for one invocation.
+/// Longest a cold start (sandbox boot and the function's init) may take before the
+/// invocation's own timeout starts (Lambda allows 10 s of init; microVMs under software
+/// emulation boot for seconds).
+const INIT_LIMIT: Duration = Duration::from_secs(30);
+
 struct Lease {
     inst: Arc<dyn Instance>,
     cold: bool,
@@ -1035,6 +1040,15 @@ impl Scheduler {
         inv: Invocation,
         timeout: Duration,
     ) -> Result<InvokeOutput, Outcome> {
+        // As on Lambda, the function's timeout covers its invocation; a cold start (a
+        // microVM's boot, the runtime's init) has a limit of its own. An instance that died
+        // meanwhile reports why on the invoke below.
+        let mut init = lease.init;
+        if lease.cold {
+            let t = Instant::now();
+            let _ = lease.inst.initialized(INIT_LIMIT).await;
+            init = init.map(|d| d + t.elapsed());
+        }
         let started = Instant::now();
         let deadline = started + timeout;
         let deadline_ms = SystemTime::now()
@@ -1115,7 +1129,7 @@ impl Scheduler {
                     instance_id: lease.inst.id().to_string(),
                     cold: lease.cold,
                     duration,
-                    init_duration: lease.init,
+                    init_duration: init,
                     logs: r.logs,
                     max_memory: lease.inst.memory_peak(),
                 })

@@ -586,6 +586,10 @@ impl Instance for GvisorInstance {
         self.current().is_alive()
     }
 
+    async fn initialized(&self, within: Duration) -> Result<(), SandboxError> {
+        self.current().wait_initialized(within).await
+    }
+
     fn memory_usage(&self) -> Option<u64> {
         self.current().memory_usage()
     }

@@ -890,6 +890,10 @@ impl Instance for MicrovmInstance {
         self.inner.is_alive()
     }
 
+    async fn initialized(&self, within: Duration) -> Result<(), SandboxError> {
+        self.inner.wait_initialized(within).await
+    }
+
     fn memory_usage(&self) -> Option<u64> {
         self.inner.memory_usage()
     }

@@ -743,6 +743,10 @@ impl Instance for NativeInstance {
         *stopped = true;
     }
 
+    async fn initialized(&self, within: Duration) -> Result<(), SandboxError> {
+        self.wait_initialized(within).await
+    }
+
     fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
     }
