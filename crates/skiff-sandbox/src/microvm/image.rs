@@ -358,7 +358,7 @@ fn prune(image_dir: &Path, current: &Path, keep: usize) {
         .filter(|e| e.file_name().to_string_lossy().starts_with("microvm-") && e.path() != current)
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    others.sort_by(|a, b| b.0.cmp(&a.0));
+    others.sort_by_key(|e| std::cmp::Reverse(e.0));
     for (_, p) in others.into_iter().skip(keep.saturating_sub(1)) {
         let _ = std::fs::remove_dir_all(p);
     }

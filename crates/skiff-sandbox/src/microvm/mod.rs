@@ -1009,7 +1009,7 @@ impl Sandbox for MicrovmSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
 
     #[test]
     fn copy_sparse_keeps_data_and_holes() {
