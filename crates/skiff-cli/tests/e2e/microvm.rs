@@ -198,3 +198,56 @@ fn microvm_branched_invocations_each_start_from_the_snapshot() {
     assert_eq!(a["boot"], b["boot"], "both branches come from one snapshot");
     assert_ne!(a["rand"], b["rand"], "branches share their randomness");
 }
+
+#[test]
+fn microvm_snapshot_of_a_warm_instance_forks_branches_and_keeps_it_running() {
+    let Some(s) = server() else { return };
+    let f = python_function(
+        "fx-vm-snap",
+        "sandbox: microvm\nnetwork: none\ntimeout: 60s\nscale: {idle: 10m}\n",
+        COUNTER,
+    );
+    s.deploy(f.path());
+    assert_eq!(s.invoke_ok("fx-vm-snap", &json!({})).0["count"], 1);
+    assert_eq!(s.invoke_ok("fx-vm-snap", &json!({})).0["count"], 2);
+    let r = s.post("/v1/functions/fx-vm-snap/snapshots", "");
+    assert_eq!(r.status(), 201);
+    let snap: Value = r.json().unwrap();
+    let id = snap["id"].as_str().unwrap().to_string();
+    assert!(snap["size_bytes"].as_u64().unwrap() > 0, "{snap}");
+    // The snapshotted VM continues where it was.
+    let (v, h) = s.invoke_ok("fx-vm-snap", &json!({}));
+    assert_eq!(
+        (v["count"].as_u64(), hdr(&h, "x-skiff-cold-start").as_str()),
+        (Some(3), "false")
+    );
+    let r = s.post(
+        &format!("/v1/snapshots/{id}/fork"),
+        json!({"count": 2}).to_string(),
+    );
+    assert_eq!(r.status(), 201);
+    let forked: Value = r.json().unwrap();
+    let ids: Vec<String> = forked["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{forked}");
+    // Each branch resumes the snapshot: two invocations had run, so this is the third.
+    let mut rands = vec![];
+    for b in &ids {
+        let r = s.post(&format!("/v1/branches/{b}/invoke"), "{}");
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["count"], 3, "branch {b}: {v}");
+        rands.push(v["rand"].clone());
+    }
+    assert_ne!(rands[0], rands[1], "branches share their randomness");
+    let mut r = s.http.delete(format!("{}/v1/snapshots/{id}", s.url));
+    if let Some(k) = &s.key {
+        r = r.bearer_auth(k);
+    }
+    assert_eq!(r.send().unwrap().status(), 204);
+    assert_eq!(s.invoke_ok("fx-vm-snap", &json!({})).0["count"], 4);
+}

@@ -489,7 +489,8 @@ impl Tier {
         }
         push(&["-M", &machine]);
         match self.cfg.accel {
-            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            // Some hosts' KVM rejects the guest reading IA32_ARCH_CAPABILITIES.
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
             Accel::Tcg => {
                 push(&["-accel", "tcg,tb-size=32"]);
                 if let Some(khz) = self.cfg.tsc_khz {
