@@ -229,11 +229,12 @@ fn snapshots_and_branches_api_errors() {
 
 #[test]
 fn default_sandbox_comes_from_faas_runtime() {
-    // microvm is refused at startup.
+    // microvm without QEMU is refused at startup.
     let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(skiff_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(tmp.path())
+        .args(["--qemu", "/nonexistent/qemu-system-x86_64"])
         .env("FAAS_RUNTIME", "microvm")
         .output()
         .unwrap();

@@ -16,7 +16,8 @@ fn codes(v: &Value) -> Vec<String> {
 
 #[test]
 fn publish_blockers_refuse_promotion_and_say_why() {
-    let s = Server::start();
+    // A server without the microVM tier (no QEMU where it looks).
+    let s = Server::start_with(&["--qemu", "/nonexistent/qemu-system-x86_64"]);
     s.deploy(&fixture("fx-echo"));
     // A publishable revision says so.
     let rev: Value = s.get("/v1/functions/fx-echo/revisions/1").json().unwrap();

@@ -357,7 +357,7 @@ fn seed_env_file_and_faas_variables() {
     std::fs::write(
         dir.path().join(".env"),
         format!(
-            "# seed-style configuration\nFAAS_GATEWAY_PORT={port}\nSKIFF_DATA_DIR={}\nFAAS_EXECUTOR_TYPE=microvm\n",
+            "# seed-style configuration\nFAAS_GATEWAY_PORT={port}\nSKIFF_DATA_DIR={}\nFAAS_EXECUTOR_TYPE=kata\n",
             data.display()
         ),
     )
@@ -394,7 +394,7 @@ fn seed_env_file_and_faas_variables() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("FAAS_EXECUTOR_TYPE") && err.contains("microvm") && err.contains("native"),
+        err.contains("FAAS_EXECUTOR_TYPE") && err.contains("kata") && err.contains("microvm"),
         "{err}"
     );
 }
