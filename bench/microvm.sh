@@ -3,7 +3,8 @@
 # `microvm`) against the real `skiff serve` over loopback: boot and snapshot restore to first
 # reply (vs a native cold start), warm invoke (vs native) and the memory of idle VMs. Needs
 # root and QEMU (apt-get install qemu-system-x86; scripts/setup.sh installs it).
-# Usage: bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3]. Not part of CI.
+# Usage: bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3] [--pause-ms 300].
+# Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v qemu-system-x86_64 >/dev/null || { echo "QEMU not found (apt-get install qemu-system-x86)" >&2; exit 1; }

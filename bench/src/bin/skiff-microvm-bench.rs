@@ -11,7 +11,7 @@
 //!    (`mode: checkpointed`), idle; the RSS and PSS of their QEMU processes (PSS splits pages
 //!    shared between restored copies of one snapshot).
 //!
-//! Usage: `bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3]`. Needs root and
+//! Usage: `bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3] [--pause-ms 300]`. Needs root and
 //! QEMU; the guest image is built first (or taken from `SKIFF_IMAGE_DIR`).
 
 use skiff_bench::{arg, deploy, header, raise_nofile, request, start_server};
@@ -86,19 +86,24 @@ async fn invoke(
     ms
 }
 
-/// `n` sequential invokes of `name`; their latencies (ms), sorted.
-async fn series(addr: &str, name: &str, n: usize, cold: Option<bool>) -> Vec<f64> {
+/// `n` sequential invokes of `name`, `pause` apart (0: back to back); their latencies
+/// (ms), sorted.
+async fn series(addr: &str, name: &str, n: usize, cold: Option<bool>, pause: Duration) -> Vec<f64> {
     let mut conn = connect(addr).await;
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         v.push(invoke(&mut conn, addr, name, b"{}", cold).await);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     sorted(v)
 }
 
 /// (RSS, PSS) in KiB of the QEMU processes whose `-name` is `skiff-<function>-…`.
 fn qemu_memory(function: &str) -> Vec<(u64, u64)> {
-    let needle = format!("skiff-{function}-");
+    // Instance ids are `<function>-<revision>-…`; revision 1 here.
+    let needle = format!("skiff-{function}-1-");
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
@@ -157,6 +162,9 @@ async fn main() {
     let restore_n = arg("--restore", 15);
     let warm_n = arg("--warm", 300);
     let idle = arg("--idle", 3);
+    // Between cold starts: the previous VM's teardown (freeing its RAM) settles.
+    let pause = Duration::from_millis(arg("--pause-ms", 300) as u64);
+    let none = Duration::ZERO;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -221,15 +229,20 @@ async fn main() {
 
     println!("\n## 1–2. Cold start to first reply (ms, through the gateway)\n");
     println!("| what | n | p50 | p90 | max |\n|---|---:|---:|---:|---:|");
-    let boot = series(&addr, "vm-boot", boot_n, Some(true)).await;
-    let nat = series(&addr, "nat-boot", boot_n.max(10), Some(true)).await;
+    let boot = series(&addr, "vm-boot", boot_n, Some(true), pause).await;
+    let nat = series(&addr, "nat-boot", boot_n.max(10), Some(true), pause).await;
     // The first branched invoke boots the VM and takes the snapshot.
-    let first = series(&addr, "vm-restore", 1, Some(true)).await;
-    let restore = series(&addr, "vm-restore", restore_n, Some(true)).await;
+    let first = series(&addr, "vm-restore", 1, Some(true), pause).await;
+    let restore = series(&addr, "vm-restore", restore_n, Some(true), pause).await;
+    let b2b = series(&addr, "vm-restore", restore_n, Some(true), none).await;
     row("microVM boot (`mode: ephemeral`)", &boot);
     row("native cold start (baseline)", &nat);
     row("microVM first branched invoke (boot + snapshot)", &first);
     row("microVM restore (`mode: branched`)", &restore);
+    row(
+        "microVM restore, back to back (previous VM still tearing down)",
+        &b2b,
+    );
     println!(
         "\nrestore / boot (medians): {:.3}; restore / native cold: {:.2}",
         median(&restore) / median(&boot),
@@ -238,10 +251,10 @@ async fn main() {
 
     println!("\n## 3. Warm invoke (ms, sequential, keep-alive)\n");
     println!("| what | n | p50 | p90 | max |\n|---|---:|---:|---:|---:|");
-    series(&addr, "vm-warm", 3, None).await;
-    series(&addr, "nat-warm", 3, None).await;
-    let vw = series(&addr, "vm-warm", warm_n, Some(false)).await;
-    let nw = series(&addr, "nat-warm", warm_n, Some(false)).await;
+    series(&addr, "vm-warm", 3, None, none).await;
+    series(&addr, "nat-warm", 3, None, none).await;
+    let vw = series(&addr, "vm-warm", warm_n, Some(false), none).await;
+    let nw = series(&addr, "nat-warm", warm_n, Some(false), none).await;
     row("microVM warm", &vw);
     row("native warm (baseline)", &nw);
     println!(

@@ -632,6 +632,7 @@ impl Tier {
                 return Err(SandboxError::Start(format!("cgroup: {e}")));
             }
         };
+        let spawn_t = std::time::Instant::now();
         let spawned = (|| -> std::io::Result<_> {
             let (host, child) = std::os::unix::net::UnixStream::pair()?;
             let (err_r, err_w) = pipe()?;
@@ -650,6 +651,7 @@ impl Tier {
                 return Err(SandboxError::Start(format!("cannot run QEMU: {e}")));
             }
         };
+        let spawn_ms = spawn_t.elapsed().as_secs_f64() * 1e3;
         let cg = Arc::new(cg);
         let pid = spawned.pid;
         let inst = match NativeInstance::launch(
@@ -675,7 +677,15 @@ impl Tier {
         };
         inst.on_exit(cleanup);
         if let Some(img) = image {
-            if let Err(e) = incoming(&dir, img, machine.ram_file).await {
+            let t = std::time::Instant::now();
+            let loaded = incoming(&dir, img, machine.ram_file).await;
+            tracing::debug!(
+                instance = %spec.instance_id,
+                "microvm restore: QEMU spawned in {:.1} ms, snapshot loaded and running after {:.1} ms",
+                spawn_ms,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            if let Err(e) = loaded {
                 inst.stop().await;
                 return Err(e);
             }
