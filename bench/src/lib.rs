@@ -143,3 +143,38 @@ pub fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(str::trim)
 }
+
+/// `v` sorted ascending.
+pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// The `p` quantile (0..=1, nearest rank) of sorted values; NaN when empty.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]
+}
+
+/// The median of sorted values (mean of the middle two for an even count); NaN when empty.
+pub fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// A keep-alive connection to the gateway at `addr`, without Nagle.
+pub async fn connect(addr: &str) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    tokio::io::BufReader::new(s)
+}

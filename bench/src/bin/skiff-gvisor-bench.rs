@@ -17,7 +17,9 @@
 //! Usage: `bench/gvisor.sh [--cold 20] [--snap 15] [--warm 500] [--conc 100]`. Needs root
 //! and runsc.
 
-use skiff_bench::{arg, deploy, header, raise_nofile, request, start_server};
+use skiff_bench::{
+    arg, connect, deploy, header, median, pct, raise_nofile, request, sorted, start_server,
+};
 use skiff_core::protocol::{read_frame, Done, Frame, Invoke, Kind};
 use skiff_core::FunctionSpec;
 use skiff_sandbox::gvisor::{GvisorConfig, GvisorSandbox};
@@ -45,38 +47,6 @@ fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
 
 fn function_yaml(name: &str, yaml: &str) -> String {
     format!("name: {name}\nruntime: python3\nhandler: main.handler\nnetwork: none\n{yaml}")
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let n = sorted.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
-}
-
-/// A keep-alive connection to the gateway.
-async fn connect(addr: &str) -> tokio::io::BufReader<TcpStream> {
-    let s = TcpStream::connect(addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    tokio::io::BufReader::new(s)
 }
 
 /// One invoke of `name` on `conn`; its latency in ms. Panics unless it answered 200 and the

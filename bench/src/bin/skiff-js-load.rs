@@ -12,7 +12,7 @@
 //!
 //! Usage: `bench/js-concurrency.sh [--n 10000] [--warm 2000] [--cold 200]`.
 
-use skiff_bench::{arg, deploy, header, raise_nofile, request, start_server};
+use skiff_bench::{arg, deploy, header, pct, raise_nofile, request, start_server};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,14 +41,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let n = sorted.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]
 }
 
 /// `GET /v1/functions/{name}/runtime` (its instances), or `null`.

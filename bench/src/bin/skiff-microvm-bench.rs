@@ -14,7 +14,9 @@
 //! Usage: `bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3] [--pause-ms 300]`. Needs root and
 //! QEMU; the guest image is built first (or taken from `SKIFF_IMAGE_DIR`).
 
-use skiff_bench::{arg, deploy, header, raise_nofile, request, start_server};
+use skiff_bench::{
+    arg, connect, deploy, header, median, pct, raise_nofile, request, sorted, start_server,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,29 +36,6 @@ fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
     .unwrap();
     std::fs::write(dir.join("main.py"), source).unwrap();
     dir
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let n = sorted.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    pct(sorted, 0.5)
-}
-
-async fn connect(addr: &str) -> tokio::io::BufReader<TcpStream> {
-    let s = TcpStream::connect(addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    tokio::io::BufReader::new(s)
 }
 
 /// One invoke on a keep-alive connection; milliseconds, checking the cold-start header.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 pub mod gvisor;
 pub mod microvm;
+mod monitor;
 pub mod native;
 pub mod tiers;
 

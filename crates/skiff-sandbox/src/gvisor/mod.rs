@@ -15,11 +15,10 @@
 //! host's network namespace and refuses.
 
 mod bundle;
-pub(crate) mod spawn;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::{find_in_path, Slirp};
-use crate::native::{pipe, valid_instance_id, NativeInstance};
+use crate::native::{valid_instance_id, NativeInstance};
 use crate::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::launch::HTTP_PORT;
@@ -389,56 +388,19 @@ impl Tier {
         argv.push(format!("--bundle={}", bundle_dir.display()));
         argv.push(id.clone());
 
-        let limit = spec.spec.memory + self.cfg.overhead;
-        let cg = match self.cgroups.create(&id, limit, self.cfg.pids_max) {
-            Ok(cg) => cg,
-            Err(e) => {
-                cleanup();
-                return Err(SandboxError::Start(format!("cgroup: {e}")));
-            }
-        };
-        let spawned = (|| -> std::io::Result<_> {
-            let (host, child) = std::os::unix::net::UnixStream::pair()?;
-            let (err_r, err_w) = pipe()?;
-            let child: std::os::fd::OwnedFd = child.into();
-            let exec = spawn::Exec::new(&argv)?;
-            let s = spawn::spawn(&exec, &cg.procs, &child, &err_w, outbound)?;
-            Ok((host, err_r, s))
-        })();
-        let mut cg = cg;
-        cg.procs.clear();
-        let (host, err_r, spawned) = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                cg.remove_blocking(Duration::from_millis(500));
-                cleanup();
-                return Err(SandboxError::Start(format!("cannot run runsc: {e}")));
-            }
-        };
-        let cg = Arc::new(cg);
-        let spawn::Spawned { pid, pidfd, go } = spawned;
-        let inst = match NativeInstance::launch(
-            id.clone(),
-            pidfd,
-            host,
-            err_r,
-            cg.clone(),
+        let crate::monitor::Monitored { inst, pid, go } = crate::monitor::launch(
+            &self.cgroups,
+            &id,
+            spec.spec.memory + self.cfg.overhead,
+            self.cfg.pids_max,
+            &argv,
+            outbound,
             spec.spec.memory_mb(),
             config_frame,
-        ) {
-            Ok(i) => i,
-            Err(e) => {
-                // SAFETY: signalling and reaping our own child (not reaped yet: no pid reuse).
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
-                cg.remove().await;
-                cleanup();
-                return Err(SandboxError::Start(format!("cannot watch runsc: {e}")));
-            }
-        };
-        inst.on_exit(cleanup);
+            "runsc",
+            cleanup,
+        )
+        .await?;
         if let Some(bin) = slirp_bin {
             // runsc waits for `go` in its fresh network namespace until the tap is there.
             let ns = format!("/proc/{pid}/ns/net");

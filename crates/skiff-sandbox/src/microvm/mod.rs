@@ -16,7 +16,7 @@ mod qmp;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::find_in_path;
-use crate::native::{etc_files, path_str, pipe, system_binds, valid_instance_id, NativeInstance};
+use crate::native::{etc_files, path_str, system_binds, valid_instance_id, NativeInstance};
 use crate::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
@@ -624,58 +624,22 @@ impl Tier {
                 let _ = std::fs::remove_file(&ram);
             }
         };
-        let limit = spec.spec.memory + self.cfg.guest_overhead + self.cfg.host_overhead;
-        let cg = match self.cgroups.create(&id, limit, self.cfg.pids_max) {
-            Ok(cg) => cg,
-            Err(e) => {
-                cleanup();
-                return Err(SandboxError::Start(format!("cgroup: {e}")));
-            }
-        };
         let spawn_t = std::time::Instant::now();
-        let spawned = (|| -> std::io::Result<_> {
-            let (host, child) = std::os::unix::net::UnixStream::pair()?;
-            let (err_r, err_w) = pipe()?;
-            let child: std::os::fd::OwnedFd = child.into();
-            let exec = crate::gvisor::spawn::Exec::new(&argv)?;
-            let s = crate::gvisor::spawn::spawn(&exec, &cg.procs, &child, &err_w, false)?;
-            Ok((host, err_r, s))
-        })();
-        let mut cg = cg;
-        cg.procs.clear();
-        let (host, err_r, spawned) = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                cg.remove_blocking(Duration::from_millis(500));
-                cleanup();
-                return Err(SandboxError::Start(format!("cannot run QEMU: {e}")));
-            }
-        };
-        let spawn_ms = spawn_t.elapsed().as_secs_f64() * 1e3;
-        let cg = Arc::new(cg);
-        let pid = spawned.pid;
-        let inst = match NativeInstance::launch(
-            id,
-            spawned.pidfd,
-            host,
-            err_r,
-            cg.clone(),
+        let inst = crate::monitor::launch(
+            &self.cgroups,
+            &id,
+            spec.spec.memory + self.cfg.guest_overhead + self.cfg.host_overhead,
+            self.cfg.pids_max,
+            &argv,
+            false,
             spec.spec.memory_mb(),
             config_frame,
-        ) {
-            Ok(i) => i,
-            Err(e) => {
-                // SAFETY: signalling and reaping our own child (not reaped yet: no pid reuse).
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
-                cg.remove().await;
-                cleanup();
-                return Err(SandboxError::Start(format!("cannot watch QEMU: {e}")));
-            }
-        };
-        inst.on_exit(cleanup);
+            "QEMU",
+            cleanup,
+        )
+        .await?
+        .inst;
+        let spawn_ms = spawn_t.elapsed().as_secs_f64() * 1e3;
         if let Some(img) = image {
             let t = std::time::Instant::now();
             let loaded = incoming(&dir, img, machine.ram_file).await;

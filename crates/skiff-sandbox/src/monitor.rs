@@ -1,12 +1,18 @@
-//! Starting `runsc` from a multi-threaded process: a fork-like `clone` whose child joins the
-//! instance's cgroups, wires stdin (the agent channel) and stdout/stderr, and, for outbound
+//! Sandboxes run by a monitor process (`runsc` for gVisor, QEMU for microVMs): starting it
+//! from a multi-threaded process with a fork-like `clone` whose child joins the instance's
+//! cgroups, wires stdin (the agent channel) and stdout/stderr, and, for runsc's outbound
 //! networking, enters a fresh network and mount namespace (tmpfs over `/proc/sys/net`) and
-//! waits for the host to attach slirp4netns before it execs runsc.
+//! waits for the host to attach slirp4netns before it execs; then [`launch`] wires the
+//! monitor up as a [`NativeInstance`] (frames, logs, OOM, death).
 
-use crate::native::{clone_into_cgroups, dup_high, pipe};
+use crate::native::cgroup::CgroupRoot;
+use crate::native::{clone_into_cgroups, dup_high, pipe, NativeInstance};
+use crate::SandboxError;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything the child needs, prepared before the clone (the child may not allocate).
 pub(crate) struct Exec {
@@ -20,7 +26,9 @@ impl Exec {
             .iter()
             .map(|a| CString::new(a.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in runsc argument"))?;
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "NUL in a monitor argument")
+            })?;
         let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         Ok(Exec {
@@ -30,7 +38,7 @@ impl Exec {
     }
 }
 
-/// A started runsc.
+/// A started monitor.
 pub(crate) struct Spawned {
     pub(crate) pid: libc::pid_t,
     pub(crate) pidfd: OwnedFd,
@@ -39,7 +47,7 @@ pub(crate) struct Spawned {
     pub(crate) go: Option<OwnedFd>,
 }
 
-/// Clones and execs runsc (`argv[0]`) with an empty environment. Exit codes of the child
+/// Clones and execs the monitor (`argv[0]`) with an empty environment. Exit codes of the child
 /// before exec: 126 cgroup join, 125 fds, 124 namespaces, 127 exec.
 pub(crate) fn spawn(
     exec: &Exec,
@@ -137,4 +145,82 @@ pub(crate) fn spawn(
         pidfd,
         go: go_w,
     })
+}
+
+/// A monitor started in its instance's cgroup and wired up as an instance.
+pub(crate) struct Monitored {
+    pub(crate) inst: NativeInstance,
+    pub(crate) pid: libc::pid_t,
+    /// See [`Spawned::go`].
+    pub(crate) go: Option<OwnedFd>,
+}
+
+/// Creates the instance's cgroup (`memory` bytes, `pids_max` tasks), starts the monitor
+/// `argv` in it with the agent channel on its stdin and its output as the agent's stderr,
+/// and sends `config_frame` (unless empty). `cleanup` runs (blocking) once the monitor is
+/// gone, or here when the start fails. `what` names the monitor in errors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn launch(
+    cgroups: &CgroupRoot,
+    id: &str,
+    memory: u64,
+    pids_max: u32,
+    argv: &[String],
+    own_netns: bool,
+    limit_mb: u64,
+    config_frame: Vec<u8>,
+    what: &str,
+    cleanup: impl FnOnce() + Send + 'static,
+) -> Result<Monitored, SandboxError> {
+    let cg = match cgroups.create(id, memory, pids_max) {
+        Ok(cg) => cg,
+        Err(e) => {
+            cleanup();
+            return Err(SandboxError::Start(format!("cgroup: {e}")));
+        }
+    };
+    let spawned = (|| -> io::Result<_> {
+        let (host, child) = std::os::unix::net::UnixStream::pair()?;
+        let (err_r, err_w) = pipe()?;
+        let child: OwnedFd = child.into();
+        let exec = Exec::new(argv)?;
+        let s = spawn(&exec, &cg.procs, &child, &err_w, own_netns)?;
+        Ok((host, err_r, s))
+    })();
+    let mut cg = cg;
+    cg.procs.clear();
+    let (host, err_r, spawned) = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            cg.remove_blocking(Duration::from_millis(500));
+            cleanup();
+            return Err(SandboxError::Start(format!("cannot run {what}: {e}")));
+        }
+    };
+    let cg = Arc::new(cg);
+    let Spawned { pid, pidfd, go } = spawned;
+    match NativeInstance::launch(
+        id.to_string(),
+        pidfd,
+        host,
+        err_r,
+        cg.clone(),
+        limit_mb,
+        config_frame,
+    ) {
+        Ok(inst) => {
+            inst.on_exit(cleanup);
+            Ok(Monitored { inst, pid, go })
+        }
+        Err(e) => {
+            // SAFETY: signalling and reaping our own child (not reaped yet: no pid reuse).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            cg.remove().await;
+            cleanup();
+            Err(SandboxError::Start(format!("cannot watch {what}: {e}")))
+        }
+    }
 }
