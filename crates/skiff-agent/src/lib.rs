@@ -4,12 +4,12 @@
 //! instance's cgroups, with the framed channel on fd 3 (see [`skiff_core::protocol`]); the
 //! gVisor tier starts it as the container's process with the channel on stdin
 //! ([`STDIO_CHANNEL_ARG`]) and a root `runsc` already built (`prebuilt_root`); a microVM's
-//! initramfs execs it with its channel on a virtio-serial port ([`VM_CHANNEL_ARG`]). The agent reads its
-//! [`AgentConfig`], builds the sandbox (a tmpfs root with read-only binds, `/dev`, `/proc`, a
-//! sized `/tmp`, `pivot_root`), drops every privilege (capability bounding set, uid/gid,
-//! `no_new_privs`, seccomp), reports `Ready`, then runs the function: either Lambda Runtime API
-//! workers it serves over HTTP on loopback, or one process per invocation (`command` mode). As
-//! PID 1 it also reaps every orphan of the sandbox.
+//! initramfs execs it with its channel on a virtio-serial port ([`VM_CHANNEL_ARG`]). The
+//! agent reads its [`AgentConfig`], builds the sandbox (a tmpfs root with read-only binds,
+//! `/dev`, `/proc`, a sized `/tmp`, `pivot_root`), drops every privilege (capability bounding
+//! set, uid/gid, `no_new_privs`, seccomp), reports `Ready`, then runs the function: either
+//! Lambda Runtime API workers it serves over HTTP on loopback, or one process per invocation
+//! (`command` mode). As PID 1 it also reaps every orphan of the sandbox.
 //!
 //! The agent is normally not a separate binary: the `skiff` server re-executes itself with an
 //! argument such as `__agent` and calls [`main`].
