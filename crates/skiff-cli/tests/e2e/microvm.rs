@@ -12,19 +12,42 @@ fn qemu_on_path() -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
 }
 
-/// A server whose guest images live in one cache shared by the whole run.
+/// A server whose guest images live in one cache shared by the whole run. The image is built
+/// once, up front (`skiff image build`), so no invocation waits for it; the client allows for
+/// cold boots under software emulation while other tests' VMs boot too.
 fn server() -> Option<Server> {
+    static IMAGES: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     if !qemu_on_path() {
         eprintln!("skipping: qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)");
         return None;
     }
-    let images = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("microvm-images");
-    Some(Server::start_with(&[
-        "--image-dir",
-        images.to_str().unwrap(),
-    ]))
+    let images = IMAGES.get_or_init(|| {
+        let images = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("microvm-images");
+        let data = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(skiff_bin())
+            .args(["image", "build", "--image-dir"])
+            .arg(&images)
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skiff image build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        images
+    });
+    let mut s = Server::start_with(&["--image-dir", images.to_str().unwrap()]);
+    s.http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(180))
+        .build()
+        .unwrap();
+    Some(s)
 }
 
+/// `fixture` renamed `name` (prefixed `vm-`, so that no other test's search for the fixture's
+/// own instances, e.g. cgroups named `/fx-sleep-…`, matches these) with `sandbox: microvm`.
 fn microvm_variant(fixture: &str, name: &str, extra: &[(&str, &str)]) -> tempfile::TempDir {
     let mut fields = vec![("name", name), ("sandbox", "microvm")];
     fields.extend_from_slice(extra);
@@ -85,32 +108,32 @@ fn microvm_runs_the_python_and_provided_examples_cold_and_warm() {
 #[test]
 fn microvm_confines_the_function() {
     let Some(s) = server() else { return };
-    let f = microvm_variant("fx-probe", "fx-probe-vm", &[]);
+    let f = microvm_variant("fx-probe", "vm-fx-probe", &[]);
     s.deploy(f.path());
-    assert_confined(&s, "fx-probe-vm", false);
+    assert_confined(&s, "vm-fx-probe", false);
 }
 
 #[test]
 fn microvm_network_policy_is_enforced() {
     let Some(s) = server() else { return };
-    let none = microvm_variant("fx-probe", "fx-probe-vmn", &[]);
-    let out = microvm_variant("fx-probe", "fx-probe-vmo", &[("network", "outbound")]);
+    let none = microvm_variant("fx-probe", "vm-fx-probe-n", &[]);
+    let out = microvm_variant("fx-probe", "vm-fx-probe-o", &[("network", "outbound")]);
     s.deploy(none.path());
     s.deploy(out.path());
-    assert_network_policy(&s, "fx-probe-vmn", "fx-probe-vmo", 9);
+    assert_network_policy(&s, "vm-fx-probe-n", "vm-fx-probe-o", 9);
 }
 
 #[test]
 fn microvm_timeout_and_memory_limits() {
     let Some(s) = server() else { return };
-    let sleep = microvm_variant("fx-sleep", "fx-sleep-vm", &[]);
-    let hog = microvm_variant("fx-memhog", "fx-memhog-vm", &[]);
+    let sleep = microvm_variant("fx-sleep", "vm-fx-sleep", &[]);
+    let hog = microvm_variant("fx-memhog", "vm-fx-memhog", &[]);
     s.deploy(sleep.path());
     s.deploy(hog.path());
     // The cold boot (about 7 s under TCG here, longer while other tests' VMs boot) comes
     // before the 1 s timeout starts.
-    assert_timeout_kills(&s, "fx-sleep-vm", Duration::from_secs(60));
-    assert_memory_limit(&s, "fx-memhog-vm");
+    assert_timeout_kills(&s, "vm-fx-sleep", Duration::from_secs(60));
+    assert_memory_limit(&s, "vm-fx-memhog");
 }
 
 /// Counts invocations in memory; reports the guest's clock and fresh kernel randomness.
