@@ -15,6 +15,8 @@ use tokio::net::unix::pipe;
 const LOG_CHUNK: usize = 64 * 1024;
 /// How much of stderr is kept for the error's stack trace.
 const STDERR_TAIL: usize = 4096;
+/// Longest the agent reads a finished command's remaining output (until EOF).
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The command runner.
 pub(crate) struct Cmd {
@@ -146,22 +148,27 @@ impl Cmd {
         if let Some(f) = feeder {
             f.abort();
         }
-        // Output already written but not yet read.
-        while out_open && !too_large {
-            match stdout.try_read_buf(&mut out) {
-                Ok(0) | Err(_) => break,
-                Ok(_) if out.len() > MAX_PAYLOAD_BYTES => too_large = true,
-                Ok(_) => {}
+        // Output written before the exit but not read yet: read to EOF. `try_read` is not
+        // enough: it answers WouldBlock until the event loop has seen the pipe readable, which
+        // may come after the exit (seen under emulation: the reply came back empty). The
+        // command's process group is dead, so EOF follows at once; the bound is a safeguard
+        // against a descendant that escaped its group and holds the pipe open.
+        let drain = async {
+            while out_open && !too_large {
+                match stdout.read_buf(&mut out).await {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(_) if out.len() > MAX_PAYLOAD_BYTES => too_large = true,
+                    Ok(_) => {}
+                }
             }
-        }
-        if err_open {
-            loop {
-                match stderr.try_read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+            while err_open {
+                match stderr.read(&mut buf).await {
+                    Ok(0) | Err(_) => err_open = false,
                     Ok(n) => self.stderr_chunk(id, &buf[..n], &mut tail),
                 }
             }
-        }
+        };
+        let _ = tokio::time::timeout(DRAIN_WITHIN, drain).await;
 
         if too_large {
             let msg = format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes).");

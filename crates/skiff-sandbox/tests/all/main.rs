@@ -203,11 +203,7 @@ fn make_ctx(
 /// Cases of the isolated tiers that do not apply inside a microVM: the host cgroup sees only
 /// QEMU's threads (the guest kernel keeps its own processes), and a persistent workspace is not
 /// offered there yet.
-///
-/// `concurrency` is left out on microVMs for now: in 1 of 5 runs one of six concurrent
-/// commands answered an empty body (its stdin or stdout lost inside the guest); a known bug
-/// under investigation, not a limit of the tier.
-const MICROVM_SKIPS: &[&str] = &["gvisor_fork_bomb", "workspace_persists", "concurrency"];
+const MICROVM_SKIPS: &[&str] = &["gvisor_fork_bomb", "workspace_persists"];
 
 /// Runs every case that applies to `ctx.tier`; names are `tier/case`.
 async fn run_tier(ctx: &Arc<Ctx>, filters: &[String], tally: &mut (u32, u32)) {
