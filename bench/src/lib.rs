@@ -178,3 +178,31 @@ pub async fn connect(addr: &str) -> tokio::io::BufReader<tokio::net::TcpStream> 
     s.set_nodelay(true).unwrap();
     tokio::io::BufReader::new(s)
 }
+
+/// One `POST /v1/functions/{name}/invoke` of `body` on a keep-alive connection; its latency in
+/// ms. Panics unless it answered 200 and, when `cold` is given, the cold-start header says so.
+pub async fn invoke(
+    conn: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    addr: &str,
+    name: &str,
+    body: &[u8],
+    cold: Option<bool>,
+) -> f64 {
+    let path = format!("/v1/functions/{name}/invoke");
+    let t = std::time::Instant::now();
+    let r = request(conn, addr, "POST", &path, body, false)
+        .await
+        .unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(
+        r.status,
+        200,
+        "{name}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    if let Some(c) = cold {
+        let got = header(&r.headers, "x-skiff-cold-start") == Some("true");
+        assert_eq!(got, c, "{name}: cold-start header");
+    }
+    ms
+}

@@ -18,7 +18,7 @@
 //! and runsc.
 
 use skiff_bench::{
-    arg, connect, deploy, header, median, pct, raise_nofile, request, sorted, start_server,
+    arg, connect, deploy, header, invoke, median, pct, raise_nofile, request, sorted, start_server,
 };
 use skiff_core::protocol::{read_frame, Done, Frame, Invoke, Kind};
 use skiff_core::FunctionSpec;
@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 const TRIVIAL: &str = "def handler(event, context):\n    return {\"ok\": True}\n";
 const SLOW_INIT: &str = "import time\ntime.sleep(0.4)  # init: 400 ms\n\ndef handler(event, context):\n    return {\"ok\": True}\n";
@@ -47,33 +46,6 @@ fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
 
 fn function_yaml(name: &str, yaml: &str) -> String {
     format!("name: {name}\nruntime: python3\nhandler: main.handler\nnetwork: none\n{yaml}")
-}
-
-/// One invoke of `name` on `conn`; its latency in ms. Panics unless it answered 200 and the
-/// cold-start header says `cold`.
-async fn invoke(
-    conn: &mut tokio::io::BufReader<TcpStream>,
-    addr: &str,
-    name: &str,
-    cold: Option<bool>,
-) -> f64 {
-    let path = format!("/v1/functions/{name}/invoke");
-    let t = Instant::now();
-    let r = request(conn, addr, "POST", &path, b"{\"x\":1}", false)
-        .await
-        .unwrap();
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(
-        r.status,
-        200,
-        "{name}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    if let Some(c) = cold {
-        let got = header(&r.headers, "x-skiff-cold-start") == Some("true");
-        assert_eq!(got, c, "{name}: cold-start header");
-    }
-    ms
 }
 
 /// The bundle of one function spec, run with plain `runsc` (no gateway, scheduler or cgroup).
@@ -408,7 +380,7 @@ async fn main() {
         );
         // One untimed round of each (page cache, rootfs).
         let mut conn = connect(&addr).await;
-        invoke(&mut conn, &addr, "gv-cold", Some(true)).await;
+        invoke(&mut conn, &addr, "gv-cold", b"{\"x\":1}", Some(true)).await;
         raw.run(usize::MAX).await;
         let (mut skiff_ms, mut raw_ms, mut bundle_ms) = (vec![], vec![], vec![]);
         let (mut ready_ms, mut init_ms) = (vec![], vec![]);
@@ -416,7 +388,8 @@ async fn main() {
             for first_skiff in [i % 2 == 0, i % 2 == 1] {
                 tokio::time::sleep(pause).await;
                 if first_skiff {
-                    skiff_ms.push(invoke(&mut conn, &addr, "gv-cold", Some(true)).await);
+                    skiff_ms
+                        .push(invoke(&mut conn, &addr, "gv-cold", b"{\"x\":1}", Some(true)).await);
                 } else {
                     let (r, b, ready, init) = raw.run(i).await;
                     raw_ms.push(r);
@@ -450,16 +423,19 @@ async fn main() {
     {
         let mut conn = connect(&addr).await;
         tokio::time::sleep(pause).await;
-        let first = invoke(&mut conn, &addr, "gv-branched", Some(true)).await;
-        invoke(&mut conn, &addr, "gv-plain", Some(true)).await;
+        let first = invoke(&mut conn, &addr, "gv-branched", b"{\"x\":1}", Some(true)).await;
+        invoke(&mut conn, &addr, "gv-plain", b"{\"x\":1}", Some(true)).await;
         let (mut plain, mut branched) = (vec![], vec![]);
         for i in 0..snap_n {
             for plain_first in [i % 2 == 0, i % 2 == 1] {
                 tokio::time::sleep(pause).await;
                 if plain_first {
-                    plain.push(invoke(&mut conn, &addr, "gv-plain", Some(true)).await);
+                    plain
+                        .push(invoke(&mut conn, &addr, "gv-plain", b"{\"x\":1}", Some(true)).await);
                 } else {
-                    branched.push(invoke(&mut conn, &addr, "gv-branched", Some(true)).await);
+                    branched.push(
+                        invoke(&mut conn, &addr, "gv-branched", b"{\"x\":1}", Some(true)).await,
+                    );
                 }
             }
         }
@@ -481,13 +457,13 @@ async fn main() {
         let mut res = vec![];
         for name in ["gv-warm", "nat-warm"] {
             let mut conn = connect(&addr).await;
-            invoke(&mut conn, &addr, name, Some(true)).await;
+            invoke(&mut conn, &addr, name, b"{\"x\":1}", Some(true)).await;
             for _ in 0..50 {
-                invoke(&mut conn, &addr, name, Some(false)).await;
+                invoke(&mut conn, &addr, name, b"{\"x\":1}", Some(false)).await;
             }
             let mut v = Vec::with_capacity(warm_n);
             for _ in 0..warm_n {
-                v.push(invoke(&mut conn, &addr, name, Some(false)).await);
+                v.push(invoke(&mut conn, &addr, name, b"{\"x\":1}", Some(false)).await);
             }
             res.push((name, sorted(v)));
         }

@@ -14,13 +14,10 @@
 //! Usage: `bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3] [--pause-ms 300]`. Needs root and
 //! QEMU; the guest image is built first (or taken from `SKIFF_IMAGE_DIR`).
 
-use skiff_bench::{
-    arg, connect, deploy, header, median, pct, raise_nofile, request, sorted, start_server,
-};
+use skiff_bench::{arg, connect, deploy, invoke, median, pct, raise_nofile, sorted, start_server};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 const TRIVIAL: &str = "def handler(event, context):\n    return {\"ok\": True}\n";
 const SLEEP: &str =
@@ -36,33 +33,6 @@ fn function(root: &Path, name: &str, yaml: &str, source: &str) -> PathBuf {
     .unwrap();
     std::fs::write(dir.join("main.py"), source).unwrap();
     dir
-}
-
-/// One invoke on a keep-alive connection; milliseconds, checking the cold-start header.
-async fn invoke(
-    conn: &mut tokio::io::BufReader<TcpStream>,
-    addr: &str,
-    name: &str,
-    body: &[u8],
-    cold: Option<bool>,
-) -> f64 {
-    let path = format!("/v1/functions/{name}/invoke");
-    let t = Instant::now();
-    let r = request(conn, addr, "POST", &path, body, false)
-        .await
-        .unwrap();
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(
-        r.status,
-        200,
-        "{name}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    if let Some(c) = cold {
-        let got = header(&r.headers, "x-skiff-cold-start") == Some("true");
-        assert_eq!(got, c, "{name}: cold-start header");
-    }
-    ms
 }
 
 /// `n` sequential invokes of `name`, `pause` apart (0: back to back); their latencies

@@ -915,19 +915,12 @@ impl Plan {
         for lib in ldd(&elves)? {
             p.add(&lib);
         }
-        for e in [
-            "ld.so.cache",
-            "ld.so.conf",
-            "ld.so.conf.d",
-            "ssl",
-            "ca-certificates",
-            "ca-certificates.conf",
-            "alternatives",
-            "nsswitch.conf",
-            "protocols",
-            "services",
-            "mime.types",
-        ] {
+        // The native tier's `/etc` whitelist: the agent binds exactly these in every sandbox
+        // (`/etc/localtime` is copied as the file it points to, below).
+        for e in crate::native::ETC_WHITELIST
+            .iter()
+            .filter(|e| **e != "localtime")
+        {
             let path = Path::new("/etc").join(e);
             match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => p.add_tree(&path, &|_: &Path| false)?,
