@@ -2,20 +2,10 @@
 //! on the channel threads). The channel is a unix socket or, in a microVM, a virtio-serial
 //! character device: only plain `read`/`write` work on both.
 
-use skiff_core::protocol::{Frame, Kind};
+use skiff_core::protocol::Frame;
 use std::io::{self, Read, Write};
 
-/// Encodes one frame: `u32 LE len | kind | u32 LE header len | header | body`.
-pub(crate) fn encode(kind: Kind, header: &[u8], body: &[u8]) -> Vec<u8> {
-    let rest = 1 + 4 + header.len() + body.len();
-    let mut v = Vec::with_capacity(4 + rest);
-    v.extend_from_slice(&(rest as u32).to_le_bytes());
-    v.push(kind as u8);
-    v.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    v.extend_from_slice(header);
-    v.extend_from_slice(body);
-    v
-}
+pub(crate) use skiff_core::protocol::encode_parts as encode;
 
 /// Reads one frame; `None` on a clean EOF before the frame starts.
 pub(crate) fn read_blocking(chan: &mut impl Read) -> io::Result<Option<Frame>> {

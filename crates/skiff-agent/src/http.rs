@@ -1,13 +1,16 @@
 //! `http` mode: the function is one long-running HTTP server, started with the handler's
 //! command line and listening on `127.0.0.1:{http_port}` (`$PORT`). Its stdout and stderr share
 //! one pipe and go to the host as untagged `Log` frames. The agent connects to the port every
-//! few milliseconds until the server accepts, then reports [`Kind::HttpReady`]; the host then
-//! opens its own connections from inside the sandbox's network namespace (the agent is not on
-//! the request path). The server exiting ends the sandbox (`Exit` frame). Invocation frames
+//! few milliseconds until the server accepts, then reports [`Kind::HttpReady`]. A native
+//! sandbox's host then opens its own connections from inside the sandbox's network namespace
+//! (the agent is not on the request path); on gVisor and microVMs, whose network stack the
+//! host cannot enter, connections are tunnelled through the agent ([`crate::tunnel`]). The
+//! server exiting ends the sandbox (`Exit` frame). Invocation frames
 //! are answered with an error: requests never travel over the channel in this mode.
 
-use crate::serve::{decode_status, Agent, Mode};
-use skiff_core::protocol::{Done, Exit, HttpReady, Invoke, Kind};
+use crate::serve::{decode_status, Agent, Mode, Out};
+use crate::tunnel::Tunnels;
+use skiff_core::protocol::{Done, Exit, Frame, HttpReady, Invoke, Kind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
@@ -23,6 +26,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(2);
 /// The running server.
 pub(crate) struct Http {
     agent: Rc<Agent>,
+    tunnels: Rc<Tunnels>,
 }
 
 /// Starts the server and the readiness probe.
@@ -53,7 +57,8 @@ pub(crate) fn start(agent: Rc<Agent>) -> Result<Rc<dyn Mode>, String> {
     tokio::task::spawn_local(log_pump(agent.clone(), log, closed_tx));
     tokio::task::spawn_local(monitor(agent.clone(), exit, closed_rx));
     tokio::task::spawn_local(probe(agent.clone(), cfg.http_port, started));
-    Ok(Rc::new(Http { agent }))
+    let tunnels = Tunnels::new(cfg.http_port, agent.out.clone());
+    Ok(Rc::new(Http { agent, tunnels }))
 }
 
 impl Mode for Http {
@@ -61,6 +66,10 @@ impl Mode for Http {
         self: Rc<Self>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>> {
         Box::pin(async { Err("http functions cannot be snapshotted yet".to_string()) })
+    }
+
+    fn conn(&self, _out: &Out, f: Frame) {
+        self.tunnels.on_frame(f);
     }
 
     fn invoke(&self, inv: Invoke, _payload: Vec<u8>) {

@@ -21,6 +21,7 @@ mod rapi;
 mod seccomp;
 mod serve;
 mod setup;
+mod tunnel;
 mod vm;
 
 pub use vm::VM_CHANNEL_ARG;

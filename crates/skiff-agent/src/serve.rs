@@ -5,7 +5,7 @@
 use crate::frames::encode;
 use crate::{command, http, rapi};
 use serde::Serialize;
-use skiff_core::protocol::{AgentConfig, ExecMode, Frame, Invoke, Kind};
+use skiff_core::protocol::{AgentConfig, ConnHeader, ExecMode, Frame, Invoke, Kind};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
@@ -176,6 +176,19 @@ pub(crate) trait Mode {
     }
     /// Undoes [`Mode::quiesce`] ([`Kind::Resume`]).
     fn resume(self: Rc<Self>) {}
+    /// A tunnelled connection frame (`Conn*`); only `http` mode serves them.
+    fn conn(&self, out: &Out, f: Frame) {
+        if f.kind == Kind::ConnOpen {
+            if let Ok(mut h) = f.header::<ConnHeader>() {
+                h.reset = true;
+                out.json(
+                    Kind::ConnClose,
+                    &h,
+                    b"the function does not run an HTTP server",
+                );
+            }
+        }
+    }
 }
 
 /// Starts the async runtime and serves until the host goes away. Returns the exit code.
@@ -365,6 +378,7 @@ fn dispatch(mode: &Rc<dyn Mode>, out: &Out, f: Frame) -> bool {
             out.exit(0);
             return false;
         }
+        Kind::ConnOpen | Kind::ConnData | Kind::ConnAck | Kind::ConnClose => mode.conn(out, f),
         _ => {}
     }
     true

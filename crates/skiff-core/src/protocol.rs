@@ -31,6 +31,9 @@ pub enum Kind {
     /// Host → agent: the snapshot is taken (or this is a copy restored from one): reopen the
     /// Runtime API and continue the function processes.
     Resume = 6,
+    /// Host → agent (`http` mode): open tunnelled connection [`ConnHeader::conn`] to the
+    /// function's server (see [`ConnHeader`]).
+    ConnOpen = 7,
     /// Agent → host: sandbox set up ([`Ready`]).
     Ready = 10,
     /// Agent → host: [`Done`] header, response or error-JSON body.
@@ -61,6 +64,15 @@ pub enum Kind {
     /// Agent → host (microVMs): the guest kernel's OOM killer killed a process; sent before
     /// the frame that reports the death, so the host reports it as a memory error.
     OomKill = 22,
+    /// Either way: bytes of tunnelled connection [`ConnHeader::conn`] (the body).
+    ConnData = 23,
+    /// Either way: the receiver passed [`ConnHeader::n`] bytes of the connection on, so the
+    /// sender may send that many more (flow control, see [`CONN_WINDOW`]).
+    ConnAck = 24,
+    /// Either way: the sender sends no more bytes on the connection (its side of a TCP
+    /// half-close); with [`ConnHeader::reset`] the connection is aborted in both directions,
+    /// and the body may say why.
+    ConnClose = 25,
 }
 
 impl Kind {
@@ -72,6 +84,7 @@ impl Kind {
             4 => Kind::Shutdown,
             5 => Kind::Quiesce,
             6 => Kind::Resume,
+            7 => Kind::ConnOpen,
             10 => Kind::Ready,
             11 => Kind::Done,
             12 => Kind::Log,
@@ -85,6 +98,9 @@ impl Kind {
             20 => Kind::Initialized,
             21 => Kind::Quiesced,
             22 => Kind::OomKill,
+            23 => Kind::ConnData,
+            24 => Kind::ConnAck,
+            25 => Kind::ConnClose,
             _ => return None,
         })
     }
@@ -226,6 +242,34 @@ pub struct HttpReady {
     pub ready_us: u64,
 }
 
+/// Bytes of one tunnelled connection either side may send before the other acknowledges
+/// them ([`Kind::ConnAck`]): bounds the memory a connection holds on both sides.
+pub const CONN_WINDOW: u32 = 256 * 1024;
+/// Largest body of one [`Kind::ConnData`] frame.
+pub const CONN_CHUNK: usize = 64 * 1024;
+
+/// Header of the `Conn*` frames. In `http` mode on tiers whose sandbox network the host cannot
+/// enter (gVisor, microVMs), each connection to the function's server is carried over the
+/// channel: the host opens it ([`Kind::ConnOpen`]), the agent connects to the server inside
+/// the sandbox and both sides then copy bytes ([`Kind::ConnData`]), each granting the other
+/// [`CONN_WINDOW`] bytes in flight ([`Kind::ConnAck`]), until both have sent
+/// [`Kind::ConnClose`] or either has reset the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnHeader {
+    /// Connection number, chosen by the host.
+    pub conn: u32,
+    /// [`Kind::ConnAck`]: bytes passed on.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub n: u32,
+    /// [`Kind::ConnClose`]: abort rather than end the sender's direction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Agent → host: an invocation finished. Body: the response, or an error JSON
 /// `{errorMessage, errorType, stackTrace}` when `error_type` is set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,13 +378,7 @@ impl Frame {
 
     /// Encodes the frame onto the end of `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let rest = 1 + 4 + self.header.len() + self.body.len();
-        out.reserve(4 + rest);
-        out.extend_from_slice(&(rest as u32).to_le_bytes());
-        out.push(self.kind as u8);
-        out.extend_from_slice(&(self.header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.header);
-        out.extend_from_slice(&self.body);
+        encode_parts_into(self.kind, &self.header, &self.body, out);
     }
 
     /// Encodes the frame into a new buffer.
@@ -380,6 +418,25 @@ impl Frame {
         let header = rest[5..].to_vec();
         Ok(Frame { kind, header, body })
     }
+}
+
+/// Encodes a frame from its parts (`u32 LE len | kind | u32 LE header len | header | body`)
+/// onto the end of `out`, without building a [`Frame`].
+pub fn encode_parts_into(kind: Kind, header: &[u8], body: &[u8], out: &mut Vec<u8>) {
+    let rest = 1 + 4 + header.len() + body.len();
+    out.reserve(4 + rest);
+    out.extend_from_slice(&(rest as u32).to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(body);
+}
+
+/// [`encode_parts_into`] a new buffer.
+pub fn encode_parts(kind: Kind, header: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode_parts_into(kind, header, body, &mut v);
+    v
 }
 
 /// Reads one frame from an async stream; `Ok(None)` on a clean end of stream.
@@ -434,6 +491,10 @@ mod tests {
             (Kind::StreamChunk, 17),
             (Kind::StreamEnd, 18),
             (Kind::OomKill, 22),
+            (Kind::ConnOpen, 7),
+            (Kind::ConnData, 23),
+            (Kind::ConnAck, 24),
+            (Kind::ConnClose, 25),
         ] {
             assert_eq!(Kind::from_u8(n), Some(kind));
         }
@@ -453,6 +514,25 @@ mod tests {
         );
         let s: StreamStart = serde_json::from_str(r#"{"id":"x"}"#).unwrap();
         assert_eq!(s.content_type, None);
+    }
+
+    #[test]
+    fn conn_header_is_compact_and_round_trips() {
+        let data = ConnHeader {
+            conn: 7,
+            n: 0,
+            reset: false,
+        };
+        assert_eq!(serde_json::to_string(&data).unwrap(), r#"{"conn":7}"#);
+        let ack = ConnHeader {
+            conn: 7,
+            n: 4096,
+            reset: false,
+        };
+        let back: ConnHeader = serde_json::from_str(&serde_json::to_string(&ack).unwrap()).unwrap();
+        assert_eq!(back, ack);
+        let reset: ConnHeader = serde_json::from_str(r#"{"conn":1,"reset":true}"#).unwrap();
+        assert!(reset.reset && reset.n == 0);
     }
 
     #[test]

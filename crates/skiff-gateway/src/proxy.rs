@@ -15,9 +15,10 @@
 //! functions) are made from
 //! the host inside the sandbox's network namespace ([`skiff_sandbox::Instance::connect_http`])
 //! and kept alive: idle HTTP/1.1 connections are pooled per instance. The function's `timeout`
-//! covers the whole response (504, or a cut body once it has started); a timeout or a broken
-//! connection stops the instance. A cold instance's server must accept connections within
-//! [`START_TIMEOUT`] (or the function's timeout, if shorter), else 502 with its output.
+//! covers the whole response once a connection is made (504, or a cut body once it has
+//! started); a timeout or a broken connection stops the instance. A cold instance's sandbox
+//! must come up within [`skiff_sandbox::BOOT_LIMIT`] and its server then accept connections
+//! within [`START_TIMEOUT`] (Lambda's init limit), else 502 with its output.
 
 use crate::apigw::HOP_BY_HOP;
 use crate::error::{ApiError, ApiResult};
@@ -44,7 +45,9 @@ use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// Longest wait for a new instance's server to accept its first connection.
+/// Longest wait for a new instance's server to accept its first connection once its sandbox
+/// is up (the init phase of an `http` function; Lambda's init limit). Not part of the
+/// function's timeout.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Idle keep-alive connections per instance id.
@@ -120,14 +123,17 @@ enum Conn {
     InProcess,
 }
 
-/// Sends one request on the lease's instance; the response head arrives before `deadline`.
+/// Sends one request on the lease's instance. The function's timeout starts once a
+/// connection to its server is made (a cold sandbox's boot and its server's start have
+/// limits of their own, as a Lambda init has); the response head arrives before the returned
+/// deadline.
 async fn exchange(
     lease: &InstanceLease,
     rev: &Revision,
     req: Request<Body>,
-    deadline: Instant,
-) -> Result<(Conn, Response<HttpBody>), Outcome> {
+) -> Result<(Conn, Response<HttpBody>, Instant), Outcome> {
     if lease.instance().serves_http() {
+        let deadline = Instant::now() + rev.spec.timeout;
         let req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
         return match tokio::time::timeout_at(deadline.into(), lease.instance().serve_http(req))
             .await
@@ -145,11 +151,11 @@ async fn exchange(
                 };
                 Err(lease.outcome(kind, e.to_string(), e.log_tail().to_string()))
             }
-            Ok(Ok(resp)) => Ok((Conn::InProcess, resp)),
+            Ok(Ok(resp)) => Ok((Conn::InProcess, resp, deadline)),
         };
     }
-    let ready_within = rev.spec.timeout.min(START_TIMEOUT);
-    let mut conn = checkout(lease, ready_within).await?;
+    let mut conn = checkout(lease, START_TIMEOUT).await?;
+    let deadline = Instant::now() + rev.spec.timeout;
     match tokio::time::timeout_at(deadline.into(), conn.send_request(req)).await {
         Err(_) => {
             lease.fail();
@@ -180,6 +186,7 @@ async fn exchange(
         Ok(Ok(resp)) => Ok((
             Conn::Server(conn),
             resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+            deadline,
         )),
     }
 }
@@ -270,8 +277,7 @@ pub(crate) async fn forward(
         Err(_) => return Err(ApiError::bad_request("invalid request path")),
     };
 
-    let deadline = Instant::now() + rev.spec.timeout;
-    let (conn, resp) = match exchange(&lease, rev, req, deadline).await {
+    let (conn, resp, deadline) = match exchange(&lease, rev, req).await {
         Ok(x) => x,
         Err(o) => {
             drop(lease);
@@ -501,7 +507,6 @@ pub(crate) async fn invoke(
 ) -> Result<InvokeOutput, Outcome> {
     let lease = state.scheduler.lease(rev, wait_for_capacity).await?;
     let started = Instant::now();
-    let deadline = started + rev.spec.timeout;
     let mut req = Request::new(Body::from(inv.payload));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = axum::http::Uri::from_static("/");
@@ -515,7 +520,7 @@ pub(crate) async fn invoke(
         h.insert("x-skiff-request-id", v);
     }
     let result = async {
-        let (conn, resp) = exchange(&lease, rev, req, deadline).await?;
+        let (conn, resp, deadline) = exchange(&lease, rev, req).await?;
         let status = resp.status();
         let collected = tokio::time::timeout_at(
             deadline.into(),

@@ -14,11 +14,13 @@ pub mod microvm;
 mod monitor;
 pub mod native;
 pub mod tiers;
+mod tunnel;
 
 pub use gvisor::{GvisorConfig, GvisorSandbox};
 pub use microvm::{Accel, MicrovmConfig, MicrovmSandbox};
 pub use native::{NativeConfig, NativeSandbox};
 pub use tiers::Tiers;
+pub use tunnel::HttpConn;
 
 /// Everything needed to start one instance of a revision.
 #[derive(Debug, Clone)]
@@ -149,6 +151,10 @@ pub trait Sandbox: Send + Sync {
     async fn shutdown(&self) {}
 }
 
+/// Longest wait for a new instance's sandbox to come up (a microVM's boot) before its
+/// function's own start limits apply.
+pub const BOOT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A running sandbox serving invocations of one revision.
 #[async_trait]
 pub trait Instance: Send + Sync {
@@ -167,13 +173,14 @@ pub trait Instance: Send + Sync {
     fn memory_peak(&self) -> Option<u64> {
         None
     }
-    /// `http` mode: a new connection to the function's server. Waits until the server first
-    /// accepted a connection, at most `ready_within` (then [`SandboxError::NotListening`] with
-    /// the server's output); fails at once when the instance died.
+    /// `http` mode: a new connection to the function's server. Waits until the sandbox is up
+    /// (at most [`BOOT_LIMIT`]), then until the server first accepted a connection, at most
+    /// `ready_within` (then [`SandboxError::NotListening`] with the server's output); fails at
+    /// once when the instance died.
     async fn connect_http(
         &self,
         _ready_within: std::time::Duration,
-    ) -> Result<tokio::net::TcpStream, SandboxError> {
+    ) -> Result<HttpConn, SandboxError> {
         Err(SandboxError::Unsupported(
             "this sandbox tier cannot proxy HTTP yet".into(),
         ))

@@ -48,3 +48,12 @@ fn gvisor_timeout_and_memory_limits() {
     assert_timeout_kills(&s, "fx-sleep-gv", Duration::from_secs(3));
     assert_memory_limit(&s, "fx-memhog-gv");
 }
+
+/// `runtime: http` on gVisor: the native tier's proxy contract, over the agent's tunnel.
+#[test]
+fn gvisor_runs_an_http_server_function() {
+    let Some(s) = server() else { return };
+    let f = gvisor_variant("fx-http", "fx-http-gv", &[]);
+    s.deploy(f.path());
+    crate::http_runtime::assert_http_proxied(&s, "fx-http-gv");
+}

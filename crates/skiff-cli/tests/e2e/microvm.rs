@@ -1,6 +1,7 @@
 //! The microVM tier (`sandbox: microvm`) against the real binary and real QEMU (TCG on hosts
 //! without usable KVM): the python and `provided` examples, the foundation's security and
-//! limit cases, and the snapshot modes with the in-memory counter. Every server shares one
+//! limit cases, `runtime: http` through the agent's tunnel, and the snapshot modes with the
+//! in-memory counter. Every server shares one
 //! guest image cache under the target dir, so the image is built once per run. Skipped
 //! (saying so) when QEMU is not installed.
 
@@ -147,6 +148,55 @@ def handler(event, context):
     COUNT += 1
     return {"count": COUNT, "boot": BOOT, "rand": os.urandom(8).hex(), "now": time.time()}
 "#;
+
+/// `runtime: http` in a microVM: the native tier's proxy contract, over the agent's tunnel;
+/// then a `checkpointed` copy whose every cold start is a restored VM with its server already
+/// listening.
+#[test]
+fn microvm_runs_an_http_server_function_and_restores_it_from_a_checkpoint() {
+    let Some(s) = server() else { return };
+    let f = microvm_variant("fx-http", "vm-fx-http", &[]);
+    s.deploy(f.path());
+    crate::http_runtime::assert_http_proxied(&s, "vm-fx-http");
+
+    let f = microvm_variant(
+        "fx-http",
+        "vm-fx-http-ckpt",
+        &[("mode", "checkpointed"), ("timeout", "30s")],
+    );
+    s.deploy(f.path());
+    let count = |s: &Server| -> (Value, String) {
+        let r = s
+            .http
+            .get(format!("{}/fn/vm-fx-http-ckpt/count", s.url))
+            .send()
+            .unwrap();
+        let cold = hdr(r.headers(), "x-skiff-cold-start");
+        assert_eq!(r.status().as_u16(), 200);
+        (r.json().unwrap(), cold)
+    };
+    let (a, cold) = count(&s);
+    assert_eq!(cold, "true");
+    let (b, _) = count(&s);
+    assert_eq!(
+        b["count"].as_u64(),
+        a["count"].as_u64().map(|n| n + 1),
+        "{a} {b}"
+    );
+    assert_eq!(
+        s.post("/v1/functions/vm-fx-http-ckpt/runtime/restart", "")
+            .status(),
+        200
+    );
+    // Restored: the server process of the snapshot (same pid), at the snapshot's count.
+    let (c, cold) = count(&s);
+    assert_eq!(cold, "true");
+    assert_eq!(
+        (c["pid"].clone(), c["count"].clone()),
+        (a["pid"].clone(), a["count"].clone()),
+        "{a} {c}"
+    );
+}
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now()

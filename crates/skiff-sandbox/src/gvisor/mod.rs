@@ -18,12 +18,13 @@ mod bundle;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::{find_in_path, Slirp};
-use crate::native::{valid_instance_id, NativeInstance};
+use crate::native::{valid_instance_id, HttpTarget, NativeInstance};
+use crate::tunnel::HttpConn;
 use crate::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::launch::HTTP_PORT;
 use skiff_core::protocol::{AgentConfig, ExecMode, Frame, Kind};
-use skiff_core::{FunctionSpec, Mode, Network, Runtime};
+use skiff_core::{FunctionSpec, Mode, Network};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -268,11 +269,6 @@ impl Tier {
                 spec.instance_id
             )));
         }
-        if spec.exec_mode == ExecMode::Http {
-            return Err(SandboxError::Unsupported(
-                "runtime http is not available with sandbox: gvisor yet (use native)".into(),
-            ));
-        }
         if spec.spec.network == Network::Outbound && !self.cfg.outbound {
             return Err(SandboxError::Unsupported(
                 "network: outbound is turned off for sandbox: gvisor on this server \
@@ -401,6 +397,7 @@ impl Tier {
             cleanup,
         )
         .await?;
+        let inst = inst.with_http((spec.exec_mode == ExecMode::Http).then_some(HttpTarget::Tunnel));
         if let Some(bin) = slirp_bin {
             // runsc waits for `go` in its fresh network namespace until the tap is there.
             let ns = format!("/proc/{pid}/ns/net");
@@ -483,12 +480,6 @@ impl Sandbox for GvisorSandbox {
         spec: &FunctionSpec,
         _code_dir: &Path,
     ) -> Result<ExecMode, SandboxError> {
-        if spec.runtime == Runtime::Http {
-            return Err(SandboxError::Unsupported(
-                "runtime http is not available with sandbox: gvisor yet (use sandbox: native)"
-                    .into(),
-            ));
-        }
         Ok(skiff_core::launch::program(spec).0)
     }
 
@@ -562,6 +553,10 @@ impl Instance for GvisorInstance {
 
     fn take_output(&self) -> Vec<u8> {
         self.current().take_output()
+    }
+
+    async fn connect_http(&self, ready_within: Duration) -> Result<HttpConn, SandboxError> {
+        self.current().connect_http(ready_within).await
     }
 
     async fn checkpoint(

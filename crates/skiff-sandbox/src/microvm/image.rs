@@ -31,7 +31,7 @@ pub const GUEST_ROOT_DIR: &str = "/mnt/root";
 pub const GUEST_CODE_DIR: &str = "/mnt/code";
 
 /// Bump when the image layout changes (part of the cache key).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 const INIT_SH: &str = include_str!("init.sh");
 /// Drivers loaded by `/init`, with their dependencies resolved from the kernel's modules.
 const MODULES: &[&str] = &[
@@ -1071,7 +1071,7 @@ impl Plan {
                     let mode = std::fs::metadata(p)?.permissions().mode();
                     std::fs::set_permissions(&dst, PermissionsExt::from_mode(mode))
                 }),
-                Entry::File | Entry::Resolved => std::fs::copy(p, &dst).map(|_| ()),
+                Entry::File | Entry::Resolved => copy_file(p, &dst),
                 Entry::Symlink(t) => std::os::unix::fs::symlink(t, &dst),
             };
             r.map_err(|x| io_err(format_args!("copying {}", p.display()), x))?;
@@ -1115,9 +1115,26 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), SandboxError> {
             copy_tree(&s, &d)?;
             Ok(())
         } else {
-            std::fs::copy(&s, &d).map(|_| ())
+            copy_file(&s, &d)
         };
         r.map_err(|x| io_err(format_args!("copying {}", s.display()), x))?;
+    }
+    Ok(())
+}
+
+/// Copies a file with its modification time: Python trusts a `__pycache__/*.pyc` only while
+/// its source's mtime matches the one recorded in it. Without that, every import in the guest
+/// would compile from source (seconds per cold start under TCG), as the read-only root cannot
+/// take new `.pyc` files either.
+fn copy_file(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::copy(src, dst)?;
+    let m = std::fs::metadata(src)?;
+    let times = std::fs::FileTimes::new()
+        .set_accessed(m.accessed()?)
+        .set_modified(m.modified()?);
+    // Best effort: a copy without its time is still a correct image, only a slower one.
+    if let Ok(f) = std::fs::File::options().write(true).open(dst) {
+        let _ = f.set_times(times);
     }
     Ok(())
 }

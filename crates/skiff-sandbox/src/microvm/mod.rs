@@ -16,12 +16,15 @@ mod qmp;
 
 use crate::native::cgroup::CgroupRoot;
 use crate::native::net::find_in_path;
-use crate::native::{etc_files, path_str, system_binds, valid_instance_id, NativeInstance};
+use crate::native::{
+    etc_files, path_str, system_binds, valid_instance_id, HttpTarget, NativeInstance,
+};
+use crate::tunnel::HttpConn;
 use crate::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
 use async_trait::async_trait;
 use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
 use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind, VmResume};
-use skiff_core::{FunctionSpec, Mode, Network, Runtime};
+use skiff_core::{FunctionSpec, Mode, Network};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -366,11 +369,6 @@ impl Tier {
                 spec.instance_id
             )));
         }
-        if spec.exec_mode == ExecMode::Http {
-            return Err(SandboxError::Unsupported(
-                "runtime http is not available with sandbox: microvm yet (use native)".into(),
-            ));
-        }
         if spec.spec.network == Network::Outbound && !self.cfg.outbound {
             return Err(SandboxError::Unsupported(
                 "network: outbound is turned off for sandbox: microvm on this server".into(),
@@ -638,7 +636,8 @@ impl Tier {
             cleanup,
         )
         .await?
-        .inst;
+        .inst
+        .with_http((spec.exec_mode == ExecMode::Http).then_some(HttpTarget::Tunnel));
         let spawn_ms = spawn_t.elapsed().as_secs_f64() * 1e3;
         if let Some(img) = image {
             let t = std::time::Instant::now();
@@ -884,6 +883,10 @@ impl Instance for MicrovmInstance {
         self.inner.take_output()
     }
 
+    async fn connect_http(&self, ready_within: Duration) -> Result<HttpConn, SandboxError> {
+        self.inner.connect_http(ready_within).await
+    }
+
     /// Pauses the guest, saves its device state (QEMU migration to a file) and its RAM (a
     /// sparse copy of the shared RAM file, or inside the stream for a restored guest), then
     /// continues it (`leave_running`) or stops it. No quiesce is needed: the guest kernel's
@@ -964,12 +967,6 @@ impl Sandbox for MicrovmSandbox {
         spec: &FunctionSpec,
         code_dir: &Path,
     ) -> Result<ExecMode, SandboxError> {
-        if spec.runtime == Runtime::Http {
-            return Err(SandboxError::Unsupported(
-                "runtime http is not available with sandbox: microvm yet (use sandbox: native)"
-                    .into(),
-            ));
-        }
         if code_dir.is_dir() {
             self.0.code_disk(code_dir).await?;
         }

@@ -3,9 +3,11 @@
 use super::cgroup::InstanceCgroup;
 use super::net::Slirp;
 use super::netns;
+use crate::tunnel::{HttpConn, Tunnels};
 use crate::{Instance, InvokeRequest, InvokeResult, SandboxError};
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use skiff_core::launch::HTTP_PORT;
 use skiff_core::protocol::{
     Done, Exit, Frame, HttpReady, InitError, Kind, Log, Ready, StreamChunk, StreamEnd, StreamStart,
 };
@@ -121,16 +123,23 @@ struct State {
     guest_ooms: u64,
 }
 
-/// Where an `http` instance's server is.
-pub(crate) struct HttpTarget {
-    pub(crate) port: u16,
-    /// The sandbox's network namespace (`/proc/<agent>/ns/net`, opened at start).
-    pub(crate) netns: Arc<OwnedFd>,
+/// How the host reaches an `http` instance's server (on `127.0.0.1:{HTTP_PORT}` inside the
+/// sandbox).
+pub(crate) enum HttpTarget {
+    /// By connecting from inside the sandbox's network namespace (`/proc/<agent>/ns/net`,
+    /// opened at start): native sandboxes.
+    Netns(Arc<OwnedFd>),
+    /// Through the agent, over the channel ([`crate::tunnel`]): sandboxes with their own
+    /// network stack (gVisor, microVMs).
+    Tunnel,
 }
 
 /// Readiness of an `http` instance's server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HttpState {
+    /// The sandbox is not up yet (no [`Kind::Ready`]; a microVM boots for seconds).
+    Booting,
+    /// The sandbox is up and the server starting.
     Starting,
     Ready,
     Dead,
@@ -139,6 +148,8 @@ enum HttpState {
 /// State shared between the instance handle and its background tasks.
 pub(crate) struct Shared {
     http: watch::Sender<HttpState>,
+    /// `http` connections carried over the channel.
+    tunnels: Arc<Tunnels>,
     /// The agent reported [`Kind::Initialized`].
     initialized: watch::Sender<bool>,
     /// Waiting for the answer to a [`Kind::Quiesce`].
@@ -195,6 +206,7 @@ impl Shared {
         }
         self.alive.store(false, Ordering::Release);
         self.http.send_replace(HttpState::Dead);
+        self.tunnels.close_all();
         let dead = match dead {
             Dead::Crashed(_) if self.oom_fired(&mut st) => Dead::Oom,
             d => d,
@@ -225,6 +237,7 @@ impl Shared {
     /// deliver (it waits for the consumer, outside the lock).
     fn on_frame(&self, f: Frame) -> Option<Delivery> {
         match f.kind {
+            Kind::ConnData | Kind::ConnAck | Kind::ConnClose => self.tunnels.on_frame(f),
             Kind::OomKill => self.state.lock().guest_ooms += 1,
             Kind::Log => {
                 let Ok(h) = f.header::<Log>() else {
@@ -309,7 +322,7 @@ impl Shared {
                     tracing::debug!(instance = %self.id, ready_us = r.ready_us, "http server ready");
                 }
                 self.http.send_if_modified(|s| {
-                    let starting = *s == HttpState::Starting;
+                    let starting = matches!(*s, HttpState::Booting | HttpState::Starting);
                     if starting {
                         *s = HttpState::Ready;
                     }
@@ -328,6 +341,13 @@ impl Shared {
                 if let Ok(r) = f.header::<Ready>() {
                     tracing::debug!(instance = %self.id, setup_us = r.setup_us, "sandbox ready");
                 }
+                self.http.send_if_modified(|s| {
+                    let booting = *s == HttpState::Booting;
+                    if booting {
+                        *s = HttpState::Starting;
+                    }
+                    booting
+                });
             }
             Kind::Exit => {
                 let h: Exit = f.header().unwrap_or(Exit {
@@ -430,8 +450,10 @@ impl NativeInstance {
     ) -> io::Result<NativeInstance> {
         chan.set_nonblocking(true)?;
         let (rd, wr) = tokio::net::UnixStream::from_std(chan)?.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            http: watch::Sender::new(HttpState::Starting),
+            http: watch::Sender::new(HttpState::Booting),
+            tunnels: Arc::new(Tunnels::new(tx.clone())),
             initialized: watch::Sender::new(false),
             quiesced: Mutex::new(None),
             id,
@@ -441,7 +463,6 @@ impl NativeInstance {
             limit_mb,
             agent_stderr: Mutex::new(Tail::default()),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
         if !config_frame.is_empty() {
             let _ = tx.send(config_frame);
         }
@@ -482,6 +503,10 @@ impl NativeInstance {
     /// after its init).
     pub(crate) fn mark_initialized(&self) {
         self.shared.initialized.send_replace(true);
+        if self.http.is_some() {
+            // An `http` function is initialised once its server accepts.
+            self.shared.http.send_replace(HttpState::Ready);
+        }
     }
 
     /// Asks the agent to get ready for a snapshot ([`Kind::Quiesce`]) and waits for it.
@@ -704,13 +729,7 @@ impl Instance for NativeInstance {
             shared: &self.shared,
             id,
         };
-        let rest = 1 + 4 + header.len() + payload.len();
-        let mut buf = Vec::with_capacity(4 + rest);
-        buf.extend_from_slice(&(rest as u32).to_le_bytes());
-        buf.push(Kind::Invoke as u8);
-        buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&header);
-        buf.extend_from_slice(&payload);
+        let buf = skiff_core::protocol::encode_parts(Kind::Invoke, &header, &payload);
         drop(payload);
         // If the writer is gone the reader fails the pending entry.
         let _ = self.tx.send(buf);
@@ -759,24 +778,36 @@ impl Instance for NativeInstance {
         self.shared.cgroup.memory_peak()
     }
 
-    async fn connect_http(
-        &self,
-        ready_within: Duration,
-    ) -> Result<tokio::net::TcpStream, SandboxError> {
+    async fn connect_http(&self, ready_within: Duration) -> Result<HttpConn, SandboxError> {
         let Some(target) = &self.http else {
             return Err(SandboxError::Unsupported(
                 "the instance does not run an HTTP server".into(),
             ));
         };
         let mut state = self.shared.http.subscribe();
+        // The sandbox coming up has a limit of its own, as a function's init has.
+        let booted = tokio::time::timeout(
+            crate::BOOT_LIMIT,
+            state.wait_for(|s| *s != HttpState::Booting),
+        )
+        .await
+        .is_ok();
+        if !booted {
+            return Err(SandboxError::Crashed {
+                message: format!(
+                    "the sandbox did not come up within {} s",
+                    crate::BOOT_LIMIT.as_secs()
+                ),
+                log_tail: self.shared.agent_stderr.lock().text(),
+            });
+        }
         match tokio::time::timeout(ready_within, state.wait_for(|s| *s != HttpState::Starting))
             .await
         {
             Err(_) => {
                 return Err(SandboxError::NotListening {
                     message: format!(
-                        "the HTTP server did not accept connections on 127.0.0.1:{} within {:.2} s",
-                        target.port,
+                        "the HTTP server did not accept connections on 127.0.0.1:{HTTP_PORT} within {:.2} s",
                         ready_within.as_secs_f64()
                     ),
                     log_tail: self.shared.state.lock().tail.text(),
@@ -785,14 +816,15 @@ impl Instance for NativeInstance {
             Ok(Ok(s)) if *s == HttpState::Ready => {}
             Ok(_) => return Err(self.dead_error()),
         }
-        match netns::connect(&target.netns, target.port).await {
-            Ok(c) => Ok(c),
+        let netns = match target {
+            HttpTarget::Tunnel => return Ok(self.shared.tunnels.open()),
+            HttpTarget::Netns(ns) => ns,
+        };
+        match netns::connect(netns, HTTP_PORT).await {
+            Ok(c) => Ok(HttpConn::Tcp(c)),
             Err(_) if !self.is_alive() => Err(self.dead_error()),
             Err(e) => Err(SandboxError::Crashed {
-                message: format!(
-                    "cannot connect to the HTTP server on 127.0.0.1:{}: {e}",
-                    target.port
-                ),
+                message: format!("cannot connect to the HTTP server on 127.0.0.1:{HTTP_PORT}: {e}"),
                 log_tail: self.shared.state.lock().tail.text(),
             }),
         }

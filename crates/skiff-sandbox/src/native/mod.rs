@@ -13,6 +13,7 @@ pub(crate) mod net;
 mod netns;
 mod spawn;
 
+pub(crate) use instance::HttpTarget;
 pub use instance::NativeInstance;
 pub(crate) use spawn::{clone_into_cgroups, dup_high};
 
@@ -574,12 +575,7 @@ impl Sandbox for NativeSandbox {
         // The agent is not reaped before `launch` watches it, so the pid is still its own.
         let http = match spec.exec_mode {
             ExecMode::Http => netns::open_ns(&format!("/proc/{pid}/ns/net"))
-                .map(|ns| {
-                    Some(instance::HttpTarget {
-                        port: HTTP_PORT,
-                        netns: Arc::new(ns),
-                    })
-                })
+                .map(|ns| Some(instance::HttpTarget::Netns(Arc::new(ns))))
                 .map_err(|e| format!("cannot open the sandbox's network namespace: {e}")),
             _ => Ok(None),
         };

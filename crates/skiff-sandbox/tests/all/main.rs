@@ -234,7 +234,7 @@ async fn run_tier(ctx: &Arc<Ctx>, filters: &[String], tally: &mut (u32, u32)) {
         ("gvisor_fork_bomb", true, |c| Box::pin(gvisor::fork_bomb(c))),
         ("network_none", true, |c| Box::pin(network_none(c))),
         ("network_outbound", true, |c| Box::pin(network_outbound(c))),
-        ("http_server", false, |c| Box::pin(http_server(c))),
+        ("http_server", true, |c| Box::pin(http_server(c))),
         ("runtime_api", true, |c| Box::pin(runtime_api(c))),
         ("runtime_api_init_error", true, |c| {
             Box::pin(runtime_api_init_error(c))
@@ -799,11 +799,13 @@ async fn memory_hog_oom(ctx: Arc<Ctx>) -> Result<(), String> {
     assert_gone(&*ctx.sb, &id, ctx.uid).await
 }
 
-/// `http` mode: the host connects to the server on the sandbox's loopback (network none)
-/// through a socket made in the sandbox's network namespace; a deaf server is reported.
+/// `http` mode: the host connects to the server on the sandbox's loopback (network none):
+/// natively through a socket made in the sandbox's network namespace, on gVisor and microVMs
+/// through the agent's tunnel. A body larger than the tunnel's window makes the round trip
+/// both ways; a deaf server is reported.
 async fn http_server(ctx: Arc<Ctx>) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    def do_GET(self):\n        b = ('hi ' + self.path).encode()\n        self.send_response(200); self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\nprint('up', flush=True)\nh.HTTPServer(('127.0.0.1', 8080), H).serve_forever()\n";
+    let server = "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    def do_GET(self):\n        b = ('hi ' + self.path).encode()\n        self.send_response(200); self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\n    def do_POST(self):\n        b = self.rfile.read(int(self.headers['Content-Length']))[::-1]\n        self.send_response(200); self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\nprint('up', flush=True)\nh.HTTPServer(('127.0.0.1', 8080), H).serve_forever()\n";
     let spec = ispec(
         fspec(""),
         ExecMode::Http,
@@ -812,7 +814,7 @@ async fn http_server(ctx: Arc<Ctx>) -> Result<(), String> {
     );
     let inst = ctx.sb.start(spec).await.map_err(|e| e.to_string())?;
     let mut conn = inst
-        .connect_http(Duration::from_secs(10))
+        .connect_http(Duration::from_secs(40))
         .await
         .map_err(|e| format!("connect_http: {e}"))?;
     conn.write_all(b"GET /x?y=1 HTTP/1.0\r\nHost: a\r\n\r\n")
@@ -826,6 +828,46 @@ async fn http_server(ctx: Arc<Ctx>) -> Result<(), String> {
         resp.starts_with("HTTP/1.0 200") && resp.ends_with("hi /x?y=1"),
         || resp.clone(),
     )?;
+    // 1 MiB up and back: four times the tunnel's window.
+    let body: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let conn = inst
+        .connect_http(Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("connect_http: {e}"))?;
+    let head = format!(
+        "POST /echo HTTP/1.0\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let up = {
+        let body = body.clone();
+        tokio::spawn(async move {
+            wr.write_all(head.as_bytes()).await?;
+            wr.write_all(&body).await?;
+            Ok::<_, std::io::Error>(wr)
+        })
+    };
+    let mut resp = Vec::new();
+    rd.read_to_end(&mut resp).await.map_err(|e| e.to_string())?;
+    let _ = up
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no response head in {} bytes", resp.len()))?;
+    let reversed: Vec<u8> = body.iter().rev().copied().collect();
+    check(
+        resp.starts_with(b"HTTP/1.0 200") && resp[split + 4..] == reversed[..],
+        || {
+            format!(
+                "{} bytes back: {:?}",
+                resp.len(),
+                String::from_utf8_lossy(&resp[..split])
+            )
+        },
+    )?;
     let id = inst.id().to_string();
     inst.stop().await;
     assert_gone(&*ctx.sb, &id, ctx.uid).await?;
@@ -833,11 +875,13 @@ async fn http_server(ctx: Arc<Ctx>) -> Result<(), String> {
     let spec = ispec(
         fspec(""),
         ExecMode::Http,
-        &sh("echo deaf; sleep 30"),
+        &sh("echo deaf; sleep 60"),
         ctx.code.path(),
     );
     let inst = ctx.sb.start(spec).await.map_err(|e| e.to_string())?;
-    let err = inst.connect_http(Duration::from_millis(500)).await.err();
+    // Long enough for a microVM to boot and the script to speak.
+    let wait = if ctx.tier == "microvm" { 15_000 } else { 500 };
+    let err = inst.connect_http(Duration::from_millis(wait)).await.err();
     let shown = format!("{err:?}");
     check(
         matches!(&err, Some(SandboxError::NotListening { log_tail, .. }) if log_tail.contains("deaf")),
