@@ -146,13 +146,6 @@ pub fn blockers_on(spec: &FunctionSpec, available: Available) -> Vec<Blocker> {
                 spec.runtime
             ),
         }),
-        Mode::Persistent if spec.sandbox == SandboxKind::Microvm => out.push(Blocker {
-            code: "manual_runtime",
-            field: "mode",
-            message: "mode: `persistent` is not available with `sandbox: microvm` yet (its \
-                      writable workspace would block VM snapshots); use sandbox native or gvisor"
-                .into(),
-        }),
         Mode::Persistent => {}
         Mode::Checkpointed | Mode::Branched => {
             if !process || spec.sandbox == SandboxKind::Native {
@@ -257,7 +250,7 @@ mod tests {
             "name: a\nruntime: python3\nsandbox: microvm\nmode: persistent\n",
         )
         .unwrap();
-        assert_eq!(blockers_on(&pers, mv_on)[0].field, "mode");
+        assert!(blockers_on(&pers, mv_on).is_empty(), "persistent microVMs");
         assert!(blockers_on(
             &FunctionSpec::from_yaml("name: a\nruntime: python3\nsandbox: microvm\n").unwrap(),
             mv_on

@@ -266,7 +266,7 @@ impl From<skiff_scheduler::SchedError> for ApiError {
             SchedError::Unsupported(m) => ApiError::new(
                 StatusCode::CONFLICT,
                 "snapshot_unsupported",
-                format!("sandbox: snapshots need `sandbox: gvisor` ({m})"),
+                format!("sandbox: snapshots need `sandbox: gvisor` or `microvm` ({m})"),
             )
             .with("field", "sandbox"),
             SchedError::Sandbox(se) => {

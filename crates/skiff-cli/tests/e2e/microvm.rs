@@ -1,7 +1,7 @@
 //! The microVM tier (`sandbox: microvm`) against the real binary and real QEMU (TCG on hosts
 //! without usable KVM): the python and `provided` examples, the foundation's security and
-//! limit cases, `runtime: http` through the agent's tunnel, and the snapshot modes with the
-//! in-memory counter. Every server shares one
+//! limit cases, `runtime: http` through the agent's tunnel, `persistent` workspaces over
+//! virtiofs, and the snapshot modes with the in-memory counter. Every server shares one
 //! guest image cache under the target dir, so the image is built once per run. Skipped
 //! (saying so) when QEMU is not installed.
 
@@ -148,6 +148,64 @@ def handler(event, context):
     COUNT += 1
     return {"count": COUNT, "boot": BOOT, "rand": os.urandom(8).hex(), "now": time.time()}
 "#;
+
+/// `mode: persistent` in a microVM: `/workspace` is the host's workspace directory (shared
+/// over virtiofs), written through at once, so it outlives a killed VM; snapshots of such a
+/// VM are refused with a clear error.
+#[test]
+fn microvm_persistent_workspace_is_the_host_directory_and_outlives_the_vm() {
+    let Some(s) = server() else { return };
+    let f = python_function(
+        "vm-pers",
+        "sandbox: microvm\nnetwork: none\nmode: persistent\ntimeout: 60s\n",
+        r#"
+import os
+def handler(event, context):
+    p = "/workspace/n"
+    n = int(open(p).read()) + 1 if os.path.exists(p) else 1
+    with open(p, "w") as f:
+        f.write(str(n))
+    return {"n": n, "uid": os.getuid(), "owner": os.stat(p).st_uid}
+"#,
+    );
+    s.deploy(f.path());
+    let host = s.data_dir.join("workspaces/default/vm-pers");
+    let (v, h) = s.invoke_ok("vm-pers", &json!({}));
+    assert_eq!(
+        (v["n"].as_u64(), v["owner"].as_u64()),
+        (Some(1), v["uid"].as_u64()),
+        "{v}"
+    );
+    assert_eq!(std::fs::read_to_string(host.join("n")).unwrap(), "1");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(host.join("n")).unwrap().uid();
+        assert_eq!(
+            owner, 10001,
+            "the file is the sandbox uid's on the host too"
+        );
+    }
+    // The host's changes are the guest's (its attribute cache lasts 1 s: virtiofs cache=auto).
+    std::fs::write(host.join("n"), "41").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.invoke_ok("vm-pers", &json!({})).0["n"], 42);
+    let r = s.post("/v1/functions/vm-pers/snapshots", "");
+    let st = r.status().as_u16();
+    let body = r.text().unwrap();
+    assert!(
+        st >= 400 && st < 500 && body.contains("virtiofs"),
+        "{st} {body}"
+    );
+    // A restart kills the VM; the new one continues from the host directory.
+    assert_eq!(
+        s.post("/v1/functions/vm-pers/runtime/restart", "").status(),
+        200
+    );
+    let (v, h2) = s.invoke_ok("vm-pers", &json!({}));
+    assert_eq!(hdr(&h2, "x-skiff-cold-start"), "true");
+    assert_ne!(hdr(&h2, "x-skiff-instance"), hdr(&h, "x-skiff-instance"));
+    assert_eq!(v["n"], 43, "{v}");
+}
 
 /// `runtime: http` in a microVM: the native tier's proxy contract, over the agent's tunnel;
 /// then a `checkpointed` copy whose every cold start is a restored VM with its server already

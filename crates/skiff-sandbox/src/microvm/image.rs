@@ -29,9 +29,13 @@ pub const GUEST_RUNTIME_DIR: &str = "/opt/skiff/runtime";
 pub const GUEST_ROOT_DIR: &str = "/mnt/root";
 /// The code disk is mounted here (read-only).
 pub const GUEST_CODE_DIR: &str = "/mnt/code";
+/// A `persistent` function's workspace (virtiofs, tag [`WORKSPACE_TAG`]) is mounted here.
+pub const GUEST_WORKSPACE_DIR: &str = "/mnt/workspace";
+/// virtiofs tag of the workspace share.
+pub const WORKSPACE_TAG: &str = "skiff-ws";
 
 /// Bump when the image layout changes (part of the cache key).
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 const INIT_SH: &str = include_str!("init.sh");
 /// Drivers loaded by `/init`, with their dependencies resolved from the kernel's modules.
 const MODULES: &[&str] = &[
@@ -40,6 +44,7 @@ const MODULES: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "virtio_rng",
+    "virtiofs",
 ];
 const MIB: u64 = 1 << 20;
 
@@ -1050,6 +1055,7 @@ impl Plan {
             "tmp",
             "mnt/root",
             "mnt/code",
+            "mnt/workspace",
             "var/task",
             "var/runtime",
             "root",

@@ -73,6 +73,15 @@ if [ -n "$CODE_DEV" ]; then
 		fail "mount code disk $CODE_DEV"
 fi
 
+# A `persistent` function's workspace: the host's directory over virtiofs (writes go
+# straight to the host, so nothing is lost when the VM is killed).
+case " $CMDLINE " in
+*" skiff.workspace=1 "*)
+	$B mount -t virtiofs -o nodev,nosuid skiff-ws /newroot/mnt/workspace ||
+		fail "mount the workspace (virtiofs skiff-ws)"
+	;;
+esac
+
 CHANNEL=""
 find_channel() {
 	for n in /sys/class/virtio-ports/vport*/name; do

@@ -110,6 +110,9 @@ pub struct MicrovmConfig {
     /// The host's TSC frequency in kHz, given to TCG guests (`tsc_early_khz=`): without it
     /// the guest's calibration under emulation is far off and boots stall.
     pub tsc_khz: Option<u64>,
+    /// QEMU's `virtiofsd`, which shares a `persistent` function's workspace directory with
+    /// its VM (`None`: persistent microVMs are refused).
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl MicrovmConfig {
@@ -138,6 +141,7 @@ impl MicrovmConfig {
             guest_pids_max: 256,
             outbound: true,
             tsc_khz: host_tsc_khz(),
+            virtiofsd: find_virtiofsd(),
         }
     }
 
@@ -152,6 +156,15 @@ impl MicrovmConfig {
             },
         }
     }
+}
+
+/// QEMU's virtiofsd (Debian: `qemu-system-common` puts it in `/usr/lib/qemu`).
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| find_in_path("virtiofsd"))
 }
 
 /// The host CPU's frequency in kHz (`cpu MHz` of `/proc/cpuinfo`; the TSC runs at it on
@@ -187,6 +200,8 @@ struct Tier {
 
 /// Where guest RAM files live: a tmpfs, so guest memory stays memory.
 const SHM: &str = "/dev/shm";
+/// virtiofsd's vhost-user socket in an instance's state directory.
+const VIRTIOFS_SOCKET: &str = "virtiofs.sock";
 
 /// What a snapshot image records besides the migration stream (`state`) and the guest RAM
 /// (`ram`): restores must rebuild the very same machine.
@@ -314,6 +329,20 @@ impl MicrovmSandbox {
                 ),
             });
         }
+        out.push(match &cfg.virtiofsd {
+            Some(p) => (
+                "virtiofsd".into(),
+                true,
+                format!("{} (mode: persistent workspaces)", p.display()),
+            ),
+            None => (
+                "virtiofsd".into(),
+                false,
+                "not found: mode: persistent is refused on microVMs (apt-get install \
+                 qemu-system-common)"
+                    .into(),
+            ),
+        });
         out
     }
 
@@ -379,9 +408,11 @@ impl Tier {
                 "root images are not available with sandbox: microvm yet".into(),
             ));
         }
-        if spec.workspace.is_some() {
+        if spec.workspace.is_some() && self.cfg.virtiofsd.is_none() {
             return Err(SandboxError::Unsupported(
-                "mode: persistent is not available with sandbox: microvm yet".into(),
+                "mode: persistent with sandbox: microvm needs virtiofsd, which is not \
+                 installed (apt-get install qemu-system-common)"
+                    .into(),
             ));
         }
         if !spec.code_dir.is_dir() {
@@ -405,6 +436,13 @@ impl Tier {
             dst: RUNTIME_DIR.into(),
             rw: false,
         });
+        if spec.workspace.is_some() {
+            binds.push(Bind {
+                src: image::GUEST_WORKSPACE_DIR.into(),
+                dst: crate::WORKSPACE_DIR.into(),
+                rw: true,
+            });
+        }
         let (uid, gid) = (self.cfg.uid, self.cfg.gid);
         Ok(AgentConfig {
             exec_mode: spec.exec_mode,
@@ -510,6 +548,9 @@ impl Tier {
             "none",
             "-no-reboot",
         ]);
+        if spec.workspace.is_some() {
+            append.push_str(" skiff.workspace=1");
+        }
         push(&["-kernel", &path_str(&m.kernel)?]);
         push(&["-initrd", &path_str(&m.initrd)?]);
         push(&["-append", &append]);
@@ -537,6 +578,24 @@ impl Tier {
             "-device",
             &format!("virtserialport,chardev=chan,name={}", image::CHANNEL_NAME),
         ]);
+        if spec.workspace.is_some() {
+            // virtiofsd (started by `launch`) serves the workspace; vhost-user needs the
+            // guest's RAM shared, which a booted guest's is, and modern (v2) virtio-mmio
+            // devices (microvm's default is legacy).
+            push(&["-global", "virtio-mmio.force-legacy=false"]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=ws,path={}",
+                    path_str(&dir.join(VIRTIOFS_SOCKET))?
+                ),
+                "-device",
+                &format!(
+                    "vhost-user-fs-device,chardev=ws,tag={}",
+                    image::WORKSPACE_TAG
+                ),
+            ]);
+        }
         if spec.spec.network == Network::Outbound {
             push(&["-netdev", "user,id=n0,ipv6=off"]);
             push(&["-device", "virtio-net-device,netdev=n0"]);
@@ -552,6 +611,58 @@ impl Tier {
             push(&["-incoming", "defer"]);
         }
         Ok(argv)
+    }
+
+    /// Starts virtiofsd serving the workspace `ws` on the instance's socket in `dir`, and
+    /// waits (at most 5 s) for the socket QEMU connects to.
+    async fn start_virtiofsd(
+        &self,
+        dir: &Path,
+        ws: &Path,
+    ) -> Result<std::process::Child, SandboxError> {
+        let bin = self
+            .cfg
+            .virtiofsd
+            .as_ref()
+            .ok_or_else(|| SandboxError::Unsupported("virtiofsd is not installed".into()))?;
+        let sock = dir.join(VIRTIOFS_SOCKET);
+        // Its own namespaces, pivoted into the workspace: it sees nothing else of the host.
+        let mut child = std::process::Command::new(bin)
+            .arg(format!("--socket-path={}", path_str(&sock)?))
+            .args(["-o", &format!("source={}", path_str(ws)?)])
+            .args([
+                "-o",
+                "sandbox=namespace",
+                "-o",
+                "cache=auto",
+                "-o",
+                "log_level=err",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| SandboxError::Start(format!("cannot run {}: {e}", bin.display())))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if sock.exists() {
+                return Ok(child);
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(SandboxError::Start(format!(
+                    "virtiofsd for the workspace {} exited ({st})",
+                    ws.display()
+                )));
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SandboxError::Start(
+                    "virtiofsd did not open its socket within 5 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Boots an instance, or restores it from the snapshot in `image`.
@@ -585,10 +696,25 @@ impl Tier {
                 m
             }
         };
+        if spec.workspace.is_some() && image.is_some() {
+            return Err(SandboxError::Unsupported(
+                "a microVM with a workspace cannot be restored from a snapshot".into(),
+            ));
+        }
         let id = spec.instance_id.clone();
         let dir = self.vms.join(&id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", dir.display())))?;
+        let virtiofsd = match &spec.workspace {
+            Some(ws) => match self.start_virtiofsd(&dir, ws).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         // A booted guest's RAM is a shared file we can copy for snapshots; a restored one maps
         // the snapshot's privately (copy on write: restores share its unchanged pages).
         let own_ram = PathBuf::from(SHM).join(format!("{}{id}.ram", self.ram_prefix));
@@ -617,7 +743,12 @@ impl Tier {
         };
         let cleanup = {
             let (dir, ram) = (dir.clone(), own_ram.clone());
+            let mut virtiofsd = virtiofsd;
             move || {
+                if let Some(c) = virtiofsd.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 let _ = std::fs::remove_file(&ram);
             }
@@ -897,6 +1028,13 @@ impl Instance for MicrovmInstance {
         init_within: Duration,
         leave_running: bool,
     ) -> Result<(), SandboxError> {
+        if self.spec.workspace.is_some() {
+            return Err(SandboxError::Unsupported(
+                "a persistent microVM cannot be snapshotted: QEMU cannot migrate its \
+                 virtiofs workspace share"
+                    .into(),
+            ));
+        }
         let _one = self.snapshotting.lock().await;
         self.inner.wait_initialized(init_within).await?;
         let _ = &self.tier;

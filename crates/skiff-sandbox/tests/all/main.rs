@@ -201,9 +201,8 @@ fn make_ctx(
 }
 
 /// Cases of the isolated tiers that do not apply inside a microVM: the host cgroup sees only
-/// QEMU's threads (the guest kernel keeps its own processes), and a persistent workspace is not
-/// offered there yet.
-const MICROVM_SKIPS: &[&str] = &["gvisor_fork_bomb", "workspace_persists"];
+/// QEMU's threads (the guest kernel keeps its own processes).
+const MICROVM_SKIPS: &[&str] = &["gvisor_fork_bomb"];
 
 /// Runs every case that applies to `ctx.tier`; names are `tier/case`.
 async fn run_tier(ctx: &Arc<Ctx>, filters: &[String], tally: &mut (u32, u32)) {
