@@ -193,7 +193,7 @@ def handler(event, context):
     let st = r.status().as_u16();
     let body = r.text().unwrap();
     assert!(
-        st >= 400 && st < 500 && body.contains("virtiofs"),
+        (400..500).contains(&st) && body.contains("virtiofs"),
         "{st} {body}"
     );
     // A restart kills the VM; the new one continues from the host directory.
