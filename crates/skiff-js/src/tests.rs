@@ -723,3 +723,28 @@ async fn many_in_flight() {
     );
     assert_eq!(errors, 0);
 }
+
+/// The heap of an idle isolate is measured shortly after it goes idle (not after every
+/// invocation), so what it keeps shows in `memory_usage`.
+#[tokio::test]
+async fn idle_heap_is_measured_once_idle() {
+    let f = start(
+        r#"const keep = [];
+        export default async () => { keep.push(new Array(200000).fill(7)); return keep.length; };"#,
+    )
+    .await;
+    let before = f.inst.memory_usage().unwrap();
+    call(&f, "{}").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = f.inst.memory_usage().unwrap();
+        if now > before + (1 << 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap still reported as {now} (before: {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
