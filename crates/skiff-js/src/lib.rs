@@ -426,6 +426,8 @@ const NEVER_SETTLED: &str = "the handler's promise never settled (nothing left t
 const EVENT_BATCH: usize = 1024;
 /// How often the isolate's memory is measured while invocations are in flight.
 const MEMORY_EVERY: Duration = Duration::from_millis(100);
+/// How long an isolate stays idle before its heap is measured.
+const IDLE_MEASURE_AFTER: Duration = Duration::from_millis(2);
 
 /// The instance thread: builds the isolate, then runs its event loop until the instance is
 /// stopped or dropped, or the isolate ran out of memory or time.
@@ -933,6 +935,8 @@ impl<'js> Isolate<'js> {
         let shared = &setup.shared;
         let mut closed = false;
         let mut measured = Instant::now();
+        // Whether the heap changed since it was last measured.
+        let mut dirty = false;
         loop {
             let (wake, idle) = {
                 let h = self.host.borrow();
@@ -941,6 +945,13 @@ impl<'js> Isolate<'js> {
             if closed && idle {
                 return;
             }
+            // An idle isolate's heap is measured once it has stayed idle for a moment, not
+            // after every invocation: walking the heap costs as much as a small invocation.
+            let measure_at = (idle && dirty).then(|| Instant::now() + IDLE_MEASURE_AFTER);
+            let wake = match (wake, measure_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let first = match wake {
                 None => Some(rx.recv().unwrap_or(Event::Closed)),
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -949,6 +960,11 @@ impl<'js> Isolate<'js> {
                     Err(mpsc::RecvTimeoutError::Disconnected) => Some(Event::Closed),
                 },
             };
+            if first.is_none() && idle && dirty {
+                shared.record_memory(&self.ctx);
+                measured = Instant::now();
+                dirty = false;
+            }
             let mut next = first;
             let mut handled = 0;
             while let Some(ev) = next {
@@ -989,10 +1005,13 @@ impl<'js> Isolate<'js> {
             if handled < EVENT_BATCH {
                 self.unstick();
             }
-            let idle = self.host.borrow().invs.is_empty();
-            if idle || measured.elapsed() >= MEMORY_EVERY {
+            if handled > 0 || !self.host.borrow().invs.is_empty() {
+                dirty = true;
+            }
+            if dirty && measured.elapsed() >= MEMORY_EVERY {
                 shared.record_memory(&self.ctx);
                 measured = Instant::now();
+                dirty = false;
             }
         }
     }

@@ -723,3 +723,77 @@ async fn many_in_flight() {
     );
     assert_eq!(errors, 0);
 }
+
+/// Quick and slow answers, one at a time and concurrent, each come back with its own result;
+/// a caller that gives up does not disturb the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_slow_concurrent_and_abandoned_invocations() {
+    let f = start(
+        r#"export default async (req) => {
+          if (req.wait) await new Promise((r) => setTimeout(r, req.wait));
+          return req.n;
+        };"#,
+    )
+    .await;
+    let one = |n: u32, wait: u32| {
+        let inst = f.inst.clone();
+        async move {
+            let r = inst
+                .invoke(req(
+                    &format!(r#"{{"n":{n},"wait":{wait}}}"#),
+                    Duration::from_secs(5),
+                ))
+                .await
+                .unwrap();
+            assert_eq!(json(&r), serde_json::json!(n));
+        }
+    };
+    for n in 0..50 {
+        one(n, 0).await;
+    }
+    one(50, 20).await;
+    one(51, 0).await;
+    for n in 52..60 {
+        one(n, 0).await;
+    }
+    let mixed: Vec<_> = (60..100)
+        .map(|n| tokio::spawn(one(n, if n % 3 == 0 { 10 } else { 0 })))
+        .collect();
+    for m in mixed {
+        m.await.unwrap();
+    }
+    // Abandoned mid-wait.
+    let inst = f.inst.clone();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(5),
+        inst.invoke(req(r#"{"n":0,"wait":50}"#, Duration::from_secs(5))),
+    )
+    .await;
+    assert!(abandoned.is_err());
+    one(100, 0).await;
+}
+
+/// The heap of an idle isolate is measured shortly after it goes idle (not after every
+/// invocation), so what it keeps shows in `memory_usage`.
+#[tokio::test]
+async fn idle_heap_is_measured_once_idle() {
+    let f = start(
+        r#"const keep = [];
+        export default async () => { keep.push(new Array(200000).fill(7)); return keep.length; };"#,
+    )
+    .await;
+    let before = f.inst.memory_usage().unwrap();
+    call(&f, "{}").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = f.inst.memory_usage().unwrap();
+        if now > before + (1 << 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap still reported as {now} (before: {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -14,6 +14,8 @@ struct Fake {
     specs: Mutex<Vec<InstanceSpec>>,
     no_snapshots: bool,
     started: AtomicU64,
+    /// Instances answer at once instead of after 5 ms.
+    instant: bool,
 }
 
 struct FakeInstance {
@@ -85,7 +87,9 @@ impl Instance for FakeInstance {
         &self.id
     }
     async fn invoke(&self, _req: InvokeRequest) -> Result<InvokeResult, SandboxError> {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if !self.sandbox.instant {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(InvokeResult {
             body: format!(r#"{{"instance":"{}"}}"#, self.id).into_bytes(),
             ..Default::default()
@@ -379,4 +383,31 @@ async fn snapshot_and_fork_bookkeeping() {
     sched.reap(Instant::now() + Duration::from_secs(2)).await;
     assert!(sched.branches().is_empty());
     assert_eq!(fake.count("stop "), 4, "{:?}", fake.calls()); // 3 branches + the warm one
+}
+
+/// What the scheduler itself costs per warm invocation (pool lookup, lease, timeout, request
+/// building, release, metrics) against an instance that answers at once:
+/// `cargo test --release -p skiff-scheduler scheduler_path_cost -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn scheduler_path_cost() {
+    let Setup { sched, .. } = setup(
+        Fake {
+            instant: true,
+            ..Fake::default()
+        },
+        0,
+    );
+    let r = rev(1, "");
+    instance_of(&sched, &r).await;
+    let n = 200_000;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let out = sched.invoke(&r, inv()).await.unwrap();
+        assert!(!out.cold);
+    }
+    println!(
+        "scheduler path: {:.2} µs per warm invocation",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
 }
