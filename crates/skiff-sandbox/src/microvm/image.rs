@@ -1330,6 +1330,8 @@ kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
 kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/virtio/virtio.ko
+kernel/fs/fuse/fuse.ko:
+kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 ";
         let g = parse_modules_dep(dep);
         let order = module_order(&g, MODULES, &BTreeSet::new()).unwrap();
@@ -1345,7 +1347,9 @@ kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/virtio/virtio.ko
                 "failover",
                 "net_failover",
                 "virtio_net",
-                "virtio_rng"
+                "virtio_rng",
+                "fuse",
+                "virtiofs"
             ]
         );
         // Every module comes after its dependencies.
@@ -1355,8 +1359,8 @@ kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/virtio/virtio.ko
                 assert!(j < i, "{d} must load before {p}");
             }
         }
-        assert_eq!(names.len(), 9);
-        assert_eq!(names.last().unwrap(), "virtio_rng");
+        assert_eq!(names.len(), 11);
+        assert_eq!(names.last().unwrap(), "virtiofs");
         assert!(order[8].ends_with("virtio-rng.ko"));
         assert!(!names.contains(&"virtio_scsi".to_string()));
 

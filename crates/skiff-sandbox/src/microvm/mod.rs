@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use skiff_core::launch::{HTTP_PORT, RUNTIME_API_PORT, RUNTIME_DIR, TASK_ROOT};
 use skiff_core::protocol::{AgentConfig, Bind, ExecMode, Frame, Kind, VmResume};
 use skiff_core::{FunctionSpec, Mode, Network};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -196,7 +197,36 @@ struct Tier {
     vms: PathBuf,
     /// Prefix of this tier's guest RAM files in `/dev/shm` (unique per state directory).
     ram_prefix: String,
+    /// A QEMU started ahead for the next restore, by snapshot image ([`Ahead`]).
+    ahead: parking_lot::Mutex<HashMap<PathBuf, Ahead>>,
+    ahead_seq: std::sync::atomic::AtomicU64,
 }
+
+/// A started QEMU process and what it was started with.
+struct Spawned {
+    inst: NativeInstance,
+    /// The instance's state directory (QMP socket).
+    dir: PathBuf,
+    machine: SnapshotMeta,
+    /// A booted guest's shared RAM file.
+    own_ram: PathBuf,
+}
+
+/// A QEMU started ahead of demand for the next restore of one snapshot image: waiting with
+/// `-incoming defer`, its QMP session open and the migration capabilities set. A restore
+/// then costs loading the snapshot, not QEMU's own start (≈ 80 ms here).
+struct Ahead {
+    spawned: Spawned,
+    qmp: qmp::Qmp,
+    /// [`Tier::ahead_key`] at start.
+    key: String,
+    id: String,
+}
+
+/// How long a QEMU started ahead waits for a restore before it is stopped.
+const AHEAD_IDLE: Duration = Duration::from_secs(60);
+/// Pause after a restore before the next QEMU is started ahead.
+const AHEAD_DELAY: Duration = Duration::from_millis(150);
 
 /// Where guest RAM files live: a tmpfs, so guest memory stays memory.
 const SHM: &str = "/dev/shm";
@@ -266,6 +296,8 @@ impl MicrovmSandbox {
             code_disks,
             vms,
             ram_prefix,
+            ahead: parking_lot::Mutex::new(HashMap::new()),
+            ahead_seq: std::sync::atomic::AtomicU64::new(0),
         })))
     }
 
@@ -672,6 +704,69 @@ impl Tier {
         image: Option<&Path>,
     ) -> Result<MicrovmInstance, SandboxError> {
         self.check_spec(&spec)?;
+        let Some(img) = image else {
+            let s = self.spawn(&spec, None).await?;
+            return Ok(self.instance(spec, s, true));
+        };
+        if spec.workspace.is_some() {
+            return Err(SandboxError::Unsupported(
+                "a microVM with a workspace cannot be restored from a snapshot".into(),
+            ));
+        }
+        // A QEMU started ahead for this image, else a new one.
+        let t = std::time::Instant::now();
+        let (s, mut q, ahead) = match self.take_ahead(&spec, img) {
+            Some(a) => (a.spawned, a.qmp, true),
+            None => {
+                let s = self.spawn(&spec, Some(img)).await?;
+                match incoming_ready(&s.dir, s.machine.ram_file).await {
+                    Ok(q) => (s, q, false),
+                    Err(e) => {
+                        s.inst.stop().await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let ready_ms = t.elapsed().as_secs_f64() * 1e3;
+        let loaded = incoming_load(&mut q, img).await;
+        tracing::debug!(
+            instance = %spec.instance_id,
+            "microvm restore: QEMU ready after {ready_ms:.1} ms (started ahead: {ahead}), \
+             snapshot loaded and running after {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        if let Err(e) = loaded {
+            s.inst.stop().await;
+            return Err(e);
+        }
+        // The restored agent was idle and initialised when the snapshot was taken; its clock
+        // and RNG are the snapshot's until it applies these.
+        s.inst.mark_initialized();
+        s.inst.send_body(Kind::Resume, resume_body());
+        self.start_ahead(&spec, img);
+        Ok(self.instance(spec, s, false))
+    }
+
+    fn instance(self: &Arc<Self>, spec: InstanceSpec, s: Spawned, booted: bool) -> MicrovmInstance {
+        MicrovmInstance {
+            tier: self.clone(),
+            spec,
+            inner: s.inst,
+            dir: s.dir,
+            machine: s.machine,
+            shared_ram: booted.then_some(s.own_ram),
+            snapshotting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Starts QEMU for `spec` (under `spec.instance_id`): booting, or (`image`) waiting for
+    /// that snapshot's migration stream.
+    async fn spawn(
+        self: &Arc<Self>,
+        spec: &InstanceSpec,
+        image: Option<&Path>,
+    ) -> Result<Spawned, SandboxError> {
         let machine = match image {
             None => {
                 let img = self.image().await?;
@@ -696,11 +791,6 @@ impl Tier {
                 m
             }
         };
-        if spec.workspace.is_some() && image.is_some() {
-            return Err(SandboxError::Unsupported(
-                "a microVM with a workspace cannot be restored from a snapshot".into(),
-            ));
-        }
         let id = spec.instance_id.clone();
         let dir = self.vms.join(&id);
         std::fs::create_dir_all(&dir)
@@ -724,7 +814,7 @@ impl Tier {
             Some(_) => None,
         };
         let argv = self.qemu_argv(
-            &spec,
+            spec,
             &machine,
             ram.as_ref().map(|(p, s)| (p.as_path(), *s)),
             &dir,
@@ -735,7 +825,7 @@ impl Tier {
             Some(_) => Vec::new(),
             None => Frame {
                 kind: Kind::Config,
-                header: serde_json::to_vec(&self.agent_config(&spec)?)
+                header: serde_json::to_vec(&self.agent_config(spec)?)
                     .map_err(|e| SandboxError::Start(format!("agent config: {e}")))?,
                 body: Vec::new(),
             }
@@ -753,7 +843,6 @@ impl Tier {
                 let _ = std::fs::remove_file(&ram);
             }
         };
-        let spawn_t = std::time::Instant::now();
         let inst = crate::monitor::launch(
             &self.cgroups,
             &id,
@@ -769,44 +858,124 @@ impl Tier {
         .await?
         .inst
         .with_http((spec.exec_mode == ExecMode::Http).then_some(HttpTarget::Tunnel));
-        let spawn_ms = spawn_t.elapsed().as_secs_f64() * 1e3;
-        if let Some(img) = image {
-            let t = std::time::Instant::now();
-            let loaded = incoming(&dir, img, machine.ram_file).await;
-            tracing::debug!(
-                instance = %spec.instance_id,
-                "microvm restore: QEMU spawned in {:.1} ms, snapshot loaded and running after {:.1} ms",
-                spawn_ms,
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            if let Err(e) = loaded {
-                inst.stop().await;
-                return Err(e);
-            }
-            // The restored agent was idle and initialised when the snapshot was taken; its
-            // clock and RNG are the snapshot's until it applies these.
-            inst.mark_initialized();
-            inst.send_body(Kind::Resume, resume_body());
-        }
-        Ok(MicrovmInstance {
-            tier: self.clone(),
-            spec,
-            inner: inst,
+        Ok(Spawned {
+            inst,
             dir,
             machine,
-            shared_ram: image.is_none().then_some(own_ram),
-            snapshotting: tokio::sync::Mutex::new(()),
+            own_ram,
         })
+    }
+
+    /// What a QEMU started ahead must match to serve a restore of `spec` from `img`: the
+    /// machine comes from the image; the rest of the command line from the spec. The RAM
+    /// file's identity guards against an image rebuilt in place.
+    fn ahead_key(spec: &InstanceSpec, img: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let ram = std::fs::metadata(img.join("ram")).ok();
+        let state = std::fs::metadata(img.join("state")).ok()?;
+        Some(format!(
+            "{:?} {:?} {} {:?} {:?} {}",
+            spec.spec.network,
+            spec.exec_mode,
+            spec.spec.memory,
+            ram.map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec())),
+            (state.dev(), state.ino()),
+            state.mtime_nsec()
+        ))
+    }
+
+    /// The QEMU started ahead for restores of `img`, if it fits `spec`.
+    fn take_ahead(&self, spec: &InstanceSpec, img: &Path) -> Option<Ahead> {
+        let key = Self::ahead_key(spec, img)?;
+        let a = self.ahead.lock().remove(img)?;
+        // One that does not fit is dropped (its Drop stops QEMU).
+        (a.key == key && a.spawned.inst.is_alive()).then_some(a)
+    }
+
+    /// Starts (in the background) a QEMU for the next restore of `img`, unless one is there.
+    /// It waits at most [`AHEAD_IDLE`], then stops: only images restored recently keep one.
+    fn start_ahead(self: &Arc<Self>, spec: &InstanceSpec, img: &Path) {
+        let Some(key) = Self::ahead_key(spec, img) else {
+            return;
+        };
+        if self.ahead.lock().contains_key(img) {
+            return;
+        }
+        let seq = self
+            .ahead_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Named after the function's instances (`<function>-<revision>-…`), so that it is
+        // recognisable in process and cgroup listings.
+        let base = spec
+            .instance_id
+            .rsplit_once('-')
+            .map_or(spec.instance_id.as_str(), |(b, _)| b);
+        let mut spec = spec.clone();
+        spec.instance_id = format!("{base}-a{seq}");
+        let (tier, img) = (self.clone(), img.to_path_buf());
+        tokio::spawn(async move {
+            // Not while the restore that asked for it answers its first request (QEMU's start
+            // takes CPU time that request needs).
+            tokio::time::sleep(AHEAD_DELAY).await;
+            if tier.ahead.lock().contains_key(&img) {
+                return;
+            }
+            let Ok(s) = tier.spawn(&spec, Some(&img)).await else {
+                return;
+            };
+            let qmp = match incoming_ready(&s.dir, s.machine.ram_file).await {
+                Ok(q) => q,
+                Err(_) => return s.inst.stop().await,
+            };
+            let id = spec.instance_id.clone();
+            let a = Ahead {
+                spawned: s,
+                qmp,
+                key,
+                id: id.clone(),
+            };
+            let lost = {
+                let mut map = tier.ahead.lock();
+                if map.contains_key(&img) {
+                    Some(a)
+                } else {
+                    map.insert(img.clone(), a);
+                    None
+                }
+            };
+            if let Some(a) = lost {
+                return a.spawned.inst.stop().await;
+            }
+            tokio::time::sleep(AHEAD_IDLE).await;
+            let expired = {
+                let mut map = tier.ahead.lock();
+                match map.get(&img) {
+                    Some(a) if a.id == id => map.remove(&img),
+                    _ => None,
+                }
+            };
+            if let Some(a) = expired {
+                a.spawned.inst.stop().await;
+            }
+        });
     }
 }
 
 /// Feeds a QEMU started with `-incoming defer` the migration stream of the snapshot in
 /// `image` and waits until the guest runs.
-async fn incoming(dir: &Path, image: &Path, ram_file: bool) -> Result<(), SandboxError> {
+/// Connects to a QEMU started with `-incoming defer` and sets the migration capabilities the
+/// snapshot was taken with: ready for [`incoming_load`].
+async fn incoming_ready(dir: &Path, ram_file: bool) -> Result<qmp::Qmp, SandboxError> {
     let mut q = qmp::Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10)).await?;
     if ram_file {
         q.capabilities(&["x-ignore-shared"]).await?;
     }
+    Ok(q)
+}
+
+/// Loads the snapshot in `image` (device state; the RAM is mapped from its file) and waits
+/// until the guest runs.
+async fn incoming_load(q: &mut qmp::Qmp, image: &Path) -> Result<(), SandboxError> {
     q.execute(
         "migrate-incoming",
         Some(serde_json::json!({
@@ -1112,6 +1281,10 @@ impl Sandbox for MicrovmSandbox {
     }
 
     async fn shutdown(&self) {
+        let ahead: Vec<Ahead> = self.0.ahead.lock().drain().map(|(_, a)| a).collect();
+        for a in ahead {
+            a.spawned.inst.stop().await;
+        }
         self.0.cgroups.remove_server_dirs();
     }
 }
@@ -1161,6 +1334,40 @@ mod tests {
         let (tb, sb) = VmResume::decode(&b).unwrap();
         assert!(tb >= ta && ta > 1_700_000_000_000_000_000);
         assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn a_qemu_started_ahead_fits_only_the_same_spec_and_snapshot_files() {
+        let spec = |network: &str| InstanceSpec {
+            instance_id: "f-1-x-1".into(),
+            function: "f".into(),
+            revision: 1,
+            spec: FunctionSpec::from_yaml(&format!(
+                "name: f\nruntime: python3\nnetwork: {network}\n"
+            ))
+            .unwrap(),
+            code_dir: "/nonexistent".into(),
+            env: Vec::new(),
+            exec_mode: ExecMode::RuntimeApi,
+            argv: Vec::new(),
+            rootfs: None,
+            workspace: None,
+        };
+        let img = tempfile::tempdir().unwrap();
+        assert!(
+            Tier::ahead_key(&spec("none"), img.path()).is_none(),
+            "no snapshot"
+        );
+        std::fs::write(img.path().join("state"), b"s").unwrap();
+        std::fs::write(img.path().join("ram"), b"r").unwrap();
+        let key = Tier::ahead_key(&spec("none"), img.path()).unwrap();
+        assert_eq!(Tier::ahead_key(&spec("none"), img.path()).unwrap(), key);
+        assert_ne!(Tier::ahead_key(&spec("outbound"), img.path()).unwrap(), key);
+        // A snapshot rebuilt in place (new files under the same names) is another snapshot.
+        std::fs::remove_file(img.path().join("ram")).unwrap();
+        std::fs::write(img.path().join("ram.new"), b"r").unwrap();
+        std::fs::rename(img.path().join("ram.new"), img.path().join("ram")).unwrap();
+        assert_ne!(Tier::ahead_key(&spec("none"), img.path()).unwrap(), key);
     }
 
     #[test]
