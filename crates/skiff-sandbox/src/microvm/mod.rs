@@ -771,7 +771,7 @@ impl Tier {
             None => {
                 let img = self.image().await?;
                 let code_disk = self.code_disk(&spec.code_dir).await?;
-                self.machine(&spec, &img, code_disk)
+                self.machine(spec, &img, code_disk)
             }
             Some(dir) => {
                 let meta = std::fs::read(dir.join("vm.json")).map_err(|e| {
