@@ -226,6 +226,14 @@ async fn main() {
             m.iter().map(|x| x.1).sum::<u64>() / n
         );
     }
+    // SIGTERM: the server stops its VMs (a SIGKILLed server would leave its QEMUs running,
+    // skewing whatever runs next).
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while server.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(tmp.join("data"));
