@@ -2,10 +2,28 @@
 //! deploying, and the open-file limit.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// The value after `--name` on the command line, or `default`.
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A release binary of this workspace (`$CARGO_TARGET_DIR/release/<name>`, else the
+/// workspace's `target/release/<name>`).
+pub fn release_bin(name: &str) -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace_root().join("target"))
+        .join("release")
+        .join(name)
+}
+
 pub fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

@@ -7,10 +7,10 @@
 //!
 //! Usage: `bench/run.sh` (builds release and runs this). Prints a Markdown table.
 
-use skiff_bench::{arg, deploy, start_server};
+use skiff_bench::{arg, deploy, release_bin, start_server, workspace_root};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -165,15 +165,9 @@ fn row(what: &str, s: &Stats) {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"));
-    let skiff = target.join("release/skiff");
-    let bootstrap = target.join("release/bootstrap");
+    let root = workspace_root();
+    let skiff = release_bin("skiff");
+    let bootstrap = release_bin("bootstrap");
     assert!(
         skiff.exists() && bootstrap.exists(),
         "build first: cargo build --release -p skiff-cli -p provided-hello"

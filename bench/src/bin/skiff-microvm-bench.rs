@@ -14,7 +14,9 @@
 //! Usage: `bench/microvm.sh [--boot 5] [--restore 15] [--warm 300] [--idle 3] [--pause-ms 300]`. Needs root and
 //! QEMU; the guest image is built first (or taken from `SKIFF_IMAGE_DIR`).
 
-use skiff_bench::{arg, connect, deploy, invoke, median, pct, raise_nofile, sorted, start_server};
+use skiff_bench::{
+    arg, connect, deploy, invoke, median, pct, raise_nofile, release_bin, sorted, start_server,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -114,11 +116,7 @@ async fn main() {
     // Between cold starts: the previous VM's teardown (freeing its RAM) settles.
     let pause = Duration::from_millis(arg("--pause-ms", 300) as u64);
     let none = Duration::ZERO;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let skiff = root.join("target/release/skiff");
+    let skiff = release_bin("skiff");
     assert!(
         skiff.exists(),
         "build first: cargo build --release -p skiff-cli"

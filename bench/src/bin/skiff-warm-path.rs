@@ -10,8 +10,9 @@
 //! Prints p50/p99 per path, the overhead of each invoke over the floor (p50 − p50 of
 //! `/health`) and the load average.
 
-use skiff_bench::{arg, connect, deploy, invoke, pct, request, sorted, start_server};
-use std::path::PathBuf;
+use skiff_bench::{
+    arg, connect, deploy, invoke, pct, release_bin, request, sorted, start_server, workspace_root,
+};
 use std::time::Instant;
 
 fn flag(name: &str) -> bool {
@@ -38,15 +39,9 @@ fn loadavg() -> String {
 async fn main() {
     let n = arg("--n", 2000);
     let block = arg("--block", 100).max(1);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"));
-    let skiff = target.join("release/skiff");
-    let bootstrap = target.join("release/bootstrap");
+    let root = workspace_root();
+    let skiff = release_bin("skiff");
+    let bootstrap = release_bin("bootstrap");
     let tmp = std::env::temp_dir().join(format!("skiff-warm-path-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
