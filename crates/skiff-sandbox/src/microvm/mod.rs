@@ -230,6 +230,32 @@ const AHEAD_IDLE: Duration = Duration::from_secs(60);
 /// back to 0 when a restore takes it.
 const AHEAD_NICE: libc::c_int = 10;
 
+/// Asks the QEMU listening on `sock` (if any) to quit, waiting at most about a second.
+fn quit_leftover(sock: &Path) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+        .is_ok()
+    {
+        tracing::info!(
+            "stopping a QEMU left by an earlier server ({})",
+            sock.display()
+        );
+        // Until QEMU closes the monitor (it has quit) or the timeout.
+        let mut buf = [0u8; 4096];
+        for _ in 0..8 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 /// Sets the niceness of every thread of `pid` (threads have their own).
 fn renice_all(pid: libc::pid_t, nice: libc::c_int) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -288,10 +314,12 @@ impl MicrovmSandbox {
             std::fs::create_dir_all(d)
                 .map_err(|e| SandboxError::Start(format!("mkdir {}: {e}", d.display())))?;
         }
-        // Instances of an earlier server that was killed: their QEMUs died with their
-        // cgroups' server directory; only their directories and RAM files are left.
+        // Instances of an earlier server on this state directory that was killed: a QEMU
+        // outlives its server (one waiting for a snapshot, or a guest whose agent still
+        // waits), so each is told to quit over its QMP socket; then their directories go.
         if let Ok(entries) = std::fs::read_dir(&vms) {
             for e in entries.flatten() {
+                quit_leftover(&e.path().join("qmp.sock"));
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
