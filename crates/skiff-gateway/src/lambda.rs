@@ -170,6 +170,30 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, LambdaError> {
+    // The body first: an error answered with the body unread ends the connection (it cannot
+    // be reused), and a client that reuses it meanwhile sees it reset.
+    let inv_type = header_str(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    let limit = if inv_type == "Event" {
+        MAX_EVENT_PAYLOAD_BYTES
+    } else {
+        MAX_PAYLOAD_BYTES
+    };
+    let payload = crate::invoke::read_body(&headers, body, limit)
+        .await
+        .map_err(|e| {
+            let mut e = LambdaError::from(e);
+            if e.name == "RequestTooLargeException" {
+                e.message = format!(
+                    "Request must be smaller than {limit} bytes for the {} operation",
+                    if inv_type == "Event" {
+                        "InvokeAsync"
+                    } else {
+                        "InvokeFunction"
+                    }
+                );
+            }
+            e
+        })?;
     let (name, from_name) = parse_function_name(&function_name)?;
     let qualifier = match (from_name, q.qualifier.as_deref().filter(|q| !q.is_empty())) {
         (Some(a), Some(b)) if a != b => return Err(LambdaError::invalid_parameter(
@@ -182,7 +206,6 @@ pub async fn invoke(
         }
         (None, None) => None,
     };
-    let inv_type = header_str(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     if !matches!(inv_type, "RequestResponse" | "Event" | "DryRun") {
         return Err(LambdaError::invalid_parameter(format!(
             "X-Amz-Invocation-Type: `{inv_type}` is not one of RequestResponse, Event, DryRun"
@@ -205,27 +228,6 @@ pub async fn invoke(
     let client_context = client_context(&headers, "x-amz-client-context").map_err(|m| {
         LambdaError::new(StatusCode::BAD_REQUEST, "InvalidRequestContentException", m)
     })?;
-    let limit = if inv_type == "Event" {
-        MAX_EVENT_PAYLOAD_BYTES
-    } else {
-        MAX_PAYLOAD_BYTES
-    };
-    let payload = crate::invoke::read_body(&headers, body, limit)
-        .await
-        .map_err(|e| {
-            let mut e = LambdaError::from(e);
-            if e.name == "RequestTooLargeException" {
-                e.message = format!(
-                    "Request must be smaller than {limit} bytes for the {} operation",
-                    if inv_type == "Event" {
-                        "InvokeAsync"
-                    } else {
-                        "InvokeFunction"
-                    }
-                );
-            }
-            e
-        })?;
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {
         bytes::Bytes::from_static(b"{}")
     } else {
