@@ -89,13 +89,19 @@ async fn main() {
     let addrs: Vec<String> = addr.split(',').map(str::to_string).collect();
     let mut conns = Vec::new();
     for a in &addrs {
-        conns.push([connect(a).await, connect(a).await, connect(a).await]);
+        conns.push([
+            connect(a).await,
+            connect(a).await,
+            connect(a).await,
+            connect(a).await,
+        ]);
     }
     // Warm-up: start the instances, let the first calls pay their one-off costs.
-    for (a, [h, j, p]) in addrs.iter().zip(conns.iter_mut()) {
+    for (a, [h, j, e, p]) in addrs.iter().zip(conns.iter_mut()) {
         for i in 0..200 {
             let body = format!("{{\"name\":\"warm-{i}\"}}");
             invoke(j, a, "b-js-warm", body.as_bytes(), None).await;
+            invoke(e, a, "b-js-warm", b"", None).await;
             if with_provided {
                 invoke(p, a, "b-provided-warm", body.as_bytes(), None).await;
             }
@@ -106,13 +112,14 @@ async fn main() {
     let load_before = loadavg();
     let mut health = vec![Vec::new(); addrs.len()];
     let mut js = vec![Vec::new(); addrs.len()];
+    let mut js_empty = vec![Vec::new(); addrs.len()];
     let mut provided = vec![Vec::new(); addrs.len()];
     let mut i = 0;
     let mut done = 0;
     while done < n {
         let k = block.min(n - done);
         done += k;
-        for (s, (a, [h, j, p])) in addrs.iter().zip(conns.iter_mut()).enumerate() {
+        for (s, (a, [h, j, e, p])) in addrs.iter().zip(conns.iter_mut()).enumerate() {
             for _ in 0..k {
                 let t = Instant::now();
                 let r = request(h, a, "GET", "/health", b"", false).await.unwrap();
@@ -124,6 +131,10 @@ async fn main() {
                 let body = format!("{{\"name\":\"bench-{i}\"}}");
                 let ms = invoke(j, a, "b-js-warm", body.as_bytes(), Some(false)).await;
                 js[s].push(ms * 1e3);
+            }
+            for _ in 0..k {
+                let ms = invoke(e, a, "b-js-warm", b"", Some(false)).await;
+                js_empty[s].push(ms * 1e3);
             }
             if with_provided {
                 for _ in 0..k {
@@ -162,6 +173,10 @@ async fn main() {
         row(
             "warm invoke, js (`examples/js-hello`)",
             &sorted(std::mem::take(&mut js[s])),
+        );
+        row(
+            "warm invoke, js, empty request body",
+            &sorted(std::mem::take(&mut js_empty[s])),
         );
         if with_provided {
             row(

@@ -258,6 +258,8 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // JS edge functions run inline on the workers, with up to 1 MiB of QuickJS stack.
+        .thread_stack_size(8 << 20)
         .build()?;
     rt.block_on(async move {
         let scheduler = Scheduler::new(

@@ -4,7 +4,7 @@
 use super::{compile, CompileError, JsSandbox};
 use skiff_core::protocol::{ExecMode, Invoke};
 use skiff_core::FunctionSpec;
-use skiff_sandbox::{InstanceSpec, InvokeRequest, SandboxError};
+use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, SandboxError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,6 +1,7 @@
 //! The `js` edge tier: a function is an ES module (`export default async (req) => ...`) run in
 //! a QuickJS isolate inside the server process. Each instance owns one QuickJS runtime and
-//! context on a dedicated thread (QuickJS is `!Send`) and is driven over a channel. The prelude
+//! context, and a thread that runs its event loop and takes invocations over a channel (or
+//! lets callers run them inline, below). The prelude
 //! and the user's module are compiled to bytecode once — the module once per revision, shared
 //! by that revision's instances — and instances run in a context without the `Eval` intrinsic,
 //! so `eval`, `new Function` and friends throw at the engine level. Memory is bounded by the
@@ -31,19 +32,34 @@
 //!   per isolate).
 //!
 //! With `concurrency: 1` the loop serves one invocation at a time, as before.
+//!
+//! # Inline invocations
+//!
+//! The isolate (runtime, context, the prelude's entry points) sits behind a lock, not inside
+//! its thread. A caller on a multi-threaded tokio runtime that finds the lock free runs its
+//! invocation's first macrotask right there, on its own thread: the handler call and every
+//! promise job it queues. Most handlers settle within that macrotask, and the caller answers
+//! without a thread hand-off in either direction (each costs tens of µs on a virtual machine
+//! whose idle vCPUs halt). Only what is left — an invocation awaiting a timer or a `fetch` —
+//! goes on in the isolate's thread, which is told to look again. A caller that finds the lock
+//! taken queues its invocation for the thread as before.
+//!
+//! JS running inline holds a runtime worker. Past [`INLINE_BUDGET`] the interrupt handler
+//! hands that worker's other tasks to a new thread (`block_in_place`), so a CPU-heavy handler
+//! never stalls the gateway. Inline, nothing else can time the invocation out while its JS
+//! runs, so its JS is interrupted at the deadline itself (not after the grace) and the caller
+//! waits a moment before answering, letting its own timeout (the scheduler's) report a timeout.
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rquickjs::context::intrinsic;
 use rquickjs::module::WriteOptions;
 use rquickjs::prelude::Rest;
-use rquickjs::{Context, Ctx, Function, Module, Object, Promise, Runtime, Value};
+use rquickjs::{Context, Ctx, Function, Module, Object, Persistent, Promise, Runtime, Value};
 use skiff_core::{Network, Runtime as SpecRuntime};
 use skiff_sandbox::{Instance, InstanceSpec, InvokeRequest, InvokeResult, Sandbox, SandboxError};
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -152,24 +168,125 @@ struct Shared {
     peak: AtomicU64,
     /// The interrupt handler stopped running JS: the isolate cannot go on.
     fired: AtomicBool,
+    /// The isolate failed (out of memory, interrupted) and runs nothing more.
+    dead: AtomicBool,
+    /// Nanoseconds after `base` at which the invocation running inline on a caller's thread
+    /// started; 0 = none.
+    inline_since: AtomicU64,
+    /// That inline invocation has already handed its runtime worker's tasks away.
+    handed_off: AtomicBool,
+    /// Invocations ran since the heap was last measured.
+    dirty: AtomicBool,
+    /// Nanoseconds after `base` of the last invocation activity (measuring waits for quiet).
+    active: AtomicU64,
+    /// Invocations started inline on their caller's thread.
+    inline_runs: AtomicU64,
 }
 
 impl Shared {
+    fn new() -> Self {
+        Shared {
+            stop: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            base: Instant::now(),
+            deadline: AtomicU64::new(0),
+            memory: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            inline_since: AtomicU64::new(0),
+            handed_off: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            active: AtomicU64::new(0),
+            inline_runs: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.base + Duration::from_nanos(nanos)
+    }
+
+    /// The interrupt handler: whether running JS must stop. Also hands an inline
+    /// invocation's runtime worker away once it has run past [`INLINE_BUDGET`].
     fn should_interrupt(&self) -> bool {
         if self.stop.load(Ordering::Relaxed) {
             return true;
         }
         let d = self.deadline.load(Ordering::Relaxed);
-        d != 0 && self.base.elapsed().as_nanos() as u64 > d
+        let since = self.inline_since.load(Ordering::Relaxed);
+        if d == 0 && since == 0 {
+            return false;
+        }
+        let now = self.nanos(Instant::now());
+        if d != 0 && now > d {
+            return true;
+        }
+        if since != 0
+            && now.saturating_sub(since) > INLINE_BUDGET.as_nanos() as u64
+            && !self.handed_off.swap(true, Ordering::Relaxed)
+        {
+            hand_off_worker();
+        }
+        false
     }
 
     /// Interrupt JS still running at `at` (`None`: no limit).
     fn interrupt_at(&self, at: Option<Instant>) {
-        let nanos = at.map_or(0, |at| {
-            (at.saturating_duration_since(self.base).as_nanos() as u64).max(1)
-        });
+        let nanos = at.map_or(0, |at| self.nanos(at).max(1));
         self.deadline.store(nanos, Ordering::SeqCst);
     }
+
+    /// Notes invocation activity; true if the heap was clean until now (the instance thread
+    /// must be told, so it measures once things are quiet).
+    fn touch(&self) -> bool {
+        self.active
+            .store(self.nanos(Instant::now()), Ordering::Relaxed);
+        !self.dirty.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// How long JS may run inline on a runtime worker before the worker's other tasks are handed
+/// to another thread.
+const INLINE_BUDGET: Duration = Duration::from_millis(1);
+/// How long a caller whose inline invocation was interrupted at its deadline waits before
+/// answering, so that its own timeout (due at the same moment) reports it.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+/// Longest wait for another thread to take over a runtime worker's tasks.
+const HAND_OFF_WAIT: Duration = Duration::from_millis(5);
+
+/// Whether an invocation may run inline on this thread: only on a worker of a multi-threaded
+/// tokio runtime, whose tasks can be handed to another thread if the JS runs long.
+fn inline_allowed() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Called from the interrupt handler while JS runs inline past its budget: moves this
+/// runtime worker's tasks to another thread (`block_in_place`), waiting until some worker
+/// runs a probe task, so the runtime keeps serving while the JS goes on here.
+fn hand_off_worker() {
+    if !inline_allowed() {
+        return;
+    }
+    let handle = tokio::runtime::Handle::current();
+    let ran = Arc::new(AtomicBool::new(false));
+    let probe = ran.clone();
+    // `block_in_place` panics where blocking is not allowed (which `inline_allowed` rules
+    // out); a panic must not unwind through QuickJS.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| {
+            handle.spawn(async move { probe.store(true, Ordering::SeqCst) });
+            let until = Instant::now() + HAND_OFF_WAIT;
+            while !ran.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        })
+    }));
+    tracing::debug!("js: a handler ran past its inline budget; its runtime worker was handed off");
 }
 
 /// Work for an instance thread.
@@ -180,6 +297,8 @@ enum Event {
     ),
     /// A `fetch` finished on the host.
     Fetched(fetch::Done),
+    /// Look again: an invocation that ran inline left work (or an unmeasured heap) behind.
+    Wake,
     /// Fail what is in flight and exit.
     Stop,
     /// The handle was dropped: finish what is in flight, then exit.
@@ -192,6 +311,10 @@ pub struct JsInstance {
     tx: Mutex<Option<mpsc::Sender<Event>>>,
     exited: Mutex<Option<oneshot::Receiver<()>>>,
     shared: Arc<Shared>,
+    setup: Arc<Setup>,
+    /// The isolate, while it lives (its thread takes it out when it exits).
+    core: Arc<Mutex<Option<Core>>>,
+    host: Arc<Mutex<Host>>,
 }
 
 /// What an instance thread needs to start.
@@ -219,7 +342,8 @@ impl Sandbox for JsSandbox {
                 spec.spec.runtime
             )));
         }
-        self.start_isolate(spec, None, "default".into()).await
+        let inst: Arc<dyn Instance> = self.start_isolate(spec, None, "default".into()).await?;
+        Ok(inst)
     }
 }
 
@@ -229,21 +353,13 @@ impl JsSandbox {
         spec: InstanceSpec,
         bytecode: Option<Arc<Vec<u8>>>,
         export: String,
-    ) -> Result<Arc<dyn Instance>, SandboxError> {
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            exited: AtomicBool::new(false),
-            base: Instant::now(),
-            deadline: AtomicU64::new(0),
-            memory: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-            fired: AtomicBool::new(false),
-        });
+    ) -> Result<Arc<JsInstance>, SandboxError> {
+        let shared = Arc::new(Shared::new());
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (exit_tx, exit_rx) = oneshot::channel::<()>();
         let id = spec.instance_id.clone();
-        let setup = Setup {
+        let setup = Arc::new(Setup {
             spec,
             cache: self.cache.clone(),
             shared: shared.clone(),
@@ -252,14 +368,21 @@ impl JsSandbox {
             net: self.net.clone(),
             rt: tokio::runtime::Handle::try_current().ok(),
             events: tx.clone(),
+        });
+        let core: Arc<Mutex<Option<Core>>> = Arc::default();
+        let host: Arc<Mutex<Host>> = Arc::default();
+        let thread = Thread {
+            setup: setup.clone(),
+            core: core.clone(),
+            host: host.clone(),
         };
         std::thread::Builder::new()
             .name(format!("js-{id}"))
             .stack_size(THREAD_STACK)
             .spawn(move || {
-                let shared = setup.shared.clone();
+                let shared = thread.setup.shared.clone();
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_isolate(setup, rx, ready_tx)
+                    thread.run(rx, ready_tx)
                 }));
                 shared.exited.store(true, Ordering::SeqCst);
                 drop(exit_tx);
@@ -280,7 +403,70 @@ impl JsSandbox {
             tx: Mutex::new(Some(tx)),
             exited: Mutex::new(Some(exit_rx)),
             shared,
+            setup,
+            core,
+            host,
         }))
+    }
+}
+
+/// How an inline run ended.
+enum Inline {
+    /// It ran; `timed_out`: its JS was interrupted at its deadline.
+    Ran { timed_out: bool },
+    /// The isolate was busy (or this thread may not run it): queue it for the isolate thread.
+    Busy(
+        InvokeRequest,
+        oneshot::Sender<Result<InvokeResult, SandboxError>>,
+    ),
+}
+
+impl JsInstance {
+    /// Runs `req`'s first macrotask on this thread if the isolate is free (see the module
+    /// docs); whatever it leaves pending goes on in the isolate thread.
+    fn run_inline(
+        &self,
+        req: InvokeRequest,
+        reply: oneshot::Sender<Result<InvokeResult, SandboxError>>,
+    ) -> Inline {
+        if !inline_allowed() || self.shared.stop.load(Ordering::Relaxed) {
+            return Inline::Busy(req, reply);
+        }
+        let Some(mut guard) = self.core.try_lock() else {
+            return Inline::Busy(req, reply);
+        };
+        let Some(core) = guard.as_mut().filter(|c| !c.dead) else {
+            return Inline::Busy(req, reply);
+        };
+        let shared = &self.shared;
+        shared.inline_runs.fetch_add(1, Ordering::Relaxed);
+        shared.handed_off.store(false, Ordering::Relaxed);
+        shared
+            .inline_since
+            .store(shared.nanos(Instant::now()).max(1), Ordering::Relaxed);
+        let setup = &self.setup;
+        let failed = core.enter(&self.host, true, |iso| {
+            let fatal = iso.start(setup, req, reply).err()?;
+            let timed_out =
+                matches!(fatal, Fatal::Interrupted) && !shared.stop.load(Ordering::SeqCst);
+            iso.die(setup, fatal);
+            Some(timed_out)
+        });
+        shared.inline_since.store(0, Ordering::Relaxed);
+        if failed.is_some() {
+            core.dead = true;
+        }
+        let pending = !self.host.lock().invs.is_empty();
+        let wake = shared.touch() || pending || failed.is_some();
+        drop(guard);
+        if wake {
+            if let Some(tx) = self.tx.lock().as_ref() {
+                let _ = tx.send(Event::Wake);
+            }
+        }
+        Inline::Ran {
+            timed_out: failed.unwrap_or(false),
+        }
     }
 }
 
@@ -291,13 +477,25 @@ impl Instance for JsInstance {
     }
 
     async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, SandboxError> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let guard = self.tx.lock();
-            let sender = guard.as_ref().ok_or(SandboxError::Gone)?;
-            sender
-                .send(Event::Invoke(req, tx))
-                .map_err(|_| SandboxError::Gone)?;
+        let (tx, mut rx) = oneshot::channel();
+        match self.run_inline(req, tx) {
+            Inline::Ran { timed_out } => {
+                if let Ok(r) = rx.try_recv() {
+                    if timed_out {
+                        // Let the caller's own timeout, due by now (give or take the clocks'
+                        // millisecond granularity), report it as one.
+                        tokio::time::sleep(TIMEOUT_SLACK).await;
+                    }
+                    return r;
+                }
+            }
+            Inline::Busy(req, tx) => {
+                let guard = self.tx.lock();
+                let sender = guard.as_ref().ok_or(SandboxError::Gone)?;
+                sender
+                    .send(Event::Invoke(req, tx))
+                    .map_err(|_| SandboxError::Gone)?;
+            }
         }
         rx.await.unwrap_or_else(|_| {
             Err(SandboxError::Crashed {
@@ -320,7 +518,9 @@ impl Instance for JsInstance {
     }
 
     fn is_alive(&self) -> bool {
-        !self.shared.stop.load(Ordering::Relaxed) && !self.shared.exited.load(Ordering::Relaxed)
+        !self.shared.stop.load(Ordering::Relaxed)
+            && !self.shared.exited.load(Ordering::Relaxed)
+            && !self.shared.dead.load(Ordering::Relaxed)
     }
 
     fn memory_usage(&self) -> Option<u64> {
@@ -428,95 +628,280 @@ const EVENT_BATCH: usize = 1024;
 const MEMORY_EVERY: Duration = Duration::from_millis(100);
 /// How long an isolate stays idle before its heap is measured.
 const IDLE_MEASURE_AFTER: Duration = Duration::from_millis(2);
+/// How soon to look again when a measurement found the isolate busy with inline invocations.
+const IDLE_RECHECK: Duration = Duration::from_millis(20);
 
-/// The instance thread: builds the isolate, then runs its event loop until the instance is
-/// stopped or dropped, or the isolate ran out of memory or time.
-fn run_isolate(
-    setup: Setup,
-    rx: mpsc::Receiver<Event>,
-    ready: oneshot::Sender<Result<(), SandboxError>>,
-) {
-    let fail = |message: String| SandboxError::Crashed {
-        message,
-        log_tail: String::new(),
-    };
-    let limit = setup.spec.spec.memory;
-    let limit_mb = limit >> 20;
-    let rt = match Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(SandboxError::Start(e.to_string())));
-            return;
+/// The isolate: its runtime and context and the prelude's entry points, owned by whichever
+/// thread holds [`JsInstance::core`]'s lock (the instance thread, or a caller running an
+/// invocation inline).
+struct Core {
+    // Field order is drop order: the saved functions before their context and runtime.
+    fns: Fns,
+    ctx: Context,
+    _rt: Runtime,
+    /// The isolate failed: nothing may run in it again.
+    dead: bool,
+}
+
+// SAFETY: `Runtime` and `Context` are `Send` (rquickjs's `parallel` feature: every use goes
+// through the runtime's lock). The saved functions are plain values of that runtime, only
+// restored inside `Context::with` and dropped before it; they are not `Send` merely because
+// they hold a raw runtime pointer. A `Core` is only reached through its mutex.
+unsafe impl Send for Core {}
+
+/// The prelude's entry points and the user's handler, saved across lock holders.
+struct Fns {
+    handler: Persistent<Function<'static>>,
+    invoke: Persistent<Function<'static>>,
+    describe: Persistent<Function<'static>>,
+    fire: Persistent<Function<'static>>,
+    forget: Persistent<Function<'static>>,
+    reset_timers: Persistent<Function<'static>>,
+    fetch_done: Persistent<Function<'static>>,
+}
+
+impl Fns {
+    fn save<'js>(iso: &Isolate<'js>) -> Fns {
+        fn keep<'js>(ctx: &Ctx<'js>, f: &Function<'js>) -> Persistent<Function<'static>> {
+            Persistent::save(ctx, f.clone())
         }
-    };
-    rt.set_loader(NoImports, NoImports);
-    rt.set_memory_limit(limit as usize);
-    rt.set_max_stack_size(JS_STACK);
-    let shared = setup.shared.clone();
-    rt.set_interrupt_handler(Some(Box::new(move || {
-        let stop = shared.should_interrupt();
-        if stop {
-            shared.fired.store(true, Ordering::SeqCst);
+        let save = |f| keep(&iso.ctx, f);
+        Fns {
+            handler: save(&iso.handler),
+            invoke: save(&iso.invoke),
+            describe: save(&iso.describe),
+            fire: save(&iso.fire),
+            forget: save(&iso.forget),
+            reset_timers: save(&iso.reset_timers),
+            fetch_done: save(&iso.fetch_done),
         }
-        stop
-    })));
-    let ctx = match Context::custom::<(
-        intrinsic::Date,
-        intrinsic::RegExpCompiler,
-        intrinsic::RegExp,
-        intrinsic::Json,
-        intrinsic::Proxy,
-        intrinsic::MapSet,
-        intrinsic::TypedArrays,
-        intrinsic::Promise,
-        intrinsic::Performance,
-        intrinsic::WeakRef,
-        intrinsic::DOMException,
-    )>(&rt)
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(SandboxError::Start(e.to_string())));
-            return;
-        }
-    };
-    let code = match module_bytecode(&setup) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(fail(format!("cannot load the JS module: {e}"))));
-            return;
-        }
-    };
-    let host: Rc<RefCell<Host>> = Rc::default();
-    ctx.with(|ctx| {
-        let mut isolate = match Isolate::init(&ctx, &setup, &code, host.clone(), &rx) {
-            Ok(i) => i,
-            Err(msg) => {
-                let logs = String::from_utf8_lossy(&host.borrow().init_logs).into_owned();
-                let err = if is_oom_text(&msg) {
-                    SandboxError::OutOfMemory {
-                        limit_mb,
-                        log_tail: logs,
-                    }
-                } else {
-                    SandboxError::Crashed {
-                        message: format!("the JS module failed to initialise: {msg}"),
-                        log_tail: logs,
-                    }
-                };
-                let _ = ready.send(Err(err));
+    }
+}
+
+impl Core {
+    /// Runs `f` on the isolate (`inline`: on a caller's thread, see the module docs).
+    fn enter<R>(
+        &mut self,
+        host: &Arc<Mutex<Host>>,
+        inline: bool,
+        f: impl FnOnce(&mut Isolate<'_>) -> R,
+    ) -> R {
+        let fns = &self.fns;
+        self.ctx.with(|ctx| {
+            let restore = |p: &Persistent<Function<'static>>| {
+                p.clone()
+                    .restore(&ctx)
+                    .expect("saved from this isolate's runtime")
+            };
+            let mut iso = Isolate {
+                handler: restore(&fns.handler),
+                invoke: restore(&fns.invoke),
+                describe: restore(&fns.describe),
+                fire: restore(&fns.fire),
+                forget: restore(&fns.forget),
+                reset_timers: restore(&fns.reset_timers),
+                fetch_done: restore(&fns.fetch_done),
+                ctx,
+                host: host.clone(),
+                inline,
+            };
+            f(&mut iso)
+        })
+    }
+}
+
+/// The instance thread's share of an instance.
+struct Thread {
+    setup: Arc<Setup>,
+    core: Arc<Mutex<Option<Core>>>,
+    host: Arc<Mutex<Host>>,
+}
+
+impl Thread {
+    /// Builds the isolate, then runs its event loop until the instance is stopped or dropped,
+    /// or the isolate ran out of memory or time; the isolate is dropped on this thread.
+    fn run(&self, rx: mpsc::Receiver<Event>, ready: oneshot::Sender<Result<(), SandboxError>>) {
+        let core = match self.build(&rx) {
+            Ok(core) => core,
+            Err(e) => {
+                let _ = ready.send(Err(e));
                 return;
             }
         };
-        setup.shared.record_memory(&ctx);
-        if ready.send(Ok(())).is_err() {
-            return;
+        *self.core.lock() = Some(core);
+        if ready.send(Ok(())).is_ok() {
+            self.serve(&rx);
         }
-        isolate.serve(&setup, &rx);
-    });
-    drop(host);
-    drop(ctx);
-    drop(rt);
+        let core = self.core.lock().take();
+        drop(core);
+    }
+
+    /// Creates the runtime and context and loads the prelude and the user's module.
+    fn build(&self, rx: &mpsc::Receiver<Event>) -> Result<Core, SandboxError> {
+        let setup = &*self.setup;
+        let limit = setup.spec.spec.memory;
+        let limit_mb = limit >> 20;
+        let rt = Runtime::new().map_err(|e| SandboxError::Start(e.to_string()))?;
+        rt.set_loader(NoImports, NoImports);
+        rt.set_memory_limit(limit as usize);
+        rt.set_max_stack_size(JS_STACK);
+        let shared = setup.shared.clone();
+        rt.set_interrupt_handler(Some(Box::new(move || {
+            let stop = shared.should_interrupt();
+            if stop {
+                shared.fired.store(true, Ordering::SeqCst);
+            }
+            stop
+        })));
+        let ctx = Context::custom::<(
+            intrinsic::Date,
+            intrinsic::RegExpCompiler,
+            intrinsic::RegExp,
+            intrinsic::Json,
+            intrinsic::Proxy,
+            intrinsic::MapSet,
+            intrinsic::TypedArrays,
+            intrinsic::Promise,
+            intrinsic::Performance,
+            intrinsic::WeakRef,
+            intrinsic::DOMException,
+        )>(&rt)
+        .map_err(|e| SandboxError::Start(e.to_string()))?;
+        let code = module_bytecode(setup).map_err(|e| SandboxError::Crashed {
+            message: format!("cannot load the JS module: {e}"),
+            log_tail: String::new(),
+        })?;
+        let fns = ctx.with(|ctx| {
+            let isolate = Isolate::init(&ctx, setup, &code, self.host.clone(), rx);
+            match isolate {
+                Ok(iso) => {
+                    setup.shared.record_memory(&ctx);
+                    Ok(Fns::save(&iso))
+                }
+                Err(msg) => {
+                    let logs = String::from_utf8_lossy(&self.host.lock().init_logs).into_owned();
+                    Err(if is_oom_text(&msg) {
+                        SandboxError::OutOfMemory {
+                            limit_mb,
+                            log_tail: logs,
+                        }
+                    } else {
+                        SandboxError::Crashed {
+                            message: format!("the JS module failed to initialise: {msg}"),
+                            log_tail: logs,
+                        }
+                    })
+                }
+            }
+        })?;
+        Ok(Core {
+            fns,
+            ctx,
+            _rt: rt,
+            dead: false,
+        })
+    }
+
+    /// The event loop: queued invocations, due timers, finished fetches, deadlines and the
+    /// idle heap measurement, until the instance is stopped (or dropped and idle) or the
+    /// isolate fails. The isolate's lock is held only while there is work.
+    fn serve(&self, rx: &mpsc::Receiver<Event>) {
+        let setup = &*self.setup;
+        let shared = &setup.shared;
+        let mut closed = false;
+        let mut measured = Instant::now();
+        // The last wake-up to measure found the isolate busy (inline invocations).
+        let mut busy = false;
+        loop {
+            let (wake, idle) = {
+                let h = self.host.lock();
+                (h.next_wake(), h.invs.is_empty())
+            };
+            if closed && idle {
+                return;
+            }
+            // An idle isolate's heap is measured once it has stayed quiet for a moment, not
+            // after every invocation: walking the heap costs as much as a small invocation.
+            let dirty = shared.dirty.load(Ordering::Relaxed);
+            let measure_at = (idle && dirty).then(|| {
+                let quiet =
+                    shared.instant(shared.active.load(Ordering::Relaxed)) + IDLE_MEASURE_AFTER;
+                if busy {
+                    quiet.max(Instant::now() + IDLE_RECHECK)
+                } else {
+                    quiet
+                }
+            });
+            let wake = match (wake, measure_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wake {
+                None => Some(rx.recv().unwrap_or(Event::Closed)),
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(e) => Some(e),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Event::Closed),
+                },
+            };
+            // Only take the isolate's lock when there is work for it, so inline callers
+            // (which never wait for the lock) mostly find it free.
+            let mut measure = false;
+            match &first {
+                // An inline invocation ran: measure later. If it left itself pending, take a
+                // turn (deadlines, stuck invocations); if it killed the isolate, exit below.
+                Some(Event::Wake)
+                    if !shared.dead.load(Ordering::SeqCst) && self.host.lock().invs.is_empty() =>
+                {
+                    continue
+                }
+                Some(_) => {}
+                None => {
+                    let now = Instant::now();
+                    let (due, idle) = {
+                        let h = self.host.lock();
+                        (h.next_wake().is_some_and(|at| at <= now), h.invs.is_empty())
+                    };
+                    let dirty = shared.dirty.load(Ordering::Relaxed);
+                    let quiet = shared.instant(shared.active.load(Ordering::Relaxed))
+                        + IDLE_MEASURE_AFTER
+                        <= now;
+                    busy = idle && dirty && !quiet;
+                    measure = idle && dirty && (quiet || measured.elapsed() >= MEMORY_EVERY);
+                    if !due && !measure {
+                        continue;
+                    }
+                }
+            }
+            let mut guard = self.core.lock();
+            let Some(core) = guard.as_mut().filter(|c| !c.dead) else {
+                return;
+            };
+            let go_on = core.enter(&self.host, false, |iso| {
+                if measure {
+                    busy = false;
+                    shared.dirty.store(false, Ordering::Relaxed);
+                    shared.record_memory(&iso.ctx);
+                    measured = Instant::now();
+                }
+                let r = iso.turn(setup, first, rx, &mut closed);
+                if let Err(f) = r {
+                    iso.die(setup, f);
+                    return false;
+                }
+                if shared.dirty.load(Ordering::Relaxed) && measured.elapsed() >= MEMORY_EVERY {
+                    shared.dirty.store(false, Ordering::Relaxed);
+                    shared.record_memory(&iso.ctx);
+                    measured = Instant::now();
+                }
+                true
+            });
+            if !go_on {
+                core.dead = true;
+                return;
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -578,6 +963,8 @@ struct Host {
     expiries: BTreeSet<(Instant, u64)>,
     /// Invocations whose promise settled since the loop last looked.
     settled: Vec<(u64, Outcome)>,
+    /// The id of the last invocation started.
+    next_id: u64,
 }
 
 impl Host {
@@ -651,8 +1038,9 @@ struct Isolate<'js> {
     forget: Function<'js>,
     reset_timers: Function<'js>,
     fetch_done: Function<'js>,
-    host: Rc<RefCell<Host>>,
-    next_id: u64,
+    host: Arc<Mutex<Host>>,
+    /// Running on a caller's thread (see the module docs), not the isolate thread.
+    inline: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -667,14 +1055,14 @@ impl<'js> Isolate<'js> {
         ctx: &Ctx<'js>,
         setup: &Setup,
         code: &[u8],
-        host: Rc<RefCell<Host>>,
+        host: Arc<Mutex<Host>>,
         rx: &mpsc::Receiver<Event>,
     ) -> Result<Self, String> {
         let err = |e| exception_text(ctx, e);
         let g = ctx.globals();
         let sink = host.clone();
         let log = Function::new(ctx.clone(), move |level: String, text: String| {
-            let mut h = sink.borrow_mut();
+            let mut h = sink.lock();
             let Some(buf) = h.log_sink() else { return };
             if buf.len() < LOG_MAX {
                 for line in text.split('\n') {
@@ -705,13 +1093,13 @@ impl<'js> Isolate<'js> {
                 0.0
             };
             let at = Instant::now() + Duration::from_secs_f64(ms / 1000.0);
-            timers.borrow_mut().add_timer(id, at);
+            timers.lock().add_timer(id, at);
         })
         .map_err(err)?;
         g.set("__skiff_timer", timer).map_err(err)?;
         let timers = host.clone();
         let untimer = Function::new(ctx.clone(), move |id: u32| {
-            timers.borrow_mut().remove_timer(id);
+            timers.lock().remove_timer(id);
         })
         .map_err(err)?;
         g.set("__skiff_untimer", untimer).map_err(err)?;
@@ -732,7 +1120,7 @@ impl<'js> Isolate<'js> {
                 } else {
                     Outcome::Threw(doc.unwrap_or_else(|| UNKNOWN_ERROR.into()))
                 };
-                results.borrow_mut().settled.push((id as u64, outcome));
+                results.lock().settled.push((id as u64, outcome));
             },
         )
         .map_err(err)?;
@@ -766,7 +1154,7 @@ impl<'js> Isolate<'js> {
                         headers,
                         body,
                     };
-                    let mut h = host.borrow_mut();
+                    let mut h = host.lock();
                     let owner = h.current;
                     // The invocation's own deadline (without the grace) bounds the request.
                     let timeout = h.invs.get(&owner).map_or(fallback, |inv| {
@@ -815,7 +1203,7 @@ impl<'js> Isolate<'js> {
             reset_timers: isolate_get("resetTimers")?,
             fetch_done: isolate_get("fetchDone")?,
             host,
-            next_id: 1,
+            inline: false,
         };
         // Top-level await may wait on timers and fetches: drive them like an invocation.
         let r = iso.settle_init(setup, done, rx);
@@ -824,7 +1212,7 @@ impl<'js> Isolate<'js> {
         // dropped when the first invocation started).
         let _ = iso.reset_timers.call::<_, ()>(());
         {
-            let mut h = iso.host.borrow_mut();
+            let mut h = iso.host.lock();
             h.queue.clear();
             h.timers.clear();
             h.fetches.clear();
@@ -868,7 +1256,7 @@ impl<'js> Isolate<'js> {
         };
         let expires = Instant::now() + timeout + DEADLINE_GRACE;
         setup.shared.interrupt_at(Some(expires));
-        self.host.borrow_mut().current = 0;
+        self.host.lock().current = 0;
         loop {
             self.drain(setup).map_err(fatal)?;
             match done.result::<Value>() {
@@ -890,7 +1278,7 @@ impl<'js> Isolate<'js> {
             if now >= expires {
                 return Err(too_long());
             }
-            let due = self.host.borrow_mut().pop_due(now);
+            let due = self.host.lock().pop_due(now);
             if let Some((id, _)) = due {
                 if let Err(e) = self.fire.call::<_, ()>((id,)) {
                     return Err(match self.classify(e) {
@@ -901,7 +1289,7 @@ impl<'js> Isolate<'js> {
                 continue;
             }
             let (next, fetching) = {
-                let h = self.host.borrow();
+                let h = self.host.lock();
                 (h.next_wake(), !h.fetches.is_empty())
             };
             if next.is_none() && !fetching {
@@ -910,7 +1298,7 @@ impl<'js> Isolate<'js> {
             let wait = next.unwrap_or(expires).min(expires);
             match rx.recv_timeout(wait.saturating_duration_since(now)) {
                 Ok(Event::Fetched(d)) => {
-                    if self.host.borrow_mut().fetches.remove(&d.id).is_some() {
+                    if self.host.lock().fetches.remove(&d.id).is_some() {
                         if let Err(e) = self.deliver(d) {
                             return Err(match self.classify(e) {
                                 Err(f) => fatal(f),
@@ -924,96 +1312,66 @@ impl<'js> Isolate<'js> {
                     let _ = reply.send(Err(SandboxError::Gone));
                 }
                 Ok(Event::Stop | Event::Closed) => return Err("the instance was stopped".into()),
-                Err(_) => {}
+                Ok(Event::Wake) | Err(_) => {}
             }
         }
     }
 
-    /// The event loop: invocations, due timers, finished fetches and deadlines, until the
-    /// instance is stopped (or dropped and idle) or the isolate fails.
-    fn serve(&mut self, setup: &Setup, rx: &mpsc::Receiver<Event>) {
+    /// One turn of the event loop: `first` and the events queued behind it, then due timers,
+    /// deadlines and stuck invocations. `Err`: the isolate cannot go on.
+    fn turn(
+        &mut self,
+        setup: &Setup,
+        first: Option<Event>,
+        rx: &mpsc::Receiver<Event>,
+        closed: &mut bool,
+    ) -> Result<(), Fatal> {
         let shared = &setup.shared;
-        let mut closed = false;
-        let mut measured = Instant::now();
-        // Whether the heap changed since it was last measured.
-        let mut dirty = false;
-        loop {
-            let (wake, idle) = {
-                let h = self.host.borrow();
-                (h.next_wake(), h.invs.is_empty())
-            };
-            if closed && idle {
-                return;
-            }
-            // An idle isolate's heap is measured once it has stayed idle for a moment, not
-            // after every invocation: walking the heap costs as much as a small invocation.
-            let measure_at = (idle && dirty).then(|| Instant::now() + IDLE_MEASURE_AFTER);
-            let wake = match (wake, measure_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let first = match wake {
-                None => Some(rx.recv().unwrap_or(Event::Closed)),
-                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(e) => Some(e),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Event::Closed),
-                },
-            };
-            if first.is_none() && idle && dirty {
-                shared.record_memory(&self.ctx);
-                measured = Instant::now();
-                dirty = false;
-            }
-            let mut next = first;
-            let mut handled = 0;
-            while let Some(ev) = next {
-                let r = match ev {
-                    Event::Invoke(req, reply) => self.start(setup, req, reply),
-                    Event::Fetched(done) => self.fetched(setup, done),
-                    Event::Stop => Err(Fatal::Interrupted),
-                    Event::Closed => {
-                        closed = true;
-                        Ok(())
-                    }
-                };
-                if let Err(f) = r {
-                    return self.die(setup, f);
+        let mut next = first;
+        let mut handled = 0;
+        let mut worked = false;
+        while let Some(ev) = next {
+            match ev {
+                Event::Invoke(req, reply) => {
+                    worked = true;
+                    self.start(setup, req, reply)?
                 }
-                handled += 1;
-                next = if handled < EVENT_BATCH {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
-            }
-            if shared.stop.load(Ordering::SeqCst) {
-                return self.die(setup, Fatal::Interrupted);
-            }
-            // Deadlines first: a timer of an invocation past its deadline must not run (its
-            // JS would be interrupted at once, failing the whole isolate).
-            let now = Instant::now();
-            self.expire(now);
-            loop {
-                let due = self.host.borrow_mut().pop_due(now);
-                let Some((id, owner)) = due else { break };
-                if let Err(f) = self.macrotask(setup, owner, |iso| iso.fire.call((id,))) {
-                    return self.die(setup, f);
+                Event::Fetched(done) => {
+                    worked = true;
+                    self.fetched(setup, done)?
                 }
+                Event::Wake => {}
+                Event::Stop => return Err(Fatal::Interrupted),
+                Event::Closed => *closed = true,
             }
-            self.expire(Instant::now());
-            if handled < EVENT_BATCH {
-                self.unstick();
-            }
-            if handled > 0 || !self.host.borrow().invs.is_empty() {
-                dirty = true;
-            }
-            if dirty && measured.elapsed() >= MEMORY_EVERY {
-                shared.record_memory(&self.ctx);
-                measured = Instant::now();
-                dirty = false;
-            }
+            handled += 1;
+            next = if handled < EVENT_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
+        if shared.stop.load(Ordering::SeqCst) {
+            return Err(Fatal::Interrupted);
+        }
+        // Deadlines first: a timer of an invocation past its deadline must not run (its
+        // JS would be interrupted at once, failing the whole isolate).
+        let now = Instant::now();
+        self.expire(now);
+        loop {
+            let due = self.host.lock().pop_due(now);
+            let Some((id, owner)) = due else { break };
+            worked = true;
+            self.macrotask(setup, owner, |iso| iso.fire.call((id,)))?;
+        }
+        self.expire(Instant::now());
+        if handled < EVENT_BATCH {
+            self.unstick();
+        }
+        if worked || !self.host.lock().invs.is_empty() {
+            shared.touch();
+        }
+        Ok(())
     }
 
     /// Starts an invocation: its handler call is a macrotask of its own.
@@ -1026,12 +1384,15 @@ impl<'js> Isolate<'js> {
         if reply.is_closed() {
             return Ok(()); // the caller gave up while it was queued
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = {
+            let mut h = self.host.lock();
+            h.next_id += 1;
+            h.next_id
+        };
         let within = Duration::from_millis(req.invoke.deadline_ms.saturating_sub(unix_ms()));
         let expires = Instant::now() + within + DEADLINE_GRACE;
         {
-            let mut h = self.host.borrow_mut();
+            let mut h = self.host.lock();
             h.invs.insert(
                 id,
                 Inv {
@@ -1060,7 +1421,7 @@ impl<'js> Isolate<'js> {
     /// Hands a finished `fetch` to the invocation that started it.
     fn fetched(&mut self, setup: &Setup, done: fetch::Done) -> Result<(), Fatal> {
         let owner = {
-            let mut h = self.host.borrow_mut();
+            let mut h = self.host.lock();
             let Some(owner) = h.fetches.remove(&done.id) else {
                 return Ok(()); // its invocation already finished
             };
@@ -1082,7 +1443,7 @@ impl<'js> Isolate<'js> {
         f: impl FnOnce(&Self) -> rquickjs::Result<()>,
     ) -> Result<(), Fatal> {
         let expires = {
-            let mut h = self.host.borrow_mut();
+            let mut h = self.host.lock();
             h.current = owner;
             h.invs.get(&owner).map(|i| i.expires)
         };
@@ -1094,16 +1455,20 @@ impl<'js> Isolate<'js> {
             Some(at) => at,
             None => now + setup.spec.spec.timeout + DEADLINE_GRACE,
         };
-        setup.shared.interrupt_at(Some(expires));
+        // Inline, nothing else can time the invocation out while its JS runs here, so the
+        // JS is interrupted at the deadline itself.
+        let interrupt = if self.inline {
+            expires - DEADLINE_GRACE
+        } else {
+            expires
+        };
+        setup.shared.interrupt_at(Some(interrupt));
         let r = f(self);
         if let Err(e) = r {
             // What a timer or fetch callback throws fails its invocation (as before).
             let v = self.classify(e)?;
             let doc = self.doc_of(v);
-            self.host
-                .borrow_mut()
-                .settled
-                .push((owner, Outcome::Threw(doc)));
+            self.host.lock().settled.push((owner, Outcome::Threw(doc)));
         }
         let r = self.drain(setup);
         setup.shared.interrupt_at(None);
@@ -1144,7 +1509,7 @@ impl<'js> Isolate<'js> {
     /// Answers the invocations whose promise settled.
     fn answer(&mut self) -> Result<(), Fatal> {
         loop {
-            let settled = std::mem::take(&mut self.host.borrow_mut().settled);
+            let settled = std::mem::take(&mut self.host.lock().settled);
             if settled.is_empty() {
                 return Ok(());
             }
@@ -1175,7 +1540,7 @@ impl<'js> Isolate<'js> {
 
     /// Takes invocation `id` out of flight and drops its timers and fetches in the prelude.
     fn finish(&mut self, id: u64) -> Option<Inv> {
-        let inv = self.host.borrow_mut().finish(id)?;
+        let inv = self.host.lock().finish(id)?;
         for &t in &inv.timers {
             let _ = self.forget.call::<_, ()>((t, 0));
         }
@@ -1191,7 +1556,7 @@ impl<'js> Isolate<'js> {
     /// Fails the invocations pending past their deadline (plus the grace).
     fn expire(&mut self, now: Instant) {
         loop {
-            let first = self.host.borrow().expiries.first().copied();
+            let first = self.host.lock().expiries.first().copied();
             let Some((at, id)) = first.filter(|&(at, _)| at <= now) else {
                 return;
             };
@@ -1203,7 +1568,7 @@ impl<'js> Isolate<'js> {
                     }));
                 }
                 None => {
-                    self.host.borrow_mut().expiries.remove(&(at, id));
+                    self.host.lock().expiries.remove(&(at, id));
                 }
             }
         }
@@ -1212,13 +1577,13 @@ impl<'js> Isolate<'js> {
     /// Fails the pending invocations when nothing (no timer, no fetch) can settle them.
     fn unstick(&mut self) {
         let stuck = {
-            let h = self.host.borrow();
+            let h = self.host.lock();
             !h.invs.is_empty() && h.queue.is_empty() && h.fetches.is_empty()
         };
         if !stuck {
             return;
         }
-        let ids: Vec<u64> = self.host.borrow().invs.keys().copied().collect();
+        let ids: Vec<u64> = self.host.lock().invs.keys().copied().collect();
         for id in ids {
             if let Some(inv) = self.finish(id) {
                 let _ = inv.reply.send(Err(SandboxError::Crashed {
@@ -1231,9 +1596,10 @@ impl<'js> Isolate<'js> {
 
     /// Fails every invocation in flight with `fatal`; the thread then exits.
     fn die(&mut self, setup: &Setup, fatal: Fatal) {
+        setup.shared.dead.store(true, Ordering::SeqCst);
         let limit_mb = setup.spec.spec.memory >> 20;
         let invs: Vec<Inv> = {
-            let mut h = self.host.borrow_mut();
+            let mut h = self.host.lock();
             h.expiries.clear();
             h.invs.drain().map(|(_, inv)| inv).collect()
         };

@@ -11,26 +11,27 @@ async fn start_with(source: &str, extra: &str) -> Result<Fixture, SandboxError> 
     start_in(JsSandbox::new(), source, extra).await
 }
 
+/// The spec of instance `t-{n}` of function `t` (revision 1) with its code in `dir`.
+fn instance_spec(dir: &std::path::Path, n: u32, yaml: &str) -> InstanceSpec {
+    InstanceSpec {
+        instance_id: format!("t-{n}"),
+        function: "t".into(),
+        revision: 1,
+        spec: FunctionSpec::from_yaml(&format!("name: t\nruntime: js\n{yaml}")).unwrap(),
+        code_dir: dir.to_path_buf(),
+        env: vec![("GREETING".into(), "hi".into())],
+        exec_mode: ExecMode::Command,
+        argv: vec![],
+        rootfs: None,
+        workspace: None,
+    }
+}
+
 async fn start_in(tier: JsSandbox, source: &str, extra: &str) -> Result<Fixture, SandboxError> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.js"), source).unwrap();
-    let spec =
-        FunctionSpec::from_yaml(&format!("name: t\nruntime: js\nhandler: index.js\n{extra}"))
-            .unwrap();
-    let inst = tier
-        .start(InstanceSpec {
-            instance_id: "t-1".into(),
-            function: "t".into(),
-            revision: 1,
-            spec,
-            code_dir: dir.path().to_path_buf(),
-            env: vec![("GREETING".into(), "hi".into())],
-            exec_mode: ExecMode::Command,
-            argv: vec![],
-            rootfs: None,
-            workspace: None,
-        })
-        .await?;
+    let spec = instance_spec(dir.path(), 1, &format!("handler: index.js\n{extra}"));
+    let inst = tier.start(spec).await?;
     Ok(Fixture { _dir: dir, inst })
 }
 
@@ -54,14 +55,58 @@ fn req(payload: &str, within: Duration) -> InvokeRequest {
 }
 
 async fn call(f: &Fixture, payload: &str) -> Result<InvokeResult, SandboxError> {
-    f.inst.invoke(req(payload, Duration::from_secs(5))).await
+    // As a task: on a multi-threaded runtime it runs on a worker, as the gateway's calls do.
+    let inst = f.inst.clone();
+    let req = req(payload, Duration::from_secs(5));
+    tokio::spawn(async move { inst.invoke(req).await })
+        .await
+        .unwrap()
 }
 
 fn json(r: &InvokeResult) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap()
 }
 
-#[tokio::test]
+/// Runs each test twice: on a current-thread runtime, where every invocation is queued for
+/// the isolate's thread, and on a multi-threaded one, where a free isolate runs the
+/// invocation inline on the caller's thread.
+macro_rules! both_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn queued() {
+                super::$name().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn inline() {
+                super::$name().await
+            }
+        }
+    )*};
+}
+
+both_paths!(
+    echoes_event_logs_and_reads_env,
+    plain_values_non_json_payloads_and_timers,
+    thrown_error_is_a_function_error_and_instance_survives,
+    eval_function_import_require_are_unavailable,
+    infinite_loop_is_interrupted_on_stop,
+    memory_hog_is_out_of_memory,
+    bad_modules_fail_to_start_with_the_reason,
+    url_and_text_codecs,
+    deep_recursion_is_a_function_error_not_a_crash,
+    unsettled_promise_is_reported,
+    bytecode_is_compiled_once_per_revision,
+    fetch_reaches_a_local_server_only_with_the_test_override,
+    fetch_obeys_network_none_and_the_timeout,
+    invocations_interleave_with_their_own_results_and_logs,
+    one_invocation_times_out_alone,
+    timer_callback_errors_fail_only_their_invocation,
+    a_runaway_loop_or_oom_fails_every_invocation_in_flight,
+    stop_fails_pending_invocations_and_cleared_timers_never_fire,
+    idle_heap_is_measured_once_idle,
+);
+
 async fn echoes_event_logs_and_reads_env() {
     let f = start(
         r#"let n = 0;
@@ -93,7 +138,6 @@ async fn echoes_event_logs_and_reads_env() {
     assert!(!f.inst.is_alive());
 }
 
-#[tokio::test]
 async fn plain_values_non_json_payloads_and_timers() {
     let f = start(
         r#"export default async (req) => {
@@ -110,7 +154,6 @@ async fn plain_values_non_json_payloads_and_timers() {
     assert_eq!(call(&f, r#""undef""#).await.unwrap().body, b"null");
 }
 
-#[tokio::test]
 async fn thrown_error_is_a_function_error_and_instance_survives() {
     let f = start(
         r#"export default async (req) => {
@@ -127,7 +170,6 @@ async fn thrown_error_is_a_function_error_and_instance_survives() {
     assert_eq!(call(&f, "{}").await.unwrap().body, br#""ok""#);
 }
 
-#[tokio::test]
 async fn eval_function_import_require_are_unavailable() {
     let f = start(
         r#"const tries = {
@@ -169,7 +211,6 @@ async fn eval_function_import_require_are_unavailable() {
     }
 }
 
-#[tokio::test]
 async fn infinite_loop_is_interrupted_on_stop() {
     let f = start("export default async () => { for (;;) {} };").await;
     let inst = f.inst.clone();
@@ -186,7 +227,6 @@ async fn infinite_loop_is_interrupted_on_stop() {
     assert!(!f.inst.is_alive());
 }
 
-#[tokio::test]
 async fn memory_hog_is_out_of_memory() {
     let f = start_with(
         r#"export default async () => { const a = []; for (;;) a.push("x".repeat(1 << 20) + a.length); };"#,
@@ -202,7 +242,6 @@ async fn memory_hog_is_out_of_memory() {
     assert!(!f.inst.is_alive() || call(&f, "{}").await.is_err());
 }
 
-#[tokio::test]
 async fn bad_modules_fail_to_start_with_the_reason() {
     let e = start_with("export default async () => {", "")
         .await
@@ -223,7 +262,6 @@ async fn bad_modules_fail_to_start_with_the_reason() {
     assert!(e.to_string().contains("init boom"), "{e}");
 }
 
-#[tokio::test]
 async fn url_and_text_codecs() {
     let f = start(
         r#"export default async () => {
@@ -257,8 +295,9 @@ fn handler_paths_stay_inside_the_package() {
     }
 }
 
-/// Tier overhead without the gateway: `cargo test --release -p skiff-js -- --ignored --nocapture`.
-#[tokio::test]
+/// Tier overhead without the gateway (inline calls from runtime workers):
+/// `cargo test --release -p skiff-js -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_tier_overhead() {
     let src = "export default async (req) => ({ message: `Hello, ${req.name}!` });";
@@ -271,12 +310,20 @@ async fn measure_tier_overhead() {
         f.inst.stop().await;
     }
     let f = start(src).await;
-    let mut warm = Vec::new();
-    for _ in 0..2000 {
-        let t = Instant::now();
-        call(&f, r#"{"name":"x"}"#).await.unwrap();
-        warm.push(t.elapsed());
-    }
+    // One task on a runtime worker makes every call, as a gateway connection task does.
+    let inst = f.inst.clone();
+    let mut warm = tokio::spawn(async move {
+        let mut warm = Vec::new();
+        for _ in 0..2000 {
+            let r = req(r#"{"name":"x"}"#, Duration::from_secs(5));
+            let t = Instant::now();
+            inst.invoke(r).await.unwrap();
+            warm.push(t.elapsed());
+        }
+        warm
+    })
+    .await
+    .unwrap();
     cold.sort();
     warm.sort();
     println!(
@@ -288,7 +335,6 @@ async fn measure_tier_overhead() {
     );
 }
 
-#[tokio::test]
 async fn deep_recursion_is_a_function_error_not_a_crash() {
     let f = start(
         r#"const down = (n) => down(n + 1) + 1;
@@ -302,7 +348,6 @@ async fn deep_recursion_is_a_function_error_not_a_crash() {
     assert_eq!(call(&f, "{}").await.unwrap().body, br#""ok""#);
 }
 
-#[tokio::test]
 async fn unsettled_promise_is_reported() {
     let f = start("export default () => new Promise(() => {});").await;
     let r = call(&f, "{}").await;
@@ -312,7 +357,6 @@ async fn unsettled_promise_is_reported() {
     );
 }
 
-#[tokio::test]
 async fn bytecode_is_compiled_once_per_revision() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -321,18 +365,7 @@ async fn bytecode_is_compiled_once_per_revision() {
     )
     .unwrap();
     let sandbox = JsSandbox::new();
-    let spec = |n: u32| InstanceSpec {
-        instance_id: format!("t-{n}"),
-        function: "t".into(),
-        revision: 1,
-        spec: FunctionSpec::from_yaml("name: t\nruntime: js\n").unwrap(),
-        code_dir: dir.path().to_path_buf(),
-        env: vec![],
-        exec_mode: ExecMode::Command,
-        argv: vec![],
-        rootfs: None,
-        workspace: None,
-    };
+    let spec = |n: u32| instance_spec(dir.path(), n, "");
     let a = sandbox.start(spec(1)).await.unwrap();
     // A changed file is not read again: the revision's second instance loads the cached bytecode.
     std::fs::write(
@@ -413,7 +446,6 @@ async fn fetcher(extra: &str) -> Fixture {
     .unwrap()
 }
 
-#[tokio::test]
 async fn fetch_reaches_a_local_server_only_with_the_test_override() {
     let addr = echo_server();
     let payload = serde_json::json!({ "url": format!("http://{addr}/p?q=1") }).to_string();
@@ -451,7 +483,6 @@ async fn fetch_reaches_a_local_server_only_with_the_test_override() {
     assert!(v["error"].as_str().unwrap().contains("gateway"), "{v}");
 }
 
-#[tokio::test]
 async fn fetch_obeys_network_none_and_the_timeout() {
     let addr = echo_server();
     let payload = serde_json::json!({ "url": format!("http://{addr}/") }).to_string();
@@ -521,7 +552,6 @@ export default async (req, ctx) => {
   return { i: req.i, id: ctx.awsRequestId, seen: started };
 };"#;
 
-#[tokio::test]
 async fn invocations_interleave_with_their_own_results_and_logs() {
     let f = start(SLEEPER).await;
     let t = Instant::now();
@@ -551,7 +581,6 @@ async fn invocations_interleave_with_their_own_results_and_logs() {
     assert!(f.inst.is_alive());
 }
 
-#[tokio::test]
 async fn one_invocation_times_out_alone() {
     let f = start(SLEEPER).await;
     let slow = {
@@ -584,7 +613,6 @@ async fn one_invocation_times_out_alone() {
     assert_eq!(json(&call(&f, r#"{"i":9,"ms":1}"#).await.unwrap())["i"], 9);
 }
 
-#[tokio::test]
 async fn timer_callback_errors_fail_only_their_invocation() {
     let f = start(
         r#"export default (req) => new Promise((resolve) => {
@@ -611,7 +639,6 @@ async fn timer_callback_errors_fail_only_their_invocation() {
     }
 }
 
-#[tokio::test]
 async fn a_runaway_loop_or_oom_fails_every_invocation_in_flight() {
     let f = start(
         r#"export default async (req) => {
@@ -664,7 +691,6 @@ async fn a_runaway_loop_or_oom_fails_every_invocation_in_flight() {
     assert!(matches!(w, Err(SandboxError::OutOfMemory { .. })), "{w:?}");
 }
 
-#[tokio::test]
 async fn stop_fails_pending_invocations_and_cleared_timers_never_fire() {
     let f = start(
         r#"let fired = 0;
@@ -775,7 +801,6 @@ async fn quick_slow_concurrent_and_abandoned_invocations() {
 
 /// The heap of an idle isolate is measured shortly after it goes idle (not after every
 /// invocation), so what it keeps shows in `memory_usage`.
-#[tokio::test]
 async fn idle_heap_is_measured_once_idle() {
     let f = start(
         r#"const keep = [];
@@ -796,4 +821,158 @@ async fn idle_heap_is_measured_once_idle() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Starts `source` as the concrete instance type (its counters are visible to tests).
+async fn start_js(source: &str) -> (tempfile::TempDir, Arc<JsInstance>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.js"), source).unwrap();
+    let inst = JsSandbox::new()
+        .start_isolate(
+            instance_spec(dir.path(), 1, "handler: index.js\n"),
+            None,
+            "default".into(),
+        )
+        .await
+        .unwrap();
+    (dir, inst)
+}
+
+fn inline_runs(inst: &JsInstance) -> u64 {
+    inst.shared.inline_runs.load(Ordering::Relaxed)
+}
+
+/// On runtime workers, a free isolate runs the invocation on the caller's thread, also when
+/// it then awaits a timer (the isolate's thread finishes it); a current-thread runtime always
+/// queues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_isolate_runs_the_invocation_on_the_callers_thread() {
+    let (_dir, inst) = start_js(
+        r#"let n = 0;
+        export default async (req) => {
+          n += 1;
+          if (req.wait) await new Promise((r) => setTimeout(r, req.wait));
+          return n;
+        };"#,
+    )
+    .await;
+    for i in 1..=20u64 {
+        let inst = inst.clone();
+        let r = tokio::spawn(async move { inst.invoke(req("{}", Duration::from_secs(5))).await })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(json(&r), i);
+    }
+    // (A call may meet the isolate's thread measuring the heap, and queue.)
+    assert!(
+        inline_runs(&inst) >= 18,
+        "{} of 20 inline",
+        inline_runs(&inst)
+    );
+    let r = inst
+        .invoke(req(r#"{"wait":30}"#, Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(json(&r), 21);
+
+    let queued = std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let (_dir, inst) = start_js("export default async () => 1;").await;
+                for _ in 0..5 {
+                    inst.invoke(req("{}", Duration::from_secs(5)))
+                        .await
+                        .unwrap();
+                }
+                inline_runs(&inst)
+            })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(queued, 0);
+}
+
+/// A handler busy for longer than the inline budget must not stall the runtime worker it
+/// runs on: with a single worker, a ticker task keeps ticking while the handler runs.
+#[test]
+fn a_long_inline_handler_hands_its_worker_off() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (_dir, inst) = start_js(
+            r#"export default async () => {
+              const end = Date.now() + 600; let spins = 0;
+              while (Date.now() < end) spins++;
+              return spins > 0;
+            };"#,
+        )
+        .await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut last = Instant::now();
+                let mut worst = Duration::ZERO;
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                }
+                worst
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let call = {
+            let inst = inst.clone();
+            tokio::spawn(async move { inst.invoke(req("{}", Duration::from_secs(5))).await })
+        };
+        let r = call.await.unwrap().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let worst = ticker.await.unwrap();
+        assert_eq!(json(&r), true);
+        assert_eq!(inline_runs(&inst), 1);
+        assert!(
+            worst < Duration::from_millis(200),
+            "the ticker stalled for {worst:?} while the handler ran"
+        );
+    });
+}
+
+/// Inline, a runaway handler is interrupted at its deadline, and the caller's own timeout
+/// (the scheduler's) reports it, as it does for a queued invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_runaway_ends_at_its_deadline_as_the_callers_timeout() {
+    let (_dir, inst) = start_js("export default async () => { for (;;) {} };").await;
+    let within = Duration::from_millis(300);
+    let t = Instant::now();
+    let r = {
+        let inst = inst.clone();
+        tokio::spawn(
+            async move { tokio::time::timeout(within, inst.invoke(req("{}", within))).await },
+        )
+        .await
+        .unwrap()
+    };
+    let took = t.elapsed();
+    assert!(r.is_err(), "the caller's timeout answers: {r:?}");
+    assert!(
+        took < within + DEADLINE_GRACE / 2,
+        "interrupted after {took:?}"
+    );
+    assert_eq!(inline_runs(&inst), 1);
+    assert!(!inst.is_alive());
+    // Without a timeout of its own, the caller gets the interruption.
+    let (_dir, inst) = start_js("export default async () => { for (;;) {} };").await;
+    let r = inst.invoke(req("{}", within)).await;
+    assert!(
+        matches!(&r, Err(SandboxError::Crashed { message, .. }) if message.contains("interrupted")),
+        "{r:?}"
+    );
 }
