@@ -652,7 +652,7 @@ unsafe impl Send for Core {}
 /// The prelude's entry points and the user's handler, saved across lock holders.
 struct Fns {
     handler: Persistent<Function<'static>>,
-    invoke: Persistent<Function<'static>>,
+    watch: Persistent<Function<'static>>,
     describe: Persistent<Function<'static>>,
     fire: Persistent<Function<'static>>,
     forget: Persistent<Function<'static>>,
@@ -668,7 +668,7 @@ impl Fns {
         let save = |f| keep(&iso.ctx, f);
         Fns {
             handler: save(&iso.handler),
-            invoke: save(&iso.invoke),
+            watch: save(&iso.watch),
             describe: save(&iso.describe),
             fire: save(&iso.fire),
             forget: save(&iso.forget),
@@ -695,7 +695,7 @@ impl Core {
             };
             let mut iso = Isolate {
                 handler: restore(&fns.handler),
-                invoke: restore(&fns.invoke),
+                watch: restore(&fns.watch),
                 describe: restore(&fns.describe),
                 fire: restore(&fns.fire),
                 forget: restore(&fns.forget),
@@ -1032,7 +1032,7 @@ impl Host {
 struct Isolate<'js> {
     ctx: Ctx<'js>,
     handler: Function<'js>,
-    invoke: Function<'js>,
+    watch: Function<'js>,
     describe: Function<'js>,
     fire: Function<'js>,
     forget: Function<'js>,
@@ -1191,12 +1191,12 @@ impl<'js> Isolate<'js> {
         let user = unsafe { Module::load(ctx.clone(), code) }.map_err(err)?;
         let (user, done) = user.eval().map_err(err)?;
         let isolate_get = |name: &str| prelude.get::<_, Function>(name).map_err(err);
-        let invoke = isolate_get("invoke")?;
+        let watch = isolate_get("watch")?;
         let mut iso = Isolate {
             ctx: ctx.clone(),
             // Replaced by the module's default export once it has been evaluated.
-            handler: invoke.clone(),
-            invoke,
+            handler: watch.clone(),
+            watch,
             describe: isolate_get("describe")?,
             fire: isolate_get("fire")?,
             forget: isolate_get("forget")?,
@@ -1362,7 +1362,7 @@ impl<'js> Isolate<'js> {
             let due = self.host.lock().pop_due(now);
             let Some((id, owner)) = due else { break };
             worked = true;
-            self.macrotask(setup, owner, |iso| iso.fire.call((id,)))?;
+            self.macrotask(setup, owner, |iso| iso.fire.call((id,)).map(|()| None))?;
         }
         self.expire(Instant::now());
         if handled < EVENT_BATCH {
@@ -1413,8 +1413,16 @@ impl<'js> Isolate<'js> {
             context.set("functionVersion", setup.spec.revision.to_string())?;
             context.set("invokedFunctionArn", req.invoke.function_arn.as_str())?;
             context.set("deadlineMs", req.invoke.deadline_ms as f64)?;
-            iso.invoke
-                .call::<_, ()>((id as f64, iso.handler.clone(), payload.as_ref(), context))
+            // The event is the payload parsed as JSON, or the payload itself if it is not JSON.
+            let event = match iso.ctx.json_parse(payload.as_bytes()) {
+                Ok(v) => v,
+                Err(_) => {
+                    let _ = iso.ctx.catch();
+                    rquickjs::String::from_str(iso.ctx.clone(), &payload)?.into_value()
+                }
+            };
+            let out: Value = iso.handler.call((event, context))?;
+            Ok(Some(out))
         })
     }
 
@@ -1430,17 +1438,18 @@ impl<'js> Isolate<'js> {
             }
             owner
         };
-        self.macrotask(setup, owner, |iso| iso.deliver(done))
+        self.macrotask(setup, owner, |iso| iso.deliver(done).map(|()| None))
     }
 
     /// Runs `f` on behalf of invocation `owner` (its logs, timers and fetches are attributed
     /// to it, JS is interrupted past its deadline), then every job it queued, then answers
-    /// the invocations that settled.
+    /// the invocations that settled. `f` may return a handler's result for `owner`, which
+    /// is settled once those jobs have run (see [`Isolate::settle`]).
     fn macrotask(
         &mut self,
         setup: &Setup,
         owner: u64,
-        f: impl FnOnce(&Self) -> rquickjs::Result<()>,
+        f: impl FnOnce(&Self) -> rquickjs::Result<Option<Value<'js>>>,
     ) -> Result<(), Fatal> {
         let expires = {
             let mut h = self.host.lock();
@@ -1463,17 +1472,85 @@ impl<'js> Isolate<'js> {
             expires
         };
         setup.shared.interrupt_at(Some(interrupt));
-        let r = f(self);
-        if let Err(e) = r {
-            // What a timer or fetch callback throws fails its invocation (as before).
-            let v = self.classify(e)?;
-            let doc = self.doc_of(v);
-            self.host.lock().settled.push((owner, Outcome::Threw(doc)));
-        }
-        let r = self.drain(setup);
+        let r = self.run_task(setup, owner, f);
         setup.shared.interrupt_at(None);
         r?;
         self.answer()
+    }
+
+    fn run_task(
+        &mut self,
+        setup: &Setup,
+        owner: u64,
+        f: impl FnOnce(&Self) -> rquickjs::Result<Option<Value<'js>>>,
+    ) -> Result<(), Fatal> {
+        let out = match f(self) {
+            Ok(out) => out,
+            Err(e) => {
+                // What a handler, timer or fetch callback throws fails its invocation.
+                let v = self.classify(e)?;
+                let doc = self.doc_of(v);
+                self.host.lock().settled.push((owner, Outcome::Threw(doc)));
+                None
+            }
+        };
+        self.drain(setup)?;
+        if let Some(out) = out {
+            self.settle(owner, out)?;
+            // Resolving a thenable is a job of its own.
+            self.drain(setup)?;
+        }
+        Ok(())
+    }
+
+    /// Settles invocation `id` with what its handler returned when that is known now: a
+    /// plain value, or a promise the jobs run so far have settled — the common case, which
+    /// needs no promise reactions. A pending promise (or another thenable) is handed to the
+    /// prelude, which settles the invocation through the host when it settles.
+    fn settle(&self, id: u64, out: Value<'js>) -> Result<(), Fatal> {
+        let outcome = match out.as_promise() {
+            Some(p) => match p.result::<Value>() {
+                None => return self.watch(id, out),
+                Some(Ok(v)) => self.reply_of(v)?,
+                Some(Err(e)) => {
+                    let reason = self.classify(e)?;
+                    Outcome::Threw(self.doc_of(reason))
+                }
+            },
+            None if is_thenable(&out) => return self.watch(id, out),
+            None => self.reply_of(out)?,
+        };
+        self.host.lock().settled.push((id, outcome));
+        Ok(())
+    }
+
+    /// The prelude settles invocation `id` when `promise` (or thenable) settles.
+    fn watch(&self, id: u64, promise: Value<'js>) -> Result<(), Fatal> {
+        match self.watch.call::<_, ()>((id as f64, promise)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let v = self.classify(e)?;
+                let doc = self.doc_of(v);
+                self.host.lock().settled.push((id, Outcome::Threw(doc)));
+                Ok(())
+            }
+        }
+    }
+
+    /// The reply to a handler's result `v`: `v` as JSON text (`null` for what JSON cannot
+    /// represent), or the error serialising it threw (a cycle, a BigInt).
+    fn reply_of(&self, v: Value<'js>) -> Result<Outcome, Fatal> {
+        match self.ctx.json_stringify(v) {
+            Ok(Some(s)) => s
+                .to_string()
+                .map(Outcome::Ok)
+                .map_err(|e| Fatal::Engine(e.to_string())),
+            Ok(None) => Ok(Outcome::Ok("null".into())),
+            Err(e) => {
+                let v = self.classify(e)?;
+                Ok(Outcome::Threw(self.doc_of(v)))
+            }
+        }
     }
 
     /// Runs promise jobs until none is left.
@@ -1701,6 +1778,13 @@ fn error_message(v: &Value<'_>) -> Option<String> {
 
 fn is_oom_value(v: &Value<'_>) -> bool {
     v.is_null() || error_message(v).is_some_and(|m| is_oom_text(&m))
+}
+
+/// An object with a callable `then` that is not a native promise.
+fn is_thenable(v: &Value<'_>) -> bool {
+    v.as_object()
+        .and_then(|o| o.get::<_, Value>("then").ok())
+        .is_some_and(|t| t.is_function())
 }
 
 fn is_interrupt_value(v: &Value<'_>) -> bool {

@@ -252,23 +252,22 @@ function normalize(path) {
   return `/${out.join("/")}`;
 }
 
-/** Calls the handler with the parsed event; its reply (as JSON text) or error settles
- * invocation `id` through the host. */
-export function invoke(id, handler, payload, context) {
-  run(handler, payload, context).then(
-    (json) => hostSettle(id, true, json, null),
-    (e) => {
-      let doc = null;
-      try { doc = describe(e); } catch {}
-      hostSettle(id, false, e, doc);
-    });
+/** Settles invocation `id` through the host when the handler's pending promise (or other
+ * thenable) `p` settles. (A result that is ready when the handler's first jobs have run is
+ * settled by the host directly.) */
+export function watch(id, p) {
+  Promise.resolve(p).then(
+    (out) => {
+      let json;
+      try { json = out === undefined ? undefined : JSON.stringify(out); } catch (e) { fail(id, e); return; }
+      hostSettle(id, true, json === undefined ? "null" : json, null);
+    },
+    (e) => fail(id, e));
 }
-async function run(handler, payload, context) {
-  let req;
-  try { req = JSON.parse(payload); } catch { req = payload; }
-  const out = await handler(req, context);
-  const json = out === undefined ? "null" : JSON.stringify(out);
-  return json === undefined ? "null" : json;
+function fail(id, e) {
+  let doc = null;
+  try { doc = describe(e); } catch {}
+  hostSettle(id, false, e, doc);
 }
 
 /** The Lambda error document `{errorMessage, errorType, stackTrace}` for a thrown value. */

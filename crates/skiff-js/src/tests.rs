@@ -88,6 +88,7 @@ macro_rules! both_paths {
 both_paths!(
     echoes_event_logs_and_reads_env,
     plain_values_non_json_payloads_and_timers,
+    every_kind_of_result_is_answered,
     thrown_error_is_a_function_error_and_instance_survives,
     eval_function_import_require_are_unavailable,
     infinite_loop_is_interrupted_on_stop,
@@ -152,6 +153,64 @@ async fn plain_values_non_json_payloads_and_timers() {
     assert!(t.elapsed() >= Duration::from_millis(19)); // Date.now() has ms granularity
     assert_eq!(call(&f, "hello").await.unwrap().body, br#""text:hello""#);
     assert_eq!(call(&f, r#""undef""#).await.unwrap().body, b"null");
+}
+
+/// Whatever the handler returns — a plain value, a settled or pending promise, a thenable —
+/// is answered the same way, and so is what cannot be serialised or what rejects.
+async fn every_kind_of_result_is_answered() {
+    let f = start(
+        r#"export default (req) => {
+          switch (req.kind) {
+            case "sync": return { n: 1 };
+            case "undefined": return undefined;
+            case "fn": return () => 1;
+            case "later": return new Promise((r) => setTimeout(() => r({ n: 2 }), 5));
+            case "thenable": return { then(ok) { ok({ n: 3 }); } };
+            case "cycle": { const a = {}; a.self = a; return a; }
+            case "later-cycle": return new Promise((r) => setTimeout(() => { const a = []; a.push(a); r(a); }, 5));
+            case "bigint": return Promise.resolve(1n);
+            case "throw": throw new SyntaxError("sync");
+            case "reject": return Promise.reject(new RangeError("async"));
+            case "reject-later": return new Promise((_, no) => setTimeout(() => no(new URIError("late")), 5));
+          }
+        };"#,
+    )
+    .await;
+    let ok = |kind: &'static str, want: &'static str| {
+        let f = &f;
+        async move {
+            let r = call(f, &format!(r#"{{"kind":"{kind}"}}"#)).await.unwrap();
+            assert_eq!(
+                r.error_type,
+                None,
+                "{kind}: {:?}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(String::from_utf8_lossy(&r.body), want, "{kind}");
+        }
+    };
+    ok("sync", r#"{"n":1}"#).await;
+    ok("undefined", "null").await;
+    ok("fn", "null").await;
+    ok("later", r#"{"n":2}"#).await;
+    ok("thenable", r#"{"n":3}"#).await;
+    for (kind, ty, msg) in [
+        ("cycle", "TypeError", "circular"),
+        ("later-cycle", "TypeError", "circular"),
+        ("bigint", "TypeError", "BigInt"),
+        ("throw", "SyntaxError", "sync"),
+        ("reject", "RangeError", "async"),
+        ("reject-later", "URIError", "late"),
+    ] {
+        let r = call(&f, &format!(r#"{{"kind":"{kind}"}}"#)).await.unwrap();
+        assert_eq!(r.error_type.as_deref(), Some(ty), "{kind}");
+        let doc = json(&r);
+        assert!(
+            doc["errorMessage"].as_str().unwrap().contains(msg),
+            "{kind}: {doc}"
+        );
+    }
+    assert!(f.inst.is_alive());
 }
 
 async fn thrown_error_is_a_function_error_and_instance_survives() {
