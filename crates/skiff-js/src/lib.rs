@@ -42,9 +42,10 @@
 //! without a thread hand-off in either direction (each costs tens of µs on a virtual machine
 //! whose idle vCPUs halt). Only what is left — an invocation awaiting a timer or a `fetch` —
 //! goes on in the isolate's thread, which is told to look again. A caller that finds the lock
-//! taken queues its invocation for the thread as before.
+//! taken queues its invocation for the thread as before, and under concurrent load (anything
+//! queued, or taken from the queue in the last `QUEUE_LINGER`) every caller does.
 //!
-//! JS running inline holds a runtime worker. Past [`INLINE_BUDGET`] the interrupt handler
+//! JS running inline holds a runtime worker. Past `INLINE_BUDGET` the interrupt handler
 //! hands that worker's other tasks to a new thread (`block_in_place`), so a CPU-heavy handler
 //! never stalls the gateway. Inline, nothing else can time the invocation out while its JS
 //! runs, so its JS is interrupted at the deadline itself (not after the grace) and the caller
@@ -181,6 +182,11 @@ struct Shared {
     active: AtomicU64,
     /// Invocations started inline on their caller's thread.
     inline_runs: AtomicU64,
+    /// Invocations queued for the isolate thread and not yet started by it.
+    queued: AtomicU64,
+    /// Nanoseconds after `base` until which callers queue rather than run inline: the
+    /// isolate thread took queued invocations recently (there is concurrent load).
+    queue_until: AtomicU64,
 }
 
 impl Shared {
@@ -199,6 +205,8 @@ impl Shared {
             dirty: AtomicBool::new(false),
             active: AtomicU64::new(0),
             inline_runs: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queue_until: AtomicU64::new(0),
         }
     }
 
@@ -252,6 +260,10 @@ impl Shared {
 /// How long JS may run inline on a runtime worker before the worker's other tasks are handed
 /// to another thread.
 const INLINE_BUDGET: Duration = Duration::from_millis(1);
+/// How long callers keep queueing invocations for the isolate thread after it last took one:
+/// under concurrent load the thread takes them in batches while the callers' workers go on
+/// with HTTP, which beats contending for the isolate.
+const QUEUE_LINGER: Duration = Duration::from_millis(2);
 /// How long a caller whose inline invocation was interrupted at its deadline waits before
 /// answering, so that its own timeout (due at the same moment) reports it.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
@@ -429,7 +441,14 @@ impl JsInstance {
         req: InvokeRequest,
         reply: oneshot::Sender<Result<InvokeResult, SandboxError>>,
     ) -> Inline {
-        if !inline_allowed() || self.shared.stop.load(Ordering::Relaxed) {
+        // Under concurrent load (invocations queued, or taken by the isolate thread in the
+        // last [`QUEUE_LINGER`]) join the queue: see there.
+        let shared = &self.shared;
+        if shared.queued.load(Ordering::Relaxed) != 0
+            || shared.queue_until.load(Ordering::Relaxed) > shared.nanos(Instant::now())
+            || shared.stop.load(Ordering::Relaxed)
+            || !inline_allowed()
+        {
             return Inline::Busy(req, reply);
         }
         let Some(mut guard) = self.core.try_lock() else {
@@ -438,7 +457,6 @@ impl JsInstance {
         let Some(core) = guard.as_mut().filter(|c| !c.dead) else {
             return Inline::Busy(req, reply);
         };
-        let shared = &self.shared;
         shared.inline_runs.fetch_add(1, Ordering::Relaxed);
         shared.handed_off.store(false, Ordering::Relaxed);
         shared
@@ -492,9 +510,11 @@ impl Instance for JsInstance {
             Inline::Busy(req, tx) => {
                 let guard = self.tx.lock();
                 let sender = guard.as_ref().ok_or(SandboxError::Gone)?;
-                sender
-                    .send(Event::Invoke(req, tx))
-                    .map_err(|_| SandboxError::Gone)?;
+                self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                if sender.send(Event::Invoke(req, tx)).is_err() {
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(SandboxError::Gone);
+                }
             }
         }
         rx.await.unwrap_or_else(|_| {
@@ -1330,10 +1350,13 @@ impl<'js> Isolate<'js> {
         let mut next = first;
         let mut handled = 0;
         let mut worked = false;
+        let mut took = false;
         while let Some(ev) = next {
             match ev {
                 Event::Invoke(req, reply) => {
+                    shared.queued.fetch_sub(1, Ordering::Relaxed);
                     worked = true;
+                    took = true;
                     self.start(setup, req, reply)?
                 }
                 Event::Fetched(done) => {
@@ -1350,6 +1373,10 @@ impl<'js> Isolate<'js> {
             } else {
                 None
             };
+        }
+        if took {
+            let until = shared.nanos(Instant::now() + QUEUE_LINGER);
+            shared.queue_until.store(until, Ordering::Relaxed);
         }
         if shared.stop.load(Ordering::SeqCst) {
             return Err(Fatal::Interrupted);
