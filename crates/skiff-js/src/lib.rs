@@ -248,11 +248,11 @@ impl Shared {
         self.deadline.store(nanos, Ordering::SeqCst);
     }
 
-    /// Notes invocation activity; true if the heap was clean until now (the instance thread
-    /// must be told, so it measures once things are quiet).
-    fn touch(&self) -> bool {
-        self.active
-            .store(self.nanos(Instant::now()), Ordering::Relaxed);
+    /// Notes invocation activity at `at` (nanoseconds after `base`); true if the heap was
+    /// clean until now (the instance thread must be told, so it measures once things are
+    /// quiet).
+    fn touch(&self, at: u64) -> bool {
+        self.active.store(at, Ordering::Relaxed);
         !self.dirty.swap(true, Ordering::Relaxed)
     }
 }
@@ -444,8 +444,9 @@ impl JsInstance {
         // Under concurrent load (invocations queued, or taken by the isolate thread in the
         // last [`QUEUE_LINGER`]) join the queue: see there.
         let shared = &self.shared;
+        let now = shared.nanos(Instant::now()).max(1);
         if shared.queued.load(Ordering::Relaxed) != 0
-            || shared.queue_until.load(Ordering::Relaxed) > shared.nanos(Instant::now())
+            || shared.queue_until.load(Ordering::Relaxed) > now
             || shared.stop.load(Ordering::Relaxed)
             || !inline_allowed()
         {
@@ -459,9 +460,7 @@ impl JsInstance {
         };
         shared.inline_runs.fetch_add(1, Ordering::Relaxed);
         shared.handed_off.store(false, Ordering::Relaxed);
-        shared
-            .inline_since
-            .store(shared.nanos(Instant::now()).max(1), Ordering::Relaxed);
+        shared.inline_since.store(now, Ordering::Relaxed);
         let setup = &self.setup;
         let failed = core.enter(&self.host, true, |iso| {
             let fatal = iso.start(setup, req, reply).err()?;
@@ -475,7 +474,7 @@ impl JsInstance {
             core.dead = true;
         }
         let pending = !self.host.lock().invs.is_empty();
-        let wake = shared.touch() || pending || failed.is_some();
+        let wake = shared.touch(now) || pending || failed.is_some();
         drop(guard);
         if wake {
             if let Some(tx) = self.tx.lock().as_ref() {
@@ -669,34 +668,43 @@ struct Core {
 // they hold a raw runtime pointer. A `Core` is only reached through its mutex.
 unsafe impl Send for Core {}
 
-/// The prelude's entry points and the user's handler, saved across lock holders.
-struct Fns {
-    handler: Persistent<Function<'static>>,
-    watch: Persistent<Function<'static>>,
-    describe: Persistent<Function<'static>>,
-    fire: Persistent<Function<'static>>,
-    forget: Persistent<Function<'static>>,
-    reset_timers: Persistent<Function<'static>>,
-    fetch_done: Persistent<Function<'static>>,
+/// Declares the isolate's JS entry points (the user's handler and the prelude's exports the
+/// host calls) once: live in a context as [`Entry`], saved across lock holders as [`Fns`].
+macro_rules! entry_points {
+    ($($name:ident),* $(,)?) => {
+        /// The user's handler and the prelude's exports, live in a context.
+        struct Entry<'js> {
+            $($name: Function<'js>,)*
+        }
+
+        /// [`Entry`] saved across lock holders.
+        struct Fns {
+            $($name: Persistent<Function<'static>>,)*
+        }
+
+        impl Fns {
+            fn save<'js>(ctx: &Ctx<'js>, e: &Entry<'js>) -> Fns {
+                Fns { $($name: Persistent::save(ctx, e.$name.clone()),)* }
+            }
+
+            fn restore<'js>(&self, ctx: &Ctx<'js>) -> Entry<'js> {
+                Entry {
+                    $($name: self.$name.clone().restore(ctx).expect("saved from this isolate's runtime"),)*
+                }
+            }
+        }
+    };
 }
 
-impl Fns {
-    fn save<'js>(iso: &Isolate<'js>) -> Fns {
-        fn keep<'js>(ctx: &Ctx<'js>, f: &Function<'js>) -> Persistent<Function<'static>> {
-            Persistent::save(ctx, f.clone())
-        }
-        let save = |f| keep(&iso.ctx, f);
-        Fns {
-            handler: save(&iso.handler),
-            watch: save(&iso.watch),
-            describe: save(&iso.describe),
-            fire: save(&iso.fire),
-            forget: save(&iso.forget),
-            reset_timers: save(&iso.reset_timers),
-            fetch_done: save(&iso.fetch_done),
-        }
-    }
-}
+entry_points!(
+    handler,
+    watch,
+    describe,
+    fire,
+    forget,
+    reset_timers,
+    fetch_done
+);
 
 impl Core {
     /// Runs `f` on the isolate (`inline`: on a caller's thread, see the module docs).
@@ -708,19 +716,8 @@ impl Core {
     ) -> R {
         let fns = &self.fns;
         self.ctx.with(|ctx| {
-            let restore = |p: &Persistent<Function<'static>>| {
-                p.clone()
-                    .restore(&ctx)
-                    .expect("saved from this isolate's runtime")
-            };
             let mut iso = Isolate {
-                handler: restore(&fns.handler),
-                watch: restore(&fns.watch),
-                describe: restore(&fns.describe),
-                fire: restore(&fns.fire),
-                forget: restore(&fns.forget),
-                reset_timers: restore(&fns.reset_timers),
-                fetch_done: restore(&fns.fetch_done),
+                js: fns.restore(&ctx),
                 ctx,
                 host: host.clone(),
                 inline,
@@ -796,7 +793,7 @@ impl Thread {
             match isolate {
                 Ok(iso) => {
                     setup.shared.record_memory(&ctx);
-                    Ok(Fns::save(&iso))
+                    Ok(Fns::save(&iso.ctx, &iso.js))
                 }
                 Err(msg) => {
                     let logs = String::from_utf8_lossy(&self.host.lock().init_logs).into_owned();
@@ -1051,13 +1048,7 @@ impl Host {
 /// The loaded prelude and user module of one isolate, and its event loop.
 struct Isolate<'js> {
     ctx: Ctx<'js>,
-    handler: Function<'js>,
-    watch: Function<'js>,
-    describe: Function<'js>,
-    fire: Function<'js>,
-    forget: Function<'js>,
-    reset_timers: Function<'js>,
-    fetch_done: Function<'js>,
+    js: Entry<'js>,
     host: Arc<Mutex<Host>>,
     /// Running on a caller's thread (see the module docs), not the isolate thread.
     inline: bool,
@@ -1212,8 +1203,7 @@ impl<'js> Isolate<'js> {
         let (user, done) = user.eval().map_err(err)?;
         let isolate_get = |name: &str| prelude.get::<_, Function>(name).map_err(err);
         let watch = isolate_get("watch")?;
-        let mut iso = Isolate {
-            ctx: ctx.clone(),
+        let js = Entry {
             // Replaced by the module's default export once it has been evaluated.
             handler: watch.clone(),
             watch,
@@ -1222,6 +1212,10 @@ impl<'js> Isolate<'js> {
             forget: isolate_get("forget")?,
             reset_timers: isolate_get("resetTimers")?,
             fetch_done: isolate_get("fetchDone")?,
+        };
+        let mut iso = Isolate {
+            ctx: ctx.clone(),
+            js,
             host,
             inline: false,
         };
@@ -1230,7 +1224,7 @@ impl<'js> Isolate<'js> {
         setup.shared.interrupt_at(None);
         // Timers and fetches left over by initialisation never run (as before: they were
         // dropped when the first invocation started).
-        let _ = iso.reset_timers.call::<_, ()>(());
+        let _ = iso.js.reset_timers.call::<_, ()>(());
         {
             let mut h = iso.host.lock();
             h.queue.clear();
@@ -1251,7 +1245,7 @@ impl<'js> Isolate<'js> {
                 setup.spec.spec.handler
             ));
         };
-        iso.handler = handler;
+        iso.js.handler = handler;
         Ok(iso)
     }
 
@@ -1300,7 +1294,7 @@ impl<'js> Isolate<'js> {
             }
             let due = self.host.lock().pop_due(now);
             if let Some((id, _)) = due {
-                if let Err(e) = self.fire.call::<_, ()>((id,)) {
+                if let Err(e) = self.js.fire.call::<_, ()>((id,)) {
                     return Err(match self.classify(e) {
                         Err(f) => fatal(f),
                         Ok(v) => self.describe_text(v),
@@ -1389,14 +1383,14 @@ impl<'js> Isolate<'js> {
             let due = self.host.lock().pop_due(now);
             let Some((id, owner)) = due else { break };
             worked = true;
-            self.macrotask(setup, owner, |iso| iso.fire.call((id,)).map(|()| None))?;
+            self.macrotask(setup, owner, |iso| iso.js.fire.call((id,)).map(|()| None))?;
         }
         self.expire(Instant::now());
         if handled < EVENT_BATCH {
             self.unstick();
         }
         if worked || !self.host.lock().invs.is_empty() {
-            shared.touch();
+            shared.touch(shared.nanos(Instant::now()));
         }
         Ok(())
     }
@@ -1448,7 +1442,7 @@ impl<'js> Isolate<'js> {
                     rquickjs::String::from_str(iso.ctx.clone(), &payload)?.into_value()
                 }
             };
-            let out: Value = iso.handler.call((event, context))?;
+            let out: Value = iso.js.handler.call((event, context))?;
             Ok(Some(out))
         })
     }
@@ -1553,7 +1547,7 @@ impl<'js> Isolate<'js> {
 
     /// The prelude settles invocation `id` when `promise` (or thenable) settles.
     fn watch(&self, id: u64, promise: Value<'js>) -> Result<(), Fatal> {
-        match self.watch.call::<_, ()>((id as f64, promise)) {
+        match self.js.watch.call::<_, ()>((id as f64, promise)) {
             Ok(()) => Ok(()),
             Err(e) => {
                 let v = self.classify(e)?;
@@ -1646,10 +1640,10 @@ impl<'js> Isolate<'js> {
     fn finish(&mut self, id: u64) -> Option<Inv> {
         let inv = self.host.lock().finish(id)?;
         for &t in &inv.timers {
-            let _ = self.forget.call::<_, ()>((t, 0));
+            let _ = self.js.forget.call::<_, ()>((t, 0));
         }
         for &f in &inv.fetches {
-            let _ = self.forget.call::<_, ()>((0, f));
+            let _ = self.js.forget.call::<_, ()>((0, f));
         }
         if !inv.timers.is_empty() || !inv.fetches.is_empty() {
             let _ = self.ctx.catch();
@@ -1725,7 +1719,7 @@ impl<'js> Isolate<'js> {
     }
 
     fn describe_text(&self, v: Value<'js>) -> String {
-        let doc: Option<String> = self.describe.call((v,)).ok();
+        let doc: Option<String> = self.js.describe.call((v,)).ok();
         let _ = self.ctx.catch();
         match doc.and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok()) {
             Some(d) => {
@@ -1746,7 +1740,7 @@ impl<'js> Isolate<'js> {
 
     /// The Lambda error document of a thrown value.
     fn doc_of(&self, v: Value<'js>) -> String {
-        let doc: Option<String> = self.describe.call((v,)).ok();
+        let doc: Option<String> = self.js.describe.call((v,)).ok();
         let _ = self.ctx.catch();
         doc.unwrap_or_else(|| UNKNOWN_ERROR.into())
     }
@@ -1756,7 +1750,7 @@ impl<'js> Isolate<'js> {
         match done.result {
             Ok(r) => {
                 let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
-                self.fetch_done.call::<_, ()>((
+                self.js.fetch_done.call::<_, ()>((
                     done.id,
                     rquickjs::Null,
                     r.status,
@@ -1766,7 +1760,7 @@ impl<'js> Isolate<'js> {
                     r.body,
                 ))
             }
-            Err(e) => self.fetch_done.call::<_, ()>((done.id, e)),
+            Err(e) => self.js.fetch_done.call::<_, ()>((done.id, e)),
         }
     }
 
