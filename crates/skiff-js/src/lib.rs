@@ -322,7 +322,6 @@ pub struct JsInstance {
     id: String,
     tx: Mutex<Option<mpsc::Sender<Event>>>,
     exited: Mutex<Option<oneshot::Receiver<()>>>,
-    shared: Arc<Shared>,
     setup: Arc<Setup>,
     /// The isolate, while it lives (its thread takes it out when it exits).
     core: Arc<Mutex<Option<Core>>>,
@@ -414,7 +413,6 @@ impl JsSandbox {
             id,
             tx: Mutex::new(Some(tx)),
             exited: Mutex::new(Some(exit_rx)),
-            shared,
             setup,
             core,
             host,
@@ -443,7 +441,7 @@ impl JsInstance {
     ) -> Inline {
         // Under concurrent load (invocations queued, or taken by the isolate thread in the
         // last [`QUEUE_LINGER`]) join the queue: see there.
-        let shared = &self.shared;
+        let shared = &self.setup.shared;
         let now = shared.nanos(Instant::now()).max(1);
         if shared.queued.load(Ordering::Relaxed) != 0
             || shared.queue_until.load(Ordering::Relaxed) > now
@@ -509,9 +507,9 @@ impl Instance for JsInstance {
             Inline::Busy(req, tx) => {
                 let guard = self.tx.lock();
                 let sender = guard.as_ref().ok_or(SandboxError::Gone)?;
-                self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                self.setup.shared.queued.fetch_add(1, Ordering::Relaxed);
                 if sender.send(Event::Invoke(req, tx)).is_err() {
-                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.setup.shared.queued.fetch_sub(1, Ordering::Relaxed);
                     return Err(SandboxError::Gone);
                 }
             }
@@ -525,7 +523,7 @@ impl Instance for JsInstance {
     }
 
     async fn stop(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.setup.shared.stop.store(true, Ordering::SeqCst);
         if let Some(tx) = self.tx.lock().take() {
             let _ = tx.send(Event::Stop);
         }
@@ -537,17 +535,17 @@ impl Instance for JsInstance {
     }
 
     fn is_alive(&self) -> bool {
-        !self.shared.stop.load(Ordering::Relaxed)
-            && !self.shared.exited.load(Ordering::Relaxed)
-            && !self.shared.dead.load(Ordering::Relaxed)
+        !self.setup.shared.stop.load(Ordering::Relaxed)
+            && !self.setup.shared.exited.load(Ordering::Relaxed)
+            && !self.setup.shared.dead.load(Ordering::Relaxed)
     }
 
     fn memory_usage(&self) -> Option<u64> {
-        Some(self.shared.memory.load(Ordering::Relaxed))
+        Some(self.setup.shared.memory.load(Ordering::Relaxed))
     }
 
     fn memory_peak(&self) -> Option<u64> {
-        Some(self.shared.peak.load(Ordering::Relaxed))
+        Some(self.setup.shared.peak.load(Ordering::Relaxed))
     }
 }
 
@@ -895,18 +893,16 @@ impl Thread {
                 return;
             };
             let go_on = core.enter(&self.host, false, |iso| {
-                if measure {
-                    busy = false;
-                    shared.dirty.store(false, Ordering::Relaxed);
-                    shared.record_memory(&iso.ctx);
-                    measured = Instant::now();
-                }
                 let r = iso.turn(setup, first, rx, &mut closed);
                 if let Err(f) = r {
                     iso.die(setup, f);
                     return false;
                 }
-                if shared.dirty.load(Ordering::Relaxed) && measured.elapsed() >= MEMORY_EVERY {
+                // Quiet at last, or busy for a while: measure.
+                if measure
+                    || (shared.dirty.load(Ordering::Relaxed) && measured.elapsed() >= MEMORY_EVERY)
+                {
+                    busy = false;
                     shared.dirty.store(false, Ordering::Relaxed);
                     shared.record_memory(&iso.ctx);
                     measured = Instant::now();

@@ -898,7 +898,7 @@ async fn start_js(source: &str) -> (tempfile::TempDir, Arc<JsInstance>) {
 }
 
 fn inline_runs(inst: &JsInstance) -> u64 {
-    inst.shared.inline_runs.load(Ordering::Relaxed)
+    inst.setup.shared.inline_runs.load(Ordering::Relaxed)
 }
 
 /// On runtime workers, a free isolate runs the invocation on the caller's thread, also when
